@@ -1,0 +1,272 @@
+"""From network maps to nucleus instances, classes and measurements (numpy / OpenCV / scikit-image).
+
+:func:`hv_to_instances` is the HoVer-Net post-processing (Graham et al. 2019): markers from the
+nucleus probability minus the strong gradients of the horizontal/vertical distance maps, then
+a marker-controlled watershed; each instance's class is the majority vote of its pixels'
+class (as in the PanNuke literature) and its probability the mean class probability.
+
+:func:`measure_instances` turns an instance map into polygons and morphometry. Both are pure
+functions over arrays so that a GPU (torch) implementation can replace them behind the same
+signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import find_contours
+from skimage.segmentation import watershed
+
+from .models.base import InstanceResult
+
+__all__ = ["HVParams", "hv_to_instances", "classify_instances", "measure_instances"]
+
+
+@dataclass(frozen=True)
+class HVParams:
+    """Parameters of :func:`hv_to_instances` (defaults as in HoVer-Net, sizes at 0.25 µm/px)."""
+
+    np_threshold: float = 0.5
+    edge_threshold: float = 0.4
+    sobel_ksize: int = 21
+    min_marker_px: int = 10
+    min_nucleus_px: int = 10
+    marker_open_px: int = 5
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo < 1e-12:
+        return np.zeros_like(a, dtype=np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:
+    if min_px <= 0 or labels.max() == 0:
+        return labels
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_px
+    small[0] = False
+    if small.any():
+        labels = labels.copy()
+        labels[small[labels]] = 0
+    return labels
+
+
+def hv_to_instances(
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    tp_prob: np.ndarray | None = None,
+    params: HVParams = HVParams(),
+) -> InstanceResult:
+    """Instance segmentation from HoVer-Net maps.
+
+    Parameters
+    ----------
+    np_prob : ndarray of float, shape (H, W)
+        Probability that a pixel belongs to a nucleus.
+    hv : ndarray of float, shape (2, H, W)
+        Horizontal and vertical distance maps (values in about [-1, 1]).
+    tp_prob : ndarray of float, shape (C, H, W), optional
+        Per-pixel class probabilities, channel 0 = background, 1..5 = PanNuke classes.
+    params : HVParams
+        Thresholds and kernel sizes.
+
+    Returns
+    -------
+    InstanceResult
+        Instances with consecutive labels 1..N, their class (majority vote, 0 without
+        ``tp_prob``) and class probability.
+    """
+    blb = np_prob >= params.np_threshold
+    blb_lab, _ = ndi.label(blb)
+    blb_lab = _remove_small(blb_lab, params.min_nucleus_px)
+    blb = blb_lab > 0
+
+    h_dir = _normalise(hv[0])
+    v_dir = _normalise(hv[1])
+    k = params.sobel_ksize
+    sob_h = cv2.Sobel(h_dir, cv2.CV_32F, 1, 0, ksize=k)
+    sob_v = cv2.Sobel(v_dir, cv2.CV_32F, 0, 1, ksize=k)
+    sob_h = 1.0 - _normalise(sob_h)
+    sob_v = 1.0 - _normalise(sob_v)
+    edges = np.maximum(sob_h, sob_v)
+    edges = np.clip(edges - (~blb).astype(np.float32), 0, None)
+
+    dist = (1.0 - edges) * blb
+    dist = -cv2.GaussianBlur(dist.astype(np.float32), (3, 3), 0)
+
+    strong = edges >= params.edge_threshold
+    marker = blb & ~strong
+    marker = ndi.binary_fill_holes(marker)
+    r = params.marker_open_px
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r))
+    marker = cv2.morphologyEx(marker.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+    markers, _ = ndi.label(marker)
+    markers = _remove_small(markers, params.min_marker_px)
+
+    inst = watershed(dist, markers=markers, mask=blb).astype(np.int32)
+    inst = _remove_small(inst, params.min_nucleus_px)
+    inst = _relabel(inst)
+    labels = np.arange(1, int(inst.max()) + 1, dtype=np.int32)
+    if tp_prob is None:
+        prob = _mean_per_label(np_prob, inst, len(labels))
+        return InstanceResult(inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None)
+    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels))
+    return InstanceResult(inst, labels, class_id, class_prob, class_probs)
+
+
+def _relabel(inst: np.ndarray) -> np.ndarray:
+    present = np.unique(inst)
+    present = present[present > 0]
+    if len(present) == 0 or present[-1] == len(present):
+        return inst
+    lut = np.zeros(int(inst.max()) + 1, np.int32)
+    lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    return lut[inst]
+
+
+def _mean_per_label(values: np.ndarray, inst: np.ndarray, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, np.float64)
+    sums = np.bincount(inst.ravel(), weights=values.ravel(), minlength=n + 1)[1:]
+    counts = np.bincount(inst.ravel(), minlength=n + 1)[1:]
+    return sums / np.maximum(counts, 1)
+
+
+def classify_instances(
+    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class of each instance: majority vote of its pixels' arg-max class (background excluded).
+
+    Parameters
+    ----------
+    inst : ndarray of int, shape (H, W)
+        Instance labels 1..n.
+    tp_prob : ndarray of float, shape (C, H, W)
+        Class probabilities, channel 0 background.
+    n : int, optional
+        Number of labels (``inst.max()`` by default).
+
+    Returns
+    -------
+    class_id : ndarray of int8, shape (n,)
+        Winning class (1..C-1).
+    class_prob : ndarray of float32, shape (n,)
+        Mean probability of the winning class over the instance, renormalised without
+        background.
+    class_probs : ndarray of float32, shape (n, C-1)
+        Mean renormalised probability of every class.
+    """
+    n = int(inst.max()) if n is None else n
+    c = tp_prob.shape[0] - 1
+    if n == 0:
+        return np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros((0, c), np.float32)
+    fg = tp_prob[1:]
+    fg = fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-8)
+    flat = inst.ravel()
+    sel = flat > 0
+    lab = flat[sel] - 1
+    vote = np.argmax(fg.reshape(c, -1)[:, sel], axis=0)
+    votes = np.zeros((n, c), np.int64)
+    np.add.at(votes, (lab, vote), 1)
+    counts = np.maximum(np.bincount(lab, minlength=n), 1)
+    probs = np.stack(
+        [np.bincount(lab, weights=fg[k].ravel()[sel], minlength=n) / counts for k in range(c)], axis=1
+    ).astype(np.float32)
+    winner = np.argmax(votes, axis=1)
+    class_prob = probs[np.arange(n), winner]
+    return (winner + 1).astype(np.int8), class_prob.astype(np.float32), probs
+
+
+def _polygon(mask: np.ndarray) -> np.ndarray | None:
+    """Outer boundary of a binary mask as an (K, 2) array of (x, y), pixel-edge accurate."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5)
+    if not contours:
+        return None
+    ring = max(contours, key=len)
+    # find_contours gives (row, col) in padded coordinates of pixel centres; pixel (r, c)
+    # covers [c, c+1) x [r, r+1) in continuous coordinates, so its centre is (c+0.5, r+0.5).
+    xy = np.stack([ring[:, 1] - 1 + 0.5, ring[:, 0] - 1 + 0.5], axis=1)
+    approx = cv2.approxPolyDP(xy.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
+    if len(approx) < 3:
+        return None
+    return approx.astype(np.float64)
+
+
+def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[str, np.ndarray | list]:
+    """Polygons and morphometry of instances.
+
+    Parameters
+    ----------
+    inst : ndarray of int, shape (H, W)
+        Instance map.
+    labels : ndarray of int
+        Labels to measure (others are ignored).
+    mpp : float
+        µm per pixel of ``inst``.
+
+    Returns
+    -------
+    dict
+        ``polygon`` (list of (K, 2) float arrays in ``inst`` pixel coordinates, x right, y down,
+        None when degenerate), ``centroid_x``/``centroid_y`` (px), ``area_um2``,
+        ``perimeter_um``, ``circularity`` (4πA/P², clipped to 1), ``solidity``,
+        ``eccentricity``, ``major_axis_um``, ``minor_axis_um``.
+    """
+    n = len(labels)
+    out: dict[str, np.ndarray | list] = {
+        "polygon": [],
+        **{k: np.full(n, np.nan, np.float64) for k in (
+            "centroid_x", "centroid_y", "area_um2", "perimeter_um", "circularity", "solidity",
+            "eccentricity", "major_axis_um", "minor_axis_um")},
+    }
+    objects = ndi.find_objects(inst)
+    for i, label in enumerate(labels):
+        sl = objects[label - 1] if label - 1 < len(objects) else None
+        if sl is None:
+            out["polygon"].append(None)
+            continue
+        mask = inst[sl] == label
+        y0, x0 = sl[0].start, sl[1].start
+        yy, xx = np.nonzero(mask)
+        area = float(len(yy))
+        cy, cx = yy.mean(), xx.mean()
+        out["centroid_x"][i] = x0 + cx + 0.5
+        out["centroid_y"][i] = y0 + cy + 0.5
+        out["area_um2"][i] = area * mpp * mpp
+        m8 = np.pad(mask.astype(np.uint8), 1)
+        contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cnt = max(contours, key=cv2.contourArea)
+        perim = _perimeter(mask)
+        out["perimeter_um"][i] = perim * mpp
+        out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
+        hull = cv2.convexHull(cnt)
+        hull_area = cv2.contourArea(hull) + 0.5 * cv2.arcLength(hull, True) + np.pi / 4
+        out["solidity"][i] = min(1.0, area / hull_area) if hull_area > 0 else np.nan
+        # second moments (pixel units) -> ellipse axes, as scikit-image regionprops.
+        dy, dx = yy - cy, xx - cx
+        cov = np.array([[np.mean(dx * dx), np.mean(dx * dy)], [np.mean(dx * dy), np.mean(dy * dy)]])
+        cov += np.eye(2) / 12.0  # a pixel is a unit square, not a point
+        ev = np.sort(np.linalg.eigvalsh(cov))[::-1]
+        major, minor = 4 * np.sqrt(max(ev[0], 0)), 4 * np.sqrt(max(ev[1], 0))
+        out["major_axis_um"][i] = major * mpp
+        out["minor_axis_um"][i] = minor * mpp
+        out["eccentricity"][i] = np.sqrt(1 - (minor / major) ** 2) if major > 0 else 0.0
+        poly = _polygon(mask)
+        if poly is not None:
+            poly[:, 0] += x0
+            poly[:, 1] += y0
+        out["polygon"].append(poly)
+    return out
+
+
+def _perimeter(mask: np.ndarray) -> float:
+    """Perimeter of a binary mask (scikit-image's 4-connected weighting, pixel units)."""
+    from skimage.measure import perimeter
+
+    return float(perimeter(mask, neighborhood=4))

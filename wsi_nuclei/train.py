@@ -1,0 +1,423 @@
+"""``wsi-nuclei train``: train the HoVer-Net-style default model on annotated nucleus datasets.
+
+Reads datasets in the shared format or official PanNuke folds (:mod:`wsi_nuclei.datasets`),
+resamples them to 0.25 µm/px, and optimises three losses as HoVer-Net does:
+
+* nucleus pixels (``np``): cross-entropy + soft Dice;
+* distance maps (``hv``): MSE + MSE of their gradients inside nuclei (MSGE);
+* classes (``tp``): partial-label negative log-likelihood: for a nucleus pixel whose class is
+  only known to lie in a set A (``allowed`` bitmask, e.g. CoNSeP "epithelial" = Neoplastic or
+  Epithelial, unknown = any class), the loss is ``-log(sum_{c in A} p_c)``; background pixels
+  have A = {background}. Exact labels are the special case |A| = 1.
+
+Runs are resumable: ``<out>/last.pt`` holds model, optimiser, scheduler, RNG states and the
+step; ``--resume`` continues from it. Each epoch prints one validation line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import Sample, hv_targets, read_dataset
+from .errors import DatasetError
+
+_TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp"}
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class _Item:
+    image: np.ndarray  # (H, W, 3) uint8
+    inst: np.ndarray  # (H, W) int32
+    allowed_px: np.ndarray  # (H, W) uint8: allowed bitmask per pixel, 0 on background
+    use_hv: bool
+    sparse: bool
+
+
+@dataclass
+class DatasetEntry:
+    path: Path
+    weight: float
+    hv: bool = True
+    sparse: bool = False
+
+
+def _to_item(s: Sample, entry: DatasetEntry) -> _Item:
+    return _Item(s.image, s.inst, s.allowed[s.inst].astype(np.uint8), entry.hv, entry.sparse)
+
+
+def _hed_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.05) -> np.ndarray:
+    """Random perturbation of the haematoxylin/eosin/DAB optical densities (Tellez et al.)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(img)
+    alpha = rng.uniform(1 - strength, 1 + strength, 3)
+    beta = rng.uniform(-strength / 5, strength / 5, 3)
+    out = hed2rgb(hed * alpha + beta)
+    return np.clip(out * 255, 0, 255).astype(np.uint8)
+
+
+def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator):
+    k = int(rng.integers(4))
+    if k:
+        img, inst, allowed = np.rot90(img, k), np.rot90(inst, k), np.rot90(allowed, k)
+    if rng.random() < 0.5:
+        img, inst, allowed = img[:, ::-1], inst[:, ::-1], allowed[:, ::-1]
+    img = np.ascontiguousarray(img)
+    if rng.random() < 0.5:
+        img = _hed_jitter(img, rng)
+    if rng.random() < 0.8:  # brightness / contrast / saturation
+        f = img.astype(np.float32)
+        f = (f - f.mean()) * rng.uniform(0.85, 1.15) + f.mean() + rng.uniform(-15, 15)
+        grey = f.mean(axis=2, keepdims=True)
+        f = grey + (f - grey) * rng.uniform(0.8, 1.2)
+        img = np.clip(f, 0, 255).astype(np.uint8)
+    if rng.random() < 0.2:
+        import cv2
+
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
+    return img, np.ascontiguousarray(inst), np.ascontiguousarray(allowed)
+
+
+def _random_crop(item: _Item, size: int, rng: np.random.Generator):
+    """Random crop of ``size`` (with a random scale in [0.85, 1.15] 30% of the time)."""
+    import cv2
+
+    scale = rng.uniform(0.85, 1.15) if rng.random() < 0.3 else 1.0
+    src = int(round(size / scale))
+    h, w = item.inst.shape
+    img, inst, allowed = item.image, item.inst, item.allowed_px
+    if h < src or w < src:
+        ph, pw = max(0, src - h), max(0, src - w)
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        inst = np.pad(inst, ((0, ph), (0, pw)))
+        allowed = np.pad(allowed, ((0, ph), (0, pw)))
+        h, w = inst.shape
+    y = int(rng.integers(0, h - src + 1))
+    x = int(rng.integers(0, w - src + 1))
+    img, inst, allowed = img[y : y + src, x : x + src], inst[y : y + src, x : x + src], allowed[y : y + src, x : x + src]
+    if src != size:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        inst = cv2.resize(inst.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        allowed = cv2.resize(allowed, (size, size), interpolation=cv2.INTER_NEAREST)
+    return img, inst, allowed
+
+
+def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, rng: np.random.Generator):
+    """Sample, crop, augment and build the target tensors of one training batch."""
+    imgs, nps, hvs, allows, masks, hvmask = [], [], [], [], [], []
+    for _ in range(batch):
+        it = items[int(rng.choice(len(items), p=weights))]
+        img, inst, allowed = _augment(*_random_crop(it, size, rng), rng)
+        imgs.append(img)
+        nps.append(inst > 0)
+        hvs.append(hv_targets(inst))
+        allows.append(allowed)
+        if it.sparse:  # only trust pixels near annotated nuclei
+            from scipy import ndimage as ndi
+
+            m = ndi.binary_dilation(inst > 0, iterations=6)
+        else:
+            m = np.ones(inst.shape, bool)
+        masks.append(m)
+        hvmask.append(it.use_hv)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+    return {
+        "x": x.contiguous(memory_format=torch.channels_last),
+        "np": torch.from_numpy(np.stack(nps)).long(),
+        "hv": torch.from_numpy(np.stack(hvs)),
+        "allowed": torch.from_numpy(np.stack(allows)),
+        "mask": torch.from_numpy(np.stack(masks)).float(),
+        "hv_on": torch.tensor(hvmask, dtype=torch.float32),
+    }
+
+
+# --------------------------------------------------------------------------- losses
+def _sobel(hv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal derivative of channel 0 and vertical derivative of channel 1 (5x5 Sobel)."""
+    r = torch.arange(-2, 3, dtype=hv.dtype, device=hv.device)
+    h = r / (r * r + r[:, None] ** 2 + 1e-15)
+    h = h.masked_fill(torch.isnan(h), 0)
+    kx, ky = h.view(1, 1, 5, 5), h.t().reshape(1, 1, 5, 5)
+    gx = F.conv2d(hv[:, :1], kx, padding=2)
+    gy = F.conv2d(hv[:, 1:], ky, padding=2)
+    return gx, gy
+
+
+def partial_label_nll(tp_logits: torch.Tensor, allowed_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``-log sum_{c in A} p_c`` averaged with ``weight``; A = {background} off nuclei.
+
+    Parameters
+    ----------
+    tp_logits : Tensor (N, C, H, W)
+        Class logits, channel 0 background, channel k = PanNuke class k.
+    allowed_px : Tensor (N, H, W) uint8
+        Allowed bitmask per pixel (bit k-1 = class k); 0 = background pixel.
+    weight : Tensor (N, H, W)
+        Per-pixel weight (0 ignores a pixel).
+    """
+    logp = F.log_softmax(tp_logits.float(), dim=1)
+    c = logp.shape[1]
+    bits = torch.stack([(allowed_px.long() >> k) & 1 for k in range(c - 1)], dim=1).bool()
+    allowed = torch.cat([(allowed_px == 0).unsqueeze(1), bits], dim=1)
+    nll = -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1)
+    return (nll * weight).sum() / weight.sum().clamp(min=1)
+
+
+def hovernet_loss(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code)."""
+    mask = b["mask"]
+    np_logits = out["np"].float()
+    ce = (F.cross_entropy(np_logits, b["np"], reduction="none") * mask).sum() / mask.sum().clamp(min=1)
+    p = torch.softmax(np_logits, dim=1)[:, 1]
+    t = b["np"].float()
+    dice = 1 - (2 * (p * t * mask).sum() + 1) / ((p * mask).sum() + (t * mask).sum() + 1)
+
+    hv = torch.tanh(out["hv"].float())
+    hv_w = mask * b["hv_on"].view(-1, 1, 1)
+    mse = (((hv - b["hv"]) ** 2).sum(1) * hv_w).sum() / (2 * hv_w.sum()).clamp(min=1)
+    gx, gy = _sobel(hv)
+    tx, ty = _sobel(b["hv"])
+    nuc = t * hv_w
+    msge = ((((gx - tx) ** 2 + (gy - ty) ** 2).squeeze(1)) * nuc).sum() / (2 * nuc.sum()).clamp(min=1)
+
+    parts = {"np_ce": ce, "np_dice": dice, "hv_mse": mse, "hv_msge": msge}
+    if "tp" in out:
+        # class loss on nucleus pixels with full weight, on background pixels via mask
+        parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], mask)
+    total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- config
+def load_train_config(path: str | Path, data_root: str | Path) -> tuple[list[DatasetEntry], dict[str, list[str]], float]:
+    """Read a training config (datasets with weights, validation split, resolution)."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+    root = Path(data_root)
+    entries = [
+        DatasetEntry(root / d["name"], float(d.get("weight", 1.0)), bool(d.get("hv", True)), bool(d.get("sparse", False)))
+        for d in cfg.get("datasets", [])
+    ]
+    split: dict[str, list[str]] = {}
+    if cfg.get("val_split"):
+        sp = (path.parent / cfg["val_split"])
+        split = {k: v for k, v in json.loads(sp.read_text()).items() if not k.startswith("_")}
+    return entries, split, float(cfg.get("target_mpp", 0.25))
+
+
+def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], target_mpp: float):
+    train_items, weights, val = [], [], []
+    for e in entries:
+        held = set(split.get(e.path.name, []))
+        samples = list(read_dataset(e.path, target_mpp=target_mpp))
+        if not samples:
+            raise DatasetError(f"{e.path}: no images")
+        tr = [s for s in samples if s.name.split("/", 1)[1] not in held]
+        val.extend(s for s in samples if s.name.split("/", 1)[1] in held)
+        # weight per pixel area within a dataset, dataset share = e.weight
+        areas = np.array([s.inst.size for s in tr], np.float64)
+        train_items.extend(_to_item(s, e) for s in tr)
+        weights.extend(e.weight * areas / areas.sum())
+        print(f"  {e.path.name}: {len(tr)} train, {len(samples) - len(tr)} val images", flush=True)
+    w = np.asarray(weights)
+    return train_items, w / w.sum(), val
+
+
+# --------------------------------------------------------------------------- validation
+def predict_maps(model: torch.nn.Module, image: np.ndarray, *, tile: int = 256, overlap: int = 64,
+                 device: str = "cpu", batch: int = 8) -> dict[str, np.ndarray]:
+    """Sliding-window prediction of ``np``/``hv``/``tp`` maps over an image of any size.
+
+    Windows of ``tile`` px overlap by ``overlap`` px; only their central part (``overlap/2``
+    trimmed on inner sides) is kept, so each pixel comes from one window.
+    """
+    h, w = image.shape[:2]
+    step = tile - overlap
+    ph, pw = max(tile, math.ceil((h - overlap) / step) * step + overlap), max(tile, math.ceil((w - overlap) / step) * step + overlap)
+    img = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
+    out_np = np.zeros((ph, pw), np.float32)
+    out_hv = np.zeros((2, ph, pw), np.float32)
+    out_tp = None
+    coords = [(y, x) for y in range(0, ph - tile + 1, step) for x in range(0, pw - tile + 1, step)]
+    half = overlap // 2
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(coords), batch):
+            cs = coords[i : i + batch]
+            x = torch.from_numpy(np.stack([img[y : y + tile, x : x + tile] for y, x in cs])).permute(0, 3, 1, 2).float()
+            o = model(x.to(device).contiguous(memory_format=torch.channels_last))
+            npp = torch.softmax(o["np"].float(), 1)[:, 1].cpu().numpy()
+            hvv = torch.tanh(o["hv"].float()).cpu().numpy()
+            tpp = torch.softmax(o["tp"].float(), 1).cpu().numpy() if "tp" in o else None
+            if tpp is not None and out_tp is None:
+                out_tp = np.zeros((tpp.shape[1], ph, pw), np.float32)
+            for j, (y, x) in enumerate(cs):
+                y0 = 0 if y == 0 else half
+                x0 = 0 if x == 0 else half
+                y1 = tile if y + tile >= ph else tile - half
+                x1 = tile if x + tile >= pw else tile - half
+                out_np[y + y0 : y + y1, x + x0 : x + x1] = npp[j, y0:y1, x0:x1]
+                out_hv[:, y + y0 : y + y1, x + x0 : x + x1] = hvv[j, :, y0:y1, x0:x1]
+                if tpp is not None:
+                    out_tp[:, y + y0 : y + y1, x + x0 : x + x1] = tpp[j, :, y0:y1, x0:x1]
+    res = {"np": out_np[:h, :w], "hv": out_hv[:, :h, :w]}
+    if out_tp is not None:
+        res["tp"] = out_tp[:, :h, :w]
+    return res
+
+
+def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> dict[str, float]:
+    """Binary PQ (mean over images) and Dice per dataset on the validation samples."""
+    from .metrics import panoptic_quality
+    from .postprocess import hv_to_instances
+
+    per: dict[str, list[tuple[float, float]]] = {}
+    for s in val:
+        maps = predict_maps(model, s.image, device=device)
+        res = hv_to_instances(maps["np"], maps["hv"], maps.get("tp"))
+        pq = panoptic_quality(s.inst, res.inst)["pq"]
+        fg_t, fg_p = s.inst > 0, res.inst > 0
+        dice = 2 * (fg_t & fg_p).sum() / max(1, fg_t.sum() + fg_p.sum())
+        per.setdefault(s.name.split("/")[0], []).append((pq, dice))
+    return {f"{k}/{m}": float(np.mean([v[i] for v in vals])) for k, vals in per.items() for i, m in enumerate(("bPQ", "dice"))}
+
+
+# --------------------------------------------------------------------------- loop
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run (or resume) a training run; return the path of the best weights file."""
+    from .models.effunet import EffUNet, load_imagenet_encoder
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.config:
+        entries, split, target_mpp = load_train_config(args.config, args.data_root)
+    else:
+        entries = [DatasetEntry(Path(p), 1.0) for p in args.data]
+        split, target_mpp = {}, 0.25
+    if not entries:
+        raise DatasetError("no training data: give --config or --data")
+    _seed_all(args.seed)
+    print("loading datasets ...", flush=True)
+    items, weights, val = _load_entries(entries, split, target_mpp)
+    if args.val_max:
+        val = val[: args.val_max]
+
+    model = EffUNet(n_types=6)
+    if not args.no_pretrained:
+        n = load_imagenet_encoder(model)
+        print(f"encoder: {n} ImageNet tensors loaded from the efficientnet-lite0 wheel", flush=True)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    total_steps = args.epochs * args.steps_per_epoch
+    warm = min(200, total_steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = np.random.default_rng(args.seed)
+    step, best, history = 0, -1.0, []
+    last = out / "last.pt"
+    if args.resume and last.is_file():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        step, best, history = ck["step"], ck["best"], ck["history"]
+        print(f"resumed from {last} at step {step}", flush=True)
+    (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    use_amp = args.amp and device == "cuda"
+    t_epoch = time.time()
+    while step < total_steps:
+        model.train()
+        b = make_batch(items, weights, args.batch, args.crop, rng)
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+            o = model(b["x"])
+        loss, parts = hovernet_loss(o, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 20 == 0 and not args.quiet:
+            rate = 20 * args.batch / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
+            train._t = time.time()  # type: ignore[attr-defined]
+            print(f"step {step}/{total_steps} loss {float(loss):.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                  + f" | {rate:.1f} img/s lr {sched.get_last_lr()[0]:.2e}", flush=True)
+        if step % args.steps_per_epoch == 0 or step == total_steps:
+            epoch = step // args.steps_per_epoch
+            metrics = validate(model, val, device) if val else {}
+            score = float(np.mean([v for k, v in metrics.items() if k.endswith("bPQ")])) if metrics else -float(loss)
+            history.append({"epoch": epoch, "step": step, "loss": float(loss), "time_s": time.time() - t_epoch, **metrics})
+            t_epoch = time.time()
+            print(f"epoch {epoch} step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" | score {score:.4f}", flush=True)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if score > best:
+                best = score
+                torch.save({"model": state, "epoch": epoch, "metrics": metrics}, out / "best.pt")
+            ck = {"model": state, "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                  "torch_rng": torch.get_rng_state(), "step": step, "best": best, "history": history}
+            torch.save(ck, out / "last.pt.tmp")
+            Path(out / "last.pt.tmp").replace(last)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+    return out / "best.pt"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``wsi-nuclei train``."""
+    p.add_argument("--config", help="training config JSON (datasets, weights, validation split), e.g. configs/train_default.json")
+    p.add_argument("--data-root", default="../shared/data/nuclei", help="folder holding the datasets named in --config (default: %(default)s)")
+    p.add_argument("--data", nargs="*", default=[], help="dataset folders (shared format or PanNuke fold) when no --config is given; no validation split")
+    p.add_argument("--out", default="runs/default", help="run folder: checkpoints last.pt/best.pt, history.json (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
+    p.add_argument("--steps-per-epoch", type=int, default=200, help="optimiser steps per epoch (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
+    p.add_argument("--crop", type=int, default=192, help="training crop size in px at 0.25 µm/px, multiple of 32 (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW, cosine schedule (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device (default: %(default)s)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
+    p.add_argument("--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights")
+    p.add_argument("--val-max", type=int, default=0, help="validate on at most this many images (0 = all)")
+    p.add_argument("--quiet", action="store_true", help="only the per-epoch validation lines")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wsi-nuclei train", description=__doc__)
+    add_arguments(p)
+    train(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
