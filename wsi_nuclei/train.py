@@ -294,7 +294,7 @@ def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> 
         fg_t, fg_p = s.inst > 0, res.inst > 0
         dice = 2 * (fg_t & fg_p).sum() / max(1, fg_t.sum() + fg_p.sum())
         per.setdefault(s.name.split("/")[0], []).append((pq, dice))
-    return {f"{k}/{m}": float(np.mean([v[i] for v in vals])) for k, vals in per.items() for i, m in enumerate(("bPQ", "dice"))}
+    return {f"{k}/{m}": float(np.nanmean([v[i] for v in vals])) for k, vals in per.items() for i, m in enumerate(("bPQ", "dice"))}
 
 
 # --------------------------------------------------------------------------- loop

@@ -1,0 +1,246 @@
+"""Command-line interface: ``wsi-nuclei run | demo | summarize | models | train | evaluate``.
+
+Every user error ends with one line ``wsi-nuclei: error: ...`` on stderr and the exit code of
+its :class:`~wsi_nuclei.errors.WsiNucleiError` class (see ``wsi-nuclei --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from . import __version__
+from .errors import WsiNucleiError
+
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  other input/environment problem (e.g. Dask scheduler unreachable)
+  2  input file not found
+  3  unreadable, unsupported, truncated or corrupt slide
+  4  slide has no usable microns-per-pixel and --mpp was not given
+  5  no tissue found (or none inside --regions)
+  6  malformed --regions file
+  7  output not writable, or results exist and --overwrite was not given
+  8  unknown model, missing or mismatching weights, failed fetch
+  9  malformed training/evaluation dataset
+  130 interrupted (Ctrl-C); a rerun resumes from the finished batches
+"""
+
+RESOLUTION_POLICY = """\
+resolution policy:
+  The slide's microns-per-pixel (MPP) is read from the file: OpenSlide properties
+  (openslide.mpp-x/y), the Aperio 'MPP' tag, TIFF resolution tags, OME-XML PhysicalSizeX or
+  DICOM PixelSpacing. If it is missing or implausible (outside 0.05-20 um/px) the run stops
+  with exit code 4 unless --mpp is given. Work happens at the model's resolution (0.25 um/px
+  for the PanNuke models): tiles are read from the pyramid level closest to, but not coarser
+  than, that resolution and resampled tile by tile (a 20x slide is upsampled 2x per tile,
+  never as a whole). The level, the MPP source and the scale are recorded in run.json.
+  Coordinates are level-0 pixels in the frame QuPath uses (OpenSlide bounds-x/y subtracted).
+"""
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slide", help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp")
+    p.add_argument("--out", "-o", help="output folder (default: ./wsi-nuclei-out/<slide stem>/)")
+    p.add_argument("--model", "-m", default=None, help="model name from 'wsi-nuclei models' (default: the bundled trained model; 'classic' without weights)")
+    p.add_argument("--weights", help="weights file for the model (e.g. the official HoVer-Net PanNuke checkpoint)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device (default: auto = cuda when available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "dicom", "image"],
+                   help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
+    p.add_argument("--mpp", type=float, help="microns per pixel at level 0; overrides the file's value (required when the file has none)")
+    p.add_argument("--regions", help="QuPath GeoJSON annotations (export): process only inside them and summarise per annotation")
+    p.add_argument("--tissue", default="auto", choices=["auto", "none"],
+                   help="auto: detect tissue on a thumbnail and skip tiles without tissue; none: process the whole image as one region (default: auto)")
+    p.add_argument("--halo", type=int, help="tile halo in model px; must exceed the largest nucleus radius (default: 48 for 256-px output models, 32 for HoVer-Net fast)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per inference batch (default: 16)")
+    p.add_argument("--max-in-flight", type=int, default=4, help="batches in flight at once; bounds memory (default: 4)")
+    p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
+    p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
+    p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
+    p.add_argument("--keep-work", action="store_true", help="keep the per-batch part files (<out>/.work) after success")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import RunConfig, run
+
+    if not Path(args.slide).exists():
+        from .errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{args.slide}: no such file")
+    cfg = RunConfig(
+        slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device,
+        backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo,
+        batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
+        overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
+        quiet=args.quiet, keep_work=args.keep_work,
+    )
+    res = run(cfg)
+    if not args.quiet:
+        _report(res)
+    return 0
+
+
+def _report(res) -> None:  # type: ignore[no-untyped-def]
+    m = res.manifest
+    lines = [
+        "",
+        f"wsi-nuclei {__version__}: {m['slide_name']}",
+        f"  model       {m['model']['name']} on {m['device']}",
+        f"  resolution  {m['resolution']['mpp']:.4f} um/px ({m['resolution']['mpp_source']}), level {m['resolution'].get('level', 0)}, "
+        f"scale x{m['resolution']['scale_level0_to_model']:.3f} to {m['model']['mpp']} um/px",
+        f"  tiles       {res.tiles_processed} processed of {res.tiles_total} ({res.tiles_total - res.tiles_processed} without tissue)",
+        f"  nuclei      {res.n_nuclei}",
+    ]
+    for name, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        pct = 100 * n / max(1, res.n_nuclei)
+        lines.append(f"    {name:<14}{n:>9}  {pct:5.1f}%")
+    lines.append(f"  time        {res.seconds['total']:.1f} s (inference {res.seconds['inference_wall']:.1f} s)")
+    lines.append(f"  files in    {res.out_dir}/")
+    for n, p in res.files.items():
+        lines.append(f"    {p.name}")
+    print("\n".join(lines))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, size=args.size, model=args.model, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from .summary import summarize_runs
+
+    table = summarize_runs([Path(d) for d in args.dirs], Path(args.output))
+    print(f"{len(table)} rows ({table['slide_name'].nunique()} slides) -> {args.output}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models.registry import get_spec, list_models, weights_status
+
+    if args.action == "fetch":
+        from .models.fetch import default_cache_dir, fetch_weights
+        from .errors import ModelError
+
+        spec = get_spec(args.name)
+        if not spec.needs_weights:
+            print(f"{spec.name}: needs no weights")
+            return 0
+        if not spec.url:
+            raise ModelError(f"{spec.name}: no public download location is recorded; place {spec.weights_file} in {default_cache_dir()} or pass --weights PATH")
+        dest = default_cache_dir() / spec.weights_file  # type: ignore[operator]
+        fetch_weights(spec.url, dest, spec.sha256)  # type: ignore[arg-type]
+        print(f"{spec.name}: weights saved to {dest}")
+        return 0
+    for spec in list_models():
+        classes = ", ".join(spec.class_names.values()) if spec.class_names else "none (nuclei only)"
+        print(f"{spec.name}")
+        print(textwrap.fill(spec.description, 96, initial_indent="    ", subsequent_indent="    "))
+        print(f"    licence:    {spec.licence}")
+        print(f"    resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px")
+        print(f"    classes:    {classes}")
+        print(f"    weights:    {weights_status(spec)}" + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else ""))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    best = train(args)
+    print(f"best weights: {best}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluate
+
+    return run_evaluate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wsi-nuclei`` (all sub-commands)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="wsi-nuclei", formatter_class=fmt,
+        description="Segment and classify every nucleus in H&E whole-slide images (PanNuke classes: "
+        "Neoplastic, Inflammatory, Connective, Dead, Epithelial) and write QuPath GeoJSON, GeoParquet and per-tissue summaries.",
+        epilog=RESOLUTION_POLICY + "\n" + EXIT_CODES,
+    )
+    p.add_argument("--version", action="version", version=f"wsi-nuclei {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pr = sub.add_parser("run", formatter_class=fmt, help="process one slide",
+                        description="Process one slide: tissue detection, tiling at the model's resolution, inference, "
+                        "exact stitching, and the outputs nuclei.geojson.gz, nuclei.parquet, tissue.geojson, summary.csv/json, run.json.",
+                        epilog=RESOLUTION_POLICY + "\n" + EXIT_CODES)
+    _add_run_args(pr)
+    pr.set_defaults(func=_cmd_run)
+
+    pd_ = sub.add_parser("demo", formatter_class=fmt, help="make a synthetic slide with known nuclei and run the pipeline on it",
+                         description="Generate a small synthetic H&E-like pyramidal TIFF with known nuclei (in code, no downloads), "
+                         "run the full pipeline on it and compare the result with the known nuclei.")
+    pd_.add_argument("--out", "-o", default="wsi-nuclei-demo", help="folder for the synthetic slide and the results (default: %(default)s)")
+    pd_.add_argument("--size", type=int, default=2048, help="slide width and height in px at 0.25 um/px (default: %(default)s)")
+    pd_.add_argument("--model", default="classic", help="model to run (default: %(default)s; the synthetic nuclei are not real H&E)")
+    pd_.add_argument("--overwrite", action="store_true", help="replace an existing demo")
+    pd_.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pd_.set_defaults(func=_cmd_demo)
+
+    ps = sub.add_parser("summarize", help="combine many runs into one cohort table (one row per slide x region)",
+                        description="Combine the summary.json of many run folders into one CSV, one row per slide x region.")
+    ps.add_argument("dirs", nargs="+", help="run output folders (each with summary.json)")
+    ps.add_argument("--output", "-o", default="cohort.csv", help="cohort CSV to write (default: %(default)s)")
+    ps.set_defaults(func=_cmd_summarize)
+
+    pm = sub.add_parser("models", help="list models (licence, resolution, classes, weights) or fetch weights",
+                        description="'wsi-nuclei models' lists every model; 'wsi-nuclei models fetch NAME' downloads its weights "
+                        "(only when asked; fails with a clear message offline).")
+    pm.add_argument("action", nargs="?", default="list", choices=["list", "fetch"], help="list (default) or fetch")
+    pm.add_argument("name", nargs="?", help="model name for fetch")
+    pm.set_defaults(func=_cmd_models)
+
+    from .train import add_arguments as train_args
+
+    pt = sub.add_parser("train", formatter_class=fmt, help="train the HoVer-Net-style model on annotated datasets",
+                        description="Train the default network on datasets in the shared format or official PanNuke folds; "
+                        "resumable (--resume), one validation line per epoch.")
+    train_args(pt)
+    pt.set_defaults(func=_cmd_train)
+
+    from .evaluate import add_arguments as eval_args
+
+    pe = sub.add_parser("evaluate", formatter_class=fmt, help="evaluate a model on an annotated dataset (PQ, mPQ, AJI, Dice, F1)",
+                        description="Evaluate a model on a dataset (shared format or PanNuke fold): binary PQ/DQ/SQ, mPQ, AJI, Dice, "
+                        "detection P/R/F1 (centroids within 12 px at 0.25 um/px) and per-class F1 as HoVer-Net defines it.")
+    eval_args(pe)
+    pe.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``wsi-nuclei`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    if args.command == "models" and args.action == "fetch" and not args.name:
+        parser.error("models fetch needs a model name")
+    try:
+        return int(args.func(args) or 0)
+    except WsiNucleiError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"wsi-nuclei: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("wsi-nuclei: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

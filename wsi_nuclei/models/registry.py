@@ -1,0 +1,155 @@
+"""Model registry: name -> builder, weights file, sha256, licence, resolution, classes.
+
+In the spirit of timm: :func:`list_models` shows what exists, :func:`load_model` builds one
+ready for :mod:`wsi_nuclei.pipeline`. Weights are either bundled in the package
+(``wsi_nuclei/models/weights/``), given by the user (``--weights PATH``) or looked up in the
+cache folder (:func:`wsi_nuclei.models.fetch.default_cache_dir`). Nothing is downloaded unless
+the user runs ``wsi-nuclei models fetch NAME``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from ..schema import CLASS_COLORS, CLASS_NAMES
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the engine and the user need to know about a model."""
+
+    name: str
+    description: str
+    licence: str
+    mpp: float  # expected µm/px
+    input_size: int
+    output_size: int
+    class_names: dict[int, str]
+    builder: Callable[["ModelSpec", Path | None, str], Any]
+    weights_file: str | None = None  # file name (bundled or in the cache dir)
+    sha256: str | None = None
+    bundled: bool = False
+    url: str | None = None
+    class_colors: dict[int, tuple[int, int, int]] = field(default_factory=lambda: dict(CLASS_COLORS))
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.weights_file is not None
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (the name must be new)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    """All registered models, in registration order."""
+    _ensure_builtin()
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of model ``name``; :class:`ModelError` if unknown."""
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path | None:
+    """Where the weights of ``spec`` are: ``weights`` if given, else bundled, else the cache."""
+    if not spec.needs_weights:
+        return None
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise ModelError(f"weights file not found: {p}")
+        return p
+    from .fetch import default_cache_dir
+
+    for folder in (WEIGHTS_DIR, default_cache_dir()):
+        p = folder / spec.weights_file  # type: ignore[operator]
+        if p.is_file():
+            return p
+    return None
+
+
+def weights_status(spec: ModelSpec) -> str:
+    """``"none needed"``, ``"bundled"``, ``"present (<path>)"`` or ``"missing"``."""
+    if not spec.needs_weights:
+        return "none needed"
+    p = find_weights(spec)
+    if p is None:
+        return "missing"
+    return "bundled" if p.parent == WEIGHTS_DIR else f"present ({p})"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses ``cuda`` without a GPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return device
+
+
+def load_model(name: str, *, weights: str | Path | None = None, device: str = "auto") -> Any:
+    """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``."""
+    spec = get_spec(name)
+    path = find_weights(spec, weights)
+    if spec.needs_weights and path is None:
+        hint = f"pass --weights PATH or run 'wsi-nuclei models fetch {name}'" if spec.url else "pass --weights PATH"
+        raise ModelError(f"weights for model {name!r} ({spec.weights_file}) not found: {hint}")
+    if path is not None and spec.sha256 and weights is None:
+        digest = sha256_of(path)
+        if digest != spec.sha256:
+            raise ModelError(f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)")
+    return spec.builder(spec, path, resolve_device(device))
+
+
+def default_model_name() -> str:
+    """The bundled trained model if its weights are present, else the classical baseline."""
+    _ensure_builtin()
+    for spec in _REGISTRY.values():
+        if spec.bundled and find_weights(spec) is not None:
+            return spec.name
+    return "classic"
+
+
+_BUILTIN_DONE = False
+
+
+def _ensure_builtin() -> None:
+    global _BUILTIN_DONE
+    if not _BUILTIN_DONE:
+        _BUILTIN_DONE = True
+        from . import zoo  # noqa: F401  (registers the built-in models)
+
+
+PANNUKE_CLASSES: dict[int, str] = dict(CLASS_NAMES)

@@ -1,0 +1,54 @@
+"""Wrapper that runs a HoVer-Net-style torch network for the engine (batching, device, AMP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import InstanceResult
+
+
+class HoVerMapModel:
+    """Runs a network returning ``np``/``hv``/``tp`` logits and post-processes its maps.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+    net : torch.nn.Module
+        Takes (N, 3, H, W) float RGB in 0..255, returns a dict of logits maps.
+    device : str
+        ``cpu`` or ``cuda``; on CUDA, inference runs under fp16 autocast.
+    hv_tanh : bool
+        Apply tanh to the ``hv`` output (our networks are trained through a tanh; the official
+        HoVer-Net output is linear).
+    """
+
+    def __init__(self, spec: Any, net: torch.nn.Module, device: str = "cpu", *, hv_tanh: bool = True) -> None:
+        self.spec = spec
+        self.device = device
+        self.hv_tanh = hv_tanh
+        self.net = net.eval().to(device).to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device == "cuda"):
+            out = self.net(x)
+        npp = torch.softmax(out["np"].float(), 1)[:, 1]
+        hv = out["hv"].float()
+        hv = torch.tanh(hv) if self.hv_tanh else hv
+        tp = torch.softmax(out["tp"].float(), 1) if "tp" in out else None
+        npp, hv = npp.cpu().numpy(), hv.cpu().numpy()
+        tp = tp.cpu().numpy() if tp is not None else None
+        return [
+            {"np": npp[i], "hv": hv[i], **({"tp": tp[i]} if tp is not None else {})}
+            for i in range(len(batch))
+        ]
+
+    def postprocess(self, raw: dict[str, np.ndarray]) -> InstanceResult:
+        from ..postprocess import hv_to_instances
+
+        return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"))

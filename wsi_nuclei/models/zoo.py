@@ -1,0 +1,82 @@
+"""The built-in models (imported lazily by the registry)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .registry import PANNUKE_CLASSES, ModelSpec, register
+
+#: sha256 of the bundled default weights (fp16 state dict), checked before loading.
+DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v1.pt"
+DEFAULT_WEIGHTS_SHA256 = "PENDING"
+
+
+def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> Any:
+    from .classic import ClassicModel
+
+    return ClassicModel(spec)
+
+
+def _build_null(spec: ModelSpec, weights: Path | None, device: str) -> Any:
+    from .classic import NullModel
+
+    return NullModel(spec)
+
+
+def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
+    import torch
+
+    from ..errors import ModelError
+    from .effunet import EffUNet
+    from .torchmodel import HoVerMapModel
+
+    net = EffUNet(n_types=6)
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd)
+        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except (RuntimeError, KeyError, AttributeError, EOFError) as exc:
+        raise ModelError(f"{weights}: not a {spec.name} weights file ({str(exc).splitlines()[0][:120]})") from None
+    return HoVerMapModel(spec, net, device, hv_tanh=True)
+
+
+def _build_hovernet(spec: ModelSpec, weights: Path | None, device: str) -> Any:
+    from .hovernet import HoVerNetPanNuke
+
+    return HoVerNetPanNuke.from_checkpoint(weights, device=device, expected_sha256=None)
+
+
+register(ModelSpec(
+    name="wsi-nuclei-lite0",
+    description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
+    licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
+    mpp=0.25, input_size=256, output_size=256, class_names=dict(PANNUKE_CLASSES),
+    builder=_build_lite0, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True,
+))
+
+register(ModelSpec(
+    name="hovernet-pannuke",
+    description="Official HoVer-Net 'fast' PanNuke checkpoint (256 in, 164 out); weights from the HoVer-Net authors, --weights PATH",
+    licence="CC BY-NC-SA 4.0 (PanNuke-derived weights)",
+    mpp=0.25, input_size=256, output_size=164, class_names=dict(PANNUKE_CLASSES),
+    builder=_build_hovernet, weights_file="hovernet_fast_pannuke_type_tf2pytorch.tar",
+    sha256="4a1463467737f81203a0513f794276cbcbbd6bb470969584f314167c6acef081",
+    url=None,
+))
+
+register(ModelSpec(
+    name="classic",
+    description="Classical baseline, no weights: haematoxylin deconvolution, fixed threshold, distance-transform watershed; no classes",
+    licence="Apache-2.0 (code only)",
+    mpp=0.25, input_size=256, output_size=256, class_names={},
+    builder=_build_classic,
+))
+
+register(ModelSpec(
+    name="null",
+    description="Finds nothing; measures the engine (read, tile, own, write) without model cost",
+    licence="Apache-2.0 (code only)",
+    mpp=0.25, input_size=256, output_size=256, class_names={},
+    builder=_build_null,
+))
