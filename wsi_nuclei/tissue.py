@@ -1,0 +1,1021 @@
+"""Tissue detection on slide thumbnails, user regions from QuPath GeoJSON, region assignment.
+
+Everything here works on a low-resolution RGB thumbnail plus its *downsample* (level-0 pixels
+per thumbnail pixel); geometries are returned in level-0 pixel coordinates (x right, y down),
+the frame QuPath uses. The only function that touches a slide object is
+:func:`detect_tissue_on_slide`, and it needs nothing but ``dimensions``, ``get_thumbnail`` and
+(optionally) ``mpp``.
+
+Pixel convention: thumbnail pixel ``(row, col)`` covers the level-0 box
+``[col * dx, (col + 1) * dx) x [row * dy, (row + 1) * dy)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import shapely
+import shapely.affinity
+from scipy import ndimage as ndi
+from shapely.geometry import MultiPolygon, Polygon
+from skimage import measure, morphology
+from skimage.draw import polygon as _draw_polygon
+from skimage.filters import threshold_otsu
+
+from .errors import NoTissueError, RegionsFileError
+
+__all__ = [
+    "Region",
+    "TissueMap",
+    "TISSUE_CLASS",
+    "TISSUE_COLOR",
+    "tissue_mask",
+    "detect_tissue",
+    "detect_tissue_on_slide",
+    "regions_from_mask",
+    "load_regions",
+    "regions_from_geojson",
+    "assign_regions",
+    "rasterize_regions",
+]
+
+log = logging.getLogger(__name__)
+
+#: Classification given to automatically detected tissue regions.
+TISSUE_CLASS = "Tissue"
+#: Display colour (RGB) of automatically detected tissue regions.
+TISSUE_COLOR: tuple[int, int, int] = (0, 150, 80)
+
+# Default smallest tissue piece, in thumbnail pixels (4096 µm² at 8 µm/px).
+_DEFAULT_MIN_AREA_PX = 64
+# QuPath object types that are not regions a user drew.
+_NON_REGION_TYPES = frozenset({"detection", "cell", "tile"})
+_AREA_TYPES = frozenset({"Polygon", "MultiPolygon"})
+_NON_AREA_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString"})
+
+
+# --------------------------------------------------------------------------------------------
+# Region
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """One region of interest: a tissue piece found on the thumbnail or a user annotation.
+
+    Attributes
+    ----------
+    id : int
+        1-based identifier, unique within one list of regions.
+    name : str
+        Display name ("Tissue 1", the annotation's name, ...).
+    geometry : shapely.Polygon or shapely.MultiPolygon
+        Valid, non-empty area geometry in level-0 pixel coordinates.
+    source : str
+        ``"tissue"`` (automatic detection) or ``"user"`` (read from a regions file).
+    classification : str or None
+        Class name (QuPath ``classification.name``), if any.
+    color : tuple of int or None
+        RGB colour of the class, if any.
+    """
+
+    id: int
+    name: str
+    geometry: Polygon | MultiPolygon
+    source: str
+    classification: str | None = None
+    color: tuple[int, int, int] | None = None
+
+    @property
+    def area_px(self) -> float:
+        """Area in level-0 pixels squared."""
+        return float(self.geometry.area)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Bounding box ``(xmin, ymin, xmax, ymax)`` in level-0 pixels."""
+        return tuple(float(v) for v in self.geometry.bounds)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Colour helpers
+# --------------------------------------------------------------------------------------------
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Return ``image`` as an HxWx3 uint8 array (alpha 0 becomes white, floats are rescaled)."""
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB (or HxWx4 RGBA) array, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+    if arr.shape[2] == 4:
+        rgb = arr[..., :3].copy()
+        rgb[arr[..., 3] == 0] = 255
+        return rgb
+    return arr
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees, 0-360), saturation and value (0-1) of a uint8 RGB image, as float32."""
+    scale = np.float32(1.0 / 255.0)
+    r = rgb[..., 0].astype(np.float32) * scale
+    g = rgb[..., 1].astype(np.float32) * scale
+    b = rgb[..., 2].astype(np.float32) * scale
+    mx = np.maximum(np.maximum(r, g), b)
+    chroma = mx - np.minimum(np.minimum(r, g), b)
+    has_hue = chroma > 0
+    safe_c = np.where(has_hue, chroma, np.float32(1.0))
+    hue = np.where(
+        mx == r,
+        np.mod((g - b) / safe_c, np.float32(6.0)),
+        np.where(mx == g, (b - r) / safe_c + np.float32(2.0), (r - g) / safe_c + np.float32(4.0)),
+    )
+    hue = np.where(has_hue, hue * np.float32(60.0), np.float32(0.0))
+    sat = np.where(mx > 0, chroma / np.where(mx > 0, mx, np.float32(1.0)), np.float32(0.0))
+    return hue.astype(np.float32), sat.astype(np.float32), mx
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Mean optical density over the three channels (0 for white, about 2.4 for black)."""
+    lut = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(255.0))
+    return lut[rgb].mean(axis=-1, dtype=np.float32)
+
+
+def _otsu_or_none(values: np.ndarray) -> float | None:
+    """Otsu threshold of ``values``, or None when they are (almost) constant or too few."""
+    if values.size < 16:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-3:
+        return None
+    return float(threshold_otsu(values))
+
+
+def _ink_mask(hue: np.ndarray, sat: np.ndarray, green_sat: float, blue_sat: float) -> np.ndarray:
+    """Pixels whose colour is pen ink rather than H&E stain.
+
+    H&E is pink to purple (hue roughly 250-360 and 0-20 degrees). Green and cyan hues
+    (70-190 degrees) never come from the stains. Pure blue (190-240 degrees: blue channel
+    highest, green above red) comes from ink only when strongly saturated: hematoxylin-rich
+    tissue is violet-blue with red above green (hue above 240 degrees), and faint bluish tissue
+    is weakly saturated. Blue strokes blend into violet where they are thin or overlie the
+    stain, so each sizeable pure-blue patch is grown into the adjoining saturated blue-violet
+    pixels, at most a few pixels away from it.
+    """
+    green = (hue >= 70.0) & (hue < 190.0) & (sat >= green_sat)
+    blue = (hue >= 190.0) & (hue < 240.0) & (sat >= blue_sat)
+    core = _drop_small(blue, 6, diagonal=True)
+    if core.any():
+        near = ndi.binary_dilation(core, structure=_disk(3))
+        violet = near & (hue >= 190.0) & (hue < 275.0) & (sat >= 0.3)
+        blue |= ndi.binary_propagation(core, structure=np.ones((3, 3), bool), mask=violet | core)
+    return green | blue
+
+
+def _disk(radius: int) -> np.ndarray:
+    return morphology.disk(radius).astype(bool)
+
+
+def _drop_small(
+    mask: np.ndarray, min_size: int, *, diagonal: bool, keep_border: bool = False
+) -> np.ndarray:
+    """``mask`` without its connected pieces of fewer than ``min_size`` pixels.
+
+    With ``keep_border`` pieces touching the image border are always kept (used to fill holes:
+    background connected to the border is not a hole).
+    """
+    structure = np.ones((3, 3), bool) if diagonal else None
+    labels, n = ndi.label(mask, structure=structure)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_size
+    if keep_border:
+        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        keep[border] = True
+    keep[0] = False
+    return keep[labels]
+
+
+# --------------------------------------------------------------------------------------------
+# Tissue mask
+# --------------------------------------------------------------------------------------------
+def tissue_mask(
+    rgb_thumb: np.ndarray,
+    *,
+    min_area_px: int = _DEFAULT_MIN_AREA_PX,
+    max_hole_px: int | None = None,
+    closing_radius: int = 2,
+    sat_floor: float = 0.05,
+    sat_ceiling: float = 0.15,
+    od_min: float = 0.02,
+    dark_value: float = 0.16,
+    exclude_ink: bool = True,
+    ink_green_sat: float = 0.15,
+    ink_blue_sat: float = 0.35,
+) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail.
+
+    A pixel is a tissue candidate when it is stained (HSV saturation above a threshold), not
+    glass (optical density at least ``od_min``), not a black artefact (HSV value at least
+    ``dark_value``) and, with ``exclude_ink``, not pen ink (green/cyan, or saturated pure
+    blue). The saturation threshold is Otsu's on the non-glass pixels, clamped to
+    ``[sat_floor, sat_ceiling]`` so that a slide that is all tissue or all glass still gets a
+    sensible cut (``sat_floor`` alone when the saturation is constant, as on a blank image).
+    The candidates are then closed morphologically, artefact pixels are removed again, holes
+    smaller than ``max_hole_px`` are filled and pieces smaller than ``min_area_px`` dropped.
+
+    Parameters
+    ----------
+    rgb_thumb : numpy.ndarray
+        HxWx3 RGB image (uint8, or float in [0, 1]); an HxWx4 RGBA image is accepted and
+        fully transparent pixels count as background.
+    min_area_px : int, optional
+        Smallest tissue piece kept, in thumbnail pixels.
+    max_hole_px : int or None, optional
+        Holes up to this area (thumbnail pixels) are filled; None means ``min_area_px``.
+    closing_radius : int, optional
+        Radius (thumbnail pixels) of the disk used for the morphological closing; 0 disables.
+    sat_floor, sat_ceiling : float, optional
+        Bounds of the saturation threshold.
+    od_min : float, optional
+        Pixels with a mean optical density below this are glass/white background.
+    dark_value : float, optional
+        Pixels whose brightest channel is below this (0-1) are black artefacts.
+    exclude_ink : bool, optional
+        Remove pen marks (green, cyan and saturated blue ink).
+    ink_green_sat, ink_blue_sat : float, optional
+        Minimal saturation for a green/cyan (hue 70-190 degrees) or blue (190-240 degrees)
+        pixel to count as ink.
+
+    Returns
+    -------
+    numpy.ndarray
+        HxW boolean mask, True on tissue.
+
+    Raises
+    ------
+    ValueError
+        If ``rgb_thumb`` is not an HxWx3/HxWx4 array.
+    """
+    rgb = _as_rgb_uint8(rgb_thumb)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    hue, sat, val = _hsv(rgb)
+    od = _optical_density(rgb)
+
+    glass = od < od_min
+    artefact = val < dark_value
+    if exclude_ink:
+        artefact |= _ink_mask(hue, sat, ink_green_sat, ink_blue_sat)
+        # ink edges blend with the stain around them: widen the exclusion by one pixel
+        artefact = ndi.binary_dilation(artefact, structure=np.ones((3, 3), bool))
+
+    usable = ~glass & ~artefact
+    thr = _otsu_or_none(sat[usable])
+    thr = sat_floor if thr is None else min(max(thr, sat_floor), sat_ceiling)
+    mask = usable & (sat >= thr)
+    if not mask.any():
+        return mask
+
+    if closing_radius > 0:
+        pad = closing_radius + 1
+        padded = np.pad(mask, pad)
+        padded = ndi.binary_closing(padded, structure=_disk(closing_radius))
+        mask = padded[pad:-pad, pad:-pad] & ~artefact
+    hole = min_area_px if max_hole_px is None else max_hole_px
+    if hole > 0:
+        # background is 4-connected where tissue is 8-connected
+        mask = ~_drop_small(~mask, hole, diagonal=False, keep_border=True)
+    if min_area_px > 0:
+        mask = _drop_small(mask, min_area_px, diagonal=True)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Mask -> polygons
+# --------------------------------------------------------------------------------------------
+def _as_xy(downsample: float | Sequence[float]) -> tuple[float, float]:
+    """Normalise a downsample given as one number or an ``(x, y)`` pair."""
+    if np.ndim(downsample) == 0:
+        dx = dy = float(downsample)  # type: ignore[arg-type]
+    else:
+        dx, dy = (float(v) for v in downsample)  # type: ignore[union-attr]
+    if not (dx > 0 and dy > 0 and math.isfinite(dx) and math.isfinite(dy)):
+        raise ValueError(f"downsample must be positive and finite, got {downsample!r}")
+    return dx, dy
+
+
+def _polygonal_part(geom: shapely.Geometry) -> Polygon | MultiPolygon | None:
+    """The area part of ``geom`` (made valid) as a Polygon/MultiPolygon, or None if empty."""
+    if geom is None or geom.is_empty:
+        return None
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return None if geom.is_empty or geom.area <= 0 else geom
+    polys: list[Polygon] = []
+    for part in getattr(geom, "geoms", []):
+        if isinstance(part, Polygon):
+            polys.append(part)
+        elif isinstance(part, MultiPolygon):
+            polys.extend(part.geoms)
+    polys = [p for p in polys if not p.is_empty and p.area > 0]
+    if not polys:
+        return None
+    out = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    return out if out.is_valid else _polygonal_part(shapely.make_valid(out))
+
+
+def _component_polygon(
+    component: np.ndarray, row0: int, col0: int, dx: float, dy: float, tolerance: float
+) -> Polygon | MultiPolygon | None:
+    """Polygon (holes kept) of one 8-connected component given as a cropped boolean array."""
+    padded = np.pad(component.astype(np.float32), 1)
+    contours = measure.find_contours(padded, 0.5, fully_connected="high")
+    rings = []
+    for c in contours:
+        if len(c) < 4:
+            continue
+        # (row, col) in padded crop -> level-0 (x, y); contour at 0.5 lies on pixel edges
+        x = (c[:, 1] - 1 + col0 + 0.5) * dx
+        y = (c[:, 0] - 1 + row0 + 0.5) * dy
+        ring = np.column_stack([x, y])
+        area = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+        rings.append((area, ring))
+    if not rings:
+        return None
+    rings.sort(key=lambda t: -t[0])
+    shell = rings[0][1]
+    holes = [r for _, r in rings[1:]]
+    geom = Polygon(shell, holes)
+    if tolerance > 0:
+        geom = geom.simplify(tolerance, preserve_topology=True)
+    return _polygonal_part(geom)
+
+
+def regions_from_mask(
+    mask: np.ndarray,
+    downsample: float | Sequence[float],
+    *,
+    min_area_px: int = 0,
+    simplify_px: float = 0.5,
+    name_prefix: str = "Tissue",
+    source: str = "tissue",
+    classification: str | None = TISSUE_CLASS,
+    color: tuple[int, int, int] | None = TISSUE_COLOR,
+) -> list[Region]:
+    """One region per 8-connected piece of a boolean mask, in level-0 pixel coordinates.
+
+    Holes are kept as polygon interiors. Regions are ordered by the (top, left) corner of
+    their bounding box and numbered 1..N, named ``"<name_prefix> <id>"``.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        HxW boolean mask (thumbnail resolution).
+    downsample : float or (float, float)
+        Level-0 pixels per mask pixel, one number or ``(x, y)``.
+    min_area_px : int, optional
+        Pieces with fewer mask pixels are skipped.
+    simplify_px : float, optional
+        Douglas-Peucker tolerance in mask pixels (topology preserved); 0 disables.
+    name_prefix, source, classification, color : optional
+        Fields given to every region.
+
+    Returns
+    -------
+    list of Region
+        Possibly empty.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    dx, dy = _as_xy(downsample)
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    slices = ndi.find_objects(labels)
+    order = sorted(range(n), key=lambda i: (slices[i][0].start, slices[i][1].start))
+    tolerance = simplify_px * min(dx, dy)
+    regions: list[Region] = []
+    for i in order:
+        sl = slices[i]
+        comp = labels[sl] == i + 1
+        if comp.sum() < max(min_area_px, 1):
+            continue
+        geom = _component_polygon(comp, sl[0].start, sl[1].start, dx, dy, tolerance)
+        if geom is None:
+            continue
+        rid = len(regions) + 1
+        regions.append(
+            Region(
+                id=rid,
+                name=f"{name_prefix} {rid}",
+                geometry=geom,
+                source=source,
+                classification=classification,
+                color=color,
+            )
+        )
+    return regions
+
+
+def detect_tissue(
+    thumb: np.ndarray,
+    downsample: float | Sequence[float],
+    *,
+    min_region_um2: float | None = None,
+    mpp: float | None = None,
+    **mask_options: Any,
+) -> list[Region]:
+    """Tissue regions of a thumbnail, in level-0 pixel coordinates.
+
+    Parameters
+    ----------
+    thumb : numpy.ndarray
+        HxWx3 RGB thumbnail.
+    downsample : float or (float, float)
+        Level-0 pixels per thumbnail pixel (one number, or ``(x, y)``).
+    min_region_um2 : float or None, optional
+        Smallest tissue piece kept, in µm²; needs ``mpp``. None keeps the
+        :func:`tissue_mask` default (in thumbnail pixels).
+    mpp : float or None, optional
+        Level-0 microns per pixel.
+    **mask_options
+        Passed to :func:`tissue_mask`.
+
+    Returns
+    -------
+    list of Region
+        Regions with ids 1..N ordered by the (top, left) corner of their bounding box.
+
+    Raises
+    ------
+    NoTissueError
+        If no tissue is found.
+    ValueError
+        If ``min_region_um2`` is given without ``mpp``.
+    """
+    mask_options = dict(mask_options)
+    mask_options.setdefault("min_area_px", _min_area_px(min_region_um2, mpp, downsample))
+    mask = tissue_mask(thumb, **mask_options)
+    regions = regions_from_mask(mask, downsample)
+    if not regions:
+        raise NoTissueError(_no_tissue_message(mask.shape))
+    return regions
+
+
+def _min_area_px(
+    min_region_um2: float | None, mpp: float | None, downsample: float | Sequence[float]
+) -> int:
+    """Minimal piece area in thumbnail pixels (the tissue_mask default when not given)."""
+    if min_region_um2 is None:
+        return _DEFAULT_MIN_AREA_PX
+    if mpp is None or not mpp > 0:
+        raise ValueError("min_region_um2 needs the slide's mpp (microns per pixel)")
+    dx, dy = _as_xy(downsample)
+    px_um2 = (mpp * dx) * (mpp * dy)
+    return max(1, int(math.ceil(min_region_um2 / px_um2)))
+
+
+def _no_tissue_message(shape: tuple[int, ...]) -> str:
+    return (
+        f"no tissue found on the {shape[1]}x{shape[0]} px thumbnail "
+        "(blank glass or unstained slide?); give --regions to process an area anyway"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Whole slide
+# --------------------------------------------------------------------------------------------
+class _ThumbnailSource(Protocol):
+    @property
+    def dimensions(self) -> tuple[int, int]: ...
+
+    def get_thumbnail(self, max_size: Any) -> Any: ...
+
+
+@dataclass(frozen=True, eq=False)
+class TissueMap:
+    """Tissue mask of a slide at thumbnail resolution, with the regions found on it.
+
+    Attributes
+    ----------
+    mask : numpy.ndarray
+        HxW boolean tissue mask.
+    downsample : float
+        Level-0 pixels per mask pixel (geometric mean of ``downsample_xy``).
+    regions : tuple of Region
+        Tissue pieces (ids 1..N).
+    downsample_xy : tuple of float
+        Level-0 pixels per mask pixel along x and y (they differ slightly when the thumbnail
+        size was rounded).
+    """
+
+    mask: np.ndarray
+    downsample: float
+    regions: tuple[Region, ...]
+    downsample_xy: tuple[float, float] = (0.0, 0.0)
+    _integral: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        mask = np.asarray(self.mask, dtype=bool)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+        dxy = self.downsample_xy
+        if not (dxy[0] > 0 and dxy[1] > 0):
+            dxy = _as_xy(self.downsample)
+        object.__setattr__(self, "mask", mask)
+        object.__setattr__(self, "downsample_xy", (float(dxy[0]), float(dxy[1])))
+        object.__setattr__(self, "regions", tuple(self.regions))
+        integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
+        integral[1:, 1:] = mask.cumsum(axis=0, dtype=np.int64).cumsum(axis=1)
+        object.__setattr__(self, "_integral", integral)
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Fraction of the whole slide covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def _cumulative(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Tissue area (mask px²) in ``[0, u) x [0, v)`` for real mask coordinates u, v.
+
+        The integral of a piecewise-constant mask is bilinear within each pixel cell, so
+        interpolating the summed-area table bilinearly is exact.
+        """
+        h, w = self.mask.shape
+        u = np.clip(u, 0.0, w)
+        v = np.clip(v, 0.0, h)
+        i = np.minimum(np.floor(u).astype(np.intp), max(w - 1, 0))
+        j = np.minimum(np.floor(v).astype(np.intp), max(h - 1, 0))
+        a = u - i
+        b = v - j
+        s = self._integral
+        return (
+            s[j, i] * (1 - a) * (1 - b)
+            + s[j, i + 1] * a * (1 - b)
+            + s[j + 1, i] * (1 - a) * b
+            + s[j + 1, i + 1] * a * b
+        )
+
+    def fraction_in_box(
+        self, x0: float | np.ndarray, y0: float | np.ndarray, x1: float | np.ndarray,
+        y1: float | np.ndarray,
+    ) -> float | np.ndarray:
+        """Fraction of a level-0 box ``[x0, x1) x [y0, y1)`` covered by tissue.
+
+        Partial mask pixels count by their covered area; parts of the box outside the slide
+        count as non-tissue. Accepts scalars or arrays of boxes (broadcast), O(1) per box.
+
+        Parameters
+        ----------
+        x0, y0, x1, y1 : float or numpy.ndarray
+            Box corners in level-0 pixels.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            Values in [0, 1]; 0 for an empty box.
+        """
+        scalar = all(np.ndim(v) == 0 for v in (x0, y0, x1, y1))
+        bx0, by0, bx1, by1 = np.broadcast_arrays(
+            *(np.asarray(v, dtype=np.float64) for v in (x0, y0, x1, y1))
+        )
+        dx, dy = self.downsample_xy
+        if self.mask.size == 0:
+            out = np.zeros(bx0.shape)
+        else:
+            u0, u1 = bx0 / dx, bx1 / dx
+            v0, v1 = by0 / dy, by1 / dy
+            area = (
+                self._cumulative(u1, v1)
+                - self._cumulative(u0, v1)
+                - self._cumulative(u1, v0)
+                + self._cumulative(u0, v0)
+            )
+            box = (u1 - u0) * (v1 - v0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out = np.where(box > 0, area / np.where(box > 0, box, 1.0), 0.0)
+            out = np.clip(out, 0.0, 1.0)
+        return float(out) if scalar else out
+
+
+def _read_thumbnail(slide: _ThumbnailSource, size: tuple[int, int]) -> np.ndarray:
+    """Call ``slide.get_thumbnail`` with a (w, h) box, or the longest side if it wants an int."""
+    try:
+        thumb = slide.get_thumbnail(size)
+    except TypeError:
+        thumb = slide.get_thumbnail(max(size))
+    if hasattr(thumb, "convert"):  # a PIL image (e.g. an openslide object)
+        thumb = thumb.convert("RGB")
+    return _as_rgb_uint8(np.asarray(thumb))
+
+
+def detect_tissue_on_slide(
+    slide: _ThumbnailSource,
+    *,
+    target_mpp: float = 8.0,
+    mpp: float | None = None,
+    max_thumbnail_px: int = 4096,
+    fallback_thumbnail_px: int = 2048,
+    min_region_um2: float | None = None,
+    allow_empty: bool = False,
+    **mask_options: Any,
+) -> TissueMap:
+    """Detect tissue on a slide's thumbnail.
+
+    Parameters
+    ----------
+    slide : object
+        Anything with ``dimensions`` (level-0 width, height) and ``get_thumbnail(size)``
+        returning an RGB array or PIL image; ``mpp`` is read from it when present.
+    target_mpp : float, optional
+        Wanted thumbnail resolution in µm per pixel (never finer than level 0).
+    mpp : float or None, optional
+        Level-0 µm per pixel; overrides ``slide.mpp``. Without any mpp the thumbnail's
+        longest side is ``fallback_thumbnail_px``.
+    max_thumbnail_px : int, optional
+        Upper bound on the thumbnail's longest side (bounds memory on huge slides).
+    fallback_thumbnail_px : int, optional
+        Longest side of the thumbnail when the mpp is unknown.
+    min_region_um2 : float or None, optional
+        Smallest tissue piece kept (µm²); ignored when the mpp is unknown.
+    allow_empty : bool, optional
+        Return an empty map instead of raising when no tissue is found.
+    **mask_options
+        Passed to :func:`tissue_mask`.
+
+    Returns
+    -------
+    TissueMap
+
+    Raises
+    ------
+    NoTissueError
+        If no tissue is found and ``allow_empty`` is False.
+    """
+    width, height = (int(v) for v in slide.dimensions)
+    if mpp is None:
+        mpp = getattr(slide, "mpp", None)
+    longest = max(width, height, 1)
+    if mpp is not None and mpp > 0:
+        ds = max(1.0, target_mpp / float(mpp))
+    else:
+        mpp = None
+        ds = max(1.0, longest / fallback_thumbnail_px)
+    ds = max(ds, longest / max_thumbnail_px)
+    size = (max(1, round(width / ds)), max(1, round(height / ds)))
+    thumb = _read_thumbnail(slide, size)
+    dxy = (width / thumb.shape[1], height / thumb.shape[0])
+
+    mask_options = dict(mask_options)
+    if min_region_um2 is not None and mpp is not None:
+        mask_options.setdefault("min_area_px", _min_area_px(min_region_um2, mpp, dxy))
+    mask = tissue_mask(thumb, **mask_options)
+    regions = regions_from_mask(mask, dxy)
+    if not regions and not allow_empty:
+        raise NoTissueError(_no_tissue_message(mask.shape))
+    return TissueMap(
+        mask=mask,
+        downsample=math.sqrt(dxy[0] * dxy[1]),
+        regions=tuple(regions),
+        downsample_xy=dxy,
+    )
+
+
+def rasterize_regions(
+    regions: Iterable[Region], shape: tuple[int, int], downsample: float | Sequence[float]
+) -> np.ndarray:
+    """Boolean mask (``shape`` = H, W) of the pixels whose centre lies inside any region.
+
+    Useful to build a :class:`TissueMap` restricted to user regions, e.g.
+    ``TissueMap(tmap.mask & rasterize_regions(user, tmap.mask.shape, tmap.downsample_xy), ...)``.
+
+    Parameters
+    ----------
+    regions : iterable of Region
+        Regions in level-0 pixel coordinates.
+    shape : (int, int)
+        Mask height and width.
+    downsample : float or (float, float)
+        Level-0 pixels per mask pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        HxW boolean mask.
+    """
+    dx, dy = _as_xy(downsample)
+    out = np.zeros(shape, dtype=bool)
+    for region in regions:
+        geom = region.geometry
+        polys = geom.geoms if isinstance(geom, MultiPolygon) else [geom]
+        for poly in polys:
+            part = np.zeros(shape, dtype=bool)
+            rings = [poly.exterior, *poly.interiors]
+            for k, ring in enumerate(rings):
+                xy = np.asarray(ring.coords)
+                # pixel centre (c + 0.5) * dx is inside <=> c inside at (x / dx - 0.5)
+                rr, cc = _draw_polygon(xy[:, 1] / dy - 0.5, xy[:, 0] / dx - 0.5, shape=shape)
+                part[rr, cc] = k == 0
+            out |= part
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# User regions (QuPath GeoJSON)
+# --------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    """First line of an exception's message (error messages must fit on one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_json_file(path: Path) -> Any:
+    """Parse a (possibly gzip-compressed) JSON file, raising RegionsFileError on failure."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RegionsFileError(f"regions file {path}: file not found") from None
+    except OSError as exc:
+        raise RegionsFileError(
+            f"regions file {path}: cannot read ({exc.strerror or _one_line(exc)})"
+        ) from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise RegionsFileError(
+                f"regions file {path}: corrupt gzip data ({_one_line(exc)})"
+            ) from None
+    elif path.suffix.lower() == ".gz":
+        raise RegionsFileError(f"regions file {path}: named .gz but not gzip-compressed")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise RegionsFileError(
+            f"regions file {path}: not UTF-8 text (not a GeoJSON file)"
+        ) from None
+    if not text.strip():
+        raise RegionsFileError(f"regions file {path}: file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegionsFileError(
+            f"regions file {path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno})"
+        ) from None
+
+
+def _parse_color(value: Any) -> tuple[int, int, int] | None:
+    """RGB from ``[r, g, b(, a)]`` or a packed (possibly negative, ARGB) integer; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        v = value & 0xFFFFFF
+        return ((v >> 16) & 255, (v >> 8) & 255, v & 255)
+    if isinstance(value, (list, tuple)) and len(value) in (3, 4):
+        try:
+            rgb = [int(round(float(c))) for c in value[:3]]
+        except (TypeError, ValueError):
+            return None
+        return tuple(min(max(c, 0), 255) for c in rgb)  # type: ignore[return-value]
+    return None
+
+
+def _parse_classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None]:
+    """Class name and colour from a QuPath ``classification`` (object or string)."""
+    if isinstance(value, str):
+        return (value.strip() or None), None
+    if isinstance(value, dict):
+        name = value.get("name")
+        if not isinstance(name, str) or not name.strip():
+            names = value.get("names")
+            name = (
+                ": ".join(str(n) for n in names)
+                if isinstance(names, list) and names
+                else None
+            )
+        color = _parse_color(value.get("color", value.get("colorRGB")))
+        return (name.strip() if isinstance(name, str) and name.strip() else None), color
+    return None, None
+
+
+def _features_of(doc: Any, label: str) -> list[Any]:
+    """The list of features in a GeoJSON document (collection, feature, array or geometry)."""
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict):
+        kind = doc.get("type")
+        if kind == "FeatureCollection":
+            feats = doc.get("features")
+            if not isinstance(feats, list):
+                raise RegionsFileError(f"{label}: FeatureCollection without a 'features' array")
+            return feats
+        if kind == "Feature":
+            return [doc]
+        if kind in _AREA_TYPES or kind in _NON_AREA_TYPES or kind == "GeometryCollection":
+            return [{"type": "Feature", "geometry": doc, "properties": {}}]
+        if "features" in doc and isinstance(doc["features"], list):
+            return doc["features"]
+    raise RegionsFileError(
+        f"{label}: not GeoJSON (expected a FeatureCollection, a Feature or an array of Features)"
+    )
+
+
+def _finite_coords(obj: Any) -> bool:
+    """True when every number in a nested coordinate array is finite."""
+    arr = np.asarray(shapely.get_coordinates(obj))
+    return bool(np.isfinite(arr).all())
+
+
+def _feature_geometry(geom_dict: Any, where: str) -> Polygon | MultiPolygon | None | str:
+    """Valid area geometry of a feature, the string "non-area", or raise RegionsFileError."""
+    if geom_dict is None:
+        return "non-area"
+    if not isinstance(geom_dict, dict) or not isinstance(geom_dict.get("type"), str):
+        raise RegionsFileError(f"{where}: 'geometry' is not a GeoJSON geometry object")
+    kind = geom_dict["type"]
+    if kind in _NON_AREA_TYPES:
+        return "non-area"
+    if kind not in _AREA_TYPES and kind != "GeometryCollection":
+        raise RegionsFileError(f"{where}: unknown geometry type {kind!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN coordinates: reported below
+            geom = shapely.geometry.shape(geom_dict)
+    except Exception as exc:  # shapely raises several types on malformed coordinates
+        raise RegionsFileError(
+            f"{where}: malformed {kind} coordinates ({_one_line(exc)})"
+        ) from None
+    if geom.is_empty:
+        raise RegionsFileError(f"{where}: empty {kind}")
+    if not _finite_coords(geom):
+        raise RegionsFileError(f"{where}: {kind} has non-finite coordinates")
+    if kind == "GeometryCollection":
+        if not any(isinstance(g, (Polygon, MultiPolygon)) for g in geom.geoms):
+            return "non-area"
+    repaired = _polygonal_part(geom)
+    if repaired is None:
+        reason = shapely.is_valid_reason(geom) if not geom.is_valid else "zero area"
+        raise RegionsFileError(f"{where}: invalid {kind} that cannot be repaired ({reason})")
+    return repaired
+
+
+def regions_from_geojson(
+    doc: Any, *, label: str = "regions", offset: tuple[float, float] = (0.0, 0.0)
+) -> list[Region]:
+    """User regions from a parsed QuPath GeoJSON document.
+
+    See :func:`load_regions` for the rules; ``label`` names the source in error messages.
+    """
+    features = _features_of(doc, label)
+    regions: list[Region] = []
+    skipped_objects = 0
+    skipped_non_area = 0
+    dx, dy = (float(v) for v in offset)
+    for index, feat in enumerate(features):
+        where = f"{label}: feature {index + 1}"
+        if not isinstance(feat, dict) or ("geometry" not in feat and feat.get("type") != "Feature"):
+            raise RegionsFileError(f"{where} is not a GeoJSON Feature")
+        props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise RegionsFileError(f"{where}: 'properties' is not an object")
+        object_type = props.get("objectType", props.get("object_type", "annotation"))
+        if isinstance(object_type, str) and object_type.lower() in _NON_REGION_TYPES:
+            skipped_objects += 1
+            continue
+        geom = _feature_geometry(feat.get("geometry"), where)
+        if isinstance(geom, str):
+            skipped_non_area += 1
+            continue
+        if dx or dy:
+            geom = shapely.affinity.translate(geom, xoff=dx, yoff=dy)
+        cls_name, color = _parse_classification(props.get("classification"))
+        if color is None:
+            color = _parse_color(props.get("color"))
+        rid = len(regions) + 1
+        name = props.get("name")
+        if not isinstance(name, str) or not name.strip():
+            name = cls_name or f"Region {rid}"
+        regions.append(
+            Region(
+                id=rid,
+                name=name.strip(),
+                geometry=geom,
+                source="user",
+                classification=cls_name,
+                color=color,
+            )
+        )
+    if not regions:
+        if not features:
+            raise RegionsFileError(f"{label}: no features (nothing to process)")
+        raise RegionsFileError(
+            f"{label}: no polygon annotations among {len(features)} feature(s) "
+            f"({skipped_objects} detection/cell/tile, {skipped_non_area} without an area)"
+        )
+    if skipped_objects or skipped_non_area:
+        log.warning(
+            "%s: ignored %d detection/cell/tile object(s) and %d feature(s) without an area "
+            "(points, lines)",
+            label,
+            skipped_objects,
+            skipped_non_area,
+        )
+    return regions
+
+
+def load_regions(
+    path: str | os.PathLike[str], *, offset: tuple[float, float] = (0.0, 0.0)
+) -> list[Region]:
+    """Read user regions from a QuPath GeoJSON export.
+
+    Accepts a FeatureCollection, a bare JSON array of Features, a single Feature or a bare
+    geometry, as ``.geojson``/``.json`` or gzip-compressed (``.geojson.gz``). Polygon and
+    MultiPolygon annotations (``properties.objectType`` "annotation" or absent) are kept;
+    detections, cells, tiles and point/line features are ignored (their count is logged as
+    a warning). Invalid polygons are repaired with :func:`shapely.make_valid` when possible.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The regions file.
+    offset : (float, float), optional
+        ``(dx, dy)`` added to every coordinate, e.g. to move regions drawn in QuPath's frame
+        into another one.
+
+    Returns
+    -------
+    list of Region
+        ``source="user"``, ids 1..N in file order; name from ``properties.name``, else the
+        class name, else ``"Region <id>"``; classification and colour from
+        ``properties.classification`` (object or string).
+
+    Raises
+    ------
+    RegionsFileError
+        If the file is missing, not JSON, not GeoJSON, holds a polygon that cannot be
+        repaired, or has no polygon annotation.
+    """
+    p = Path(path)
+    doc = _read_json_file(p)
+    return regions_from_geojson(doc, label=f"regions file {p}", offset=offset)
+
+
+# --------------------------------------------------------------------------------------------
+# Assigning points to regions
+# --------------------------------------------------------------------------------------------
+def assign_regions(
+    x: np.ndarray | Sequence[float], y: np.ndarray | Sequence[float], regions: Sequence[Region]
+) -> np.ndarray:
+    """Id of the region containing each point, -1 for points outside every region.
+
+    A point on a region's boundary counts as inside. Where regions overlap, the first one in
+    ``regions`` wins.
+
+    Parameters
+    ----------
+    x, y : array_like
+        Level-0 pixel coordinates (same shape).
+    regions : sequence of Region
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 array of ``x``'s shape.
+    """
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y differ in shape: {xs.shape} vs {ys.shape}")
+    out = np.full(xs.shape, -1, dtype=np.int32)
+    if xs.size == 0 or not regions:
+        return out
+    fx, fy, fout = xs.ravel(), ys.ravel(), out.ravel()
+    for region in regions:
+        free = np.flatnonzero(fout == -1)
+        if free.size == 0:
+            break
+        xmin, ymin, xmax, ymax = region.geometry.bounds
+        px, py = fx[free], fy[free]
+        near = (px >= xmin) & (px <= xmax) & (py >= ymin) & (py <= ymax)
+        cand = free[near]
+        if cand.size == 0:
+            continue
+        geom = region.geometry
+        shapely.prepare(geom)
+        inside = shapely.intersects_xy(geom, fx[cand], fy[cand])
+        fout[cand[inside]] = region.id
+    return fout.reshape(xs.shape)
