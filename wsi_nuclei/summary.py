@@ -1,0 +1,511 @@
+"""Per-region and whole-slide summaries of a nucleus table, and the cohort table of many runs.
+
+:class:`RegionSummarizer` accumulates nucleus batches (constant memory apart from one float32
+area per nucleus, kept for exact medians) and produces a JSON-ready nested summary:
+
+.. code-block:: text
+
+    {"summary_version": 1, "wsi_nuclei_version": ..., "slide_name": ..., "mpp": ...,
+     "class_names": ["Neoplastic", ...],
+     "regions": [<region summary>, ...],
+     "slide": <region summary of the union of the regions, region_id "slide">,
+     "qc": {... copied from the caller ...}}
+
+    <region summary> = {"region_id", "region_name", "source", "area_mm2", "n_nuclei",
+                        "counts": {class: n}, "fractions": {class: n / n_nuclei},
+                        "density_per_mm2": {"total": ..., class: ...},
+                        "area_um2": {"all": {"median", "q25", "q75"}, class: {...}}}
+
+Undefined figures (a median of no nuclei, a density over zero area) are ``None`` (``null`` in
+JSON, an empty cell in CSV). :func:`write_summary` writes ``summary.json`` and ``summary.csv``;
+:func:`summarize_runs` joins the ``summary.json`` of many runs into one cohort table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+
+from wsi_nuclei import __version__, schema
+from wsi_nuclei._io import atomic_path
+from wsi_nuclei.errors import InputNotFoundError, OutputError, WsiNucleiError
+
+__all__ = [
+    "SLIDE_KEY",
+    "SUMMARY_VERSION",
+    "RegionSummarizer",
+    "flatten_region",
+    "region_measurements",
+    "write_summary",
+    "summarize_runs",
+]
+
+#: Version of the summary.json layout.
+SUMMARY_VERSION: Final[int] = 1
+#: Region id and name of the whole-slide row.
+SLIDE_KEY: Final[str] = "slide"
+_SUMMARY_JSON: Final[str] = "summary.json"
+_SUMMARY_CSV: Final[str] = "summary.csv"
+#: Quantiles reported for nucleus areas, with their keys.
+_QUANTILES: Final[tuple[tuple[str, float], ...]] = (("median", 0.5), ("q25", 0.25), ("q75", 0.75))
+
+
+def _json_ready(value: Any) -> Any:
+    """Recursively turn ``value`` into strict-JSON-ready Python (NaN/inf -> None, numpy -> Python,
+    paths and other objects -> str)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_json_ready(v) for v in value.tolist()]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    return str(value)
+
+
+def _area_stats(areas: np.ndarray) -> dict[str, float | None]:
+    """Median and quartiles (linear interpolation) of nucleus areas; None when empty."""
+    areas = areas[np.isfinite(areas)]
+    if areas.size == 0:
+        return {key: None for key, _ in _QUANTILES}
+    values = np.quantile(areas.astype(np.float64), [q for _, q in _QUANTILES])
+    return {key: float(v) for (key, _), v in zip(_QUANTILES, values)}
+
+
+class RegionSummarizer:
+    """Accumulate nucleus tables per region and for the whole slide.
+
+    Parameters
+    ----------
+    regions : iterable of region objects
+        Objects with ``id`` (an integer, matching the nucleus table's ``region_id``), ``name``,
+        ``geometry`` (shapely Polygon/MultiPolygon in level-0 px) and ``source``.
+    class_names : mapping of int to str, default :data:`wsi_nuclei.schema.CLASS_NAMES`
+        Classes to report. Nuclei of other class ids (e.g. 0, unclassified) count in the totals
+        and overall area statistics only; pass ``{0: "Nucleus"}`` for a model without classes.
+    mpp : float
+        Microns per level-0 pixel (positive).
+    slide_name : str, optional
+        Name of the slide, recorded in the summary (used by :func:`summarize_runs`).
+
+    Raises
+    ------
+    ValueError
+        ``mpp`` is not a positive number, or two regions share an id.
+
+    Notes
+    -----
+    Nuclei with ``region_id == -1`` (outside every region) are not part of any region nor of the
+    whole slide (the union of the regions); they are counted as ``n_nuclei_outside_regions``.
+    """
+
+    def __init__(
+        self,
+        regions: Iterable[Any],
+        *,
+        class_names: Mapping[int, str] = schema.CLASS_NAMES,
+        mpp: float,
+        slide_name: str = "",
+    ) -> None:
+        try:
+            mpp_value = float(mpp)
+        except (TypeError, ValueError):
+            mpp_value = math.nan
+        if not (math.isfinite(mpp_value) and mpp_value > 0):
+            raise ValueError(f"mpp must be a positive number, got {mpp!r}")
+        self._regions = list(regions)
+        self._mpp = mpp_value
+        self._slide_name = str(slide_name)
+        self._class_ids = [int(c) for c in class_names]
+        self._class_names = [str(class_names[c]) for c in class_names]
+        ids = [int(r.id) for r in self._regions]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"region ids must be unique, got {ids}")
+        self._ids = np.array(ids, dtype=np.int64)
+        self._id_order = np.argsort(self._ids, kind="stable")
+        self._sorted_ids = self._ids[self._id_order]
+        n_cls = len(self._class_ids) + 1  # last column: classes not reported
+        self._counts = np.zeros((len(self._regions), n_cls), dtype=np.int64)
+        self._areas: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._n_outside = 0
+
+    def _region_index(self, region_ids: np.ndarray) -> np.ndarray:
+        """Row index of each nucleus's region; -1 for ``region_id == -1``."""
+        out = np.full(region_ids.shape, -1, dtype=np.int64)
+        inside = region_ids != -1
+        if inside.any():
+            rid = region_ids[inside]
+            pos = np.searchsorted(self._sorted_ids, rid)
+            pos = np.clip(pos, 0, max(len(self._sorted_ids) - 1, 0))
+            if len(self._sorted_ids) == 0 or np.any(self._sorted_ids[pos] != rid):
+                unknown = sorted(set(rid.tolist()) - set(self._ids.tolist()))
+                raise ValueError(f"nucleus table has region ids {unknown[:10]} that are not "
+                                 "among the summarizer's regions")
+            out[inside] = self._id_order[pos]
+        return out
+
+    def _class_index(self, class_ids: np.ndarray) -> np.ndarray:
+        """Column index of each nucleus's class (the last column for unreported classes)."""
+        lookup = {cid: k for k, cid in enumerate(self._class_ids)}
+        other = len(self._class_ids)
+        uniq, inverse = np.unique(class_ids, return_inverse=True)
+        mapped = np.array([lookup.get(int(u), other) for u in uniq], dtype=np.int64)
+        return mapped[inverse.reshape(-1)]
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Accumulate one nucleus table (needs ``region_id``, ``class_id`` and ``area_um2``).
+
+        Parameters
+        ----------
+        frame : pandas.DataFrame
+            One batch of nuclei (:data:`wsi_nuclei.schema.NUCLEUS_COLUMNS`).
+
+        Raises
+        ------
+        ValueError
+            A column is missing, or a ``region_id`` is neither -1 nor one of the regions.
+        """
+        missing = [c for c in ("region_id", "class_id", "area_um2") if c not in frame.columns]
+        if missing:
+            raise ValueError(f"RegionSummarizer.add: nucleus table lacks {', '.join(missing)}")
+        if len(frame) == 0:
+            return
+        ridx = self._region_index(frame["region_id"].to_numpy(dtype=np.int64))
+        inside = ridx >= 0
+        self._n_outside += int((~inside).sum())
+        if not inside.any():
+            return
+        ridx = ridx[inside]
+        cidx = self._class_index(frame["class_id"].to_numpy(dtype=np.int64)[inside])
+        areas = frame["area_um2"].to_numpy(dtype=np.float32)[inside]
+        n_cls = self._counts.shape[1]
+        key = ridx * n_cls + cidx
+        self._counts += np.bincount(key, minlength=self._counts.size).reshape(
+            self._counts.shape
+        )
+        order = np.argsort(key, kind="stable")
+        skey = key[order]
+        starts = np.flatnonzero(np.r_[True, skey[1:] != skey[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(skey)]):
+            k = int(skey[start])
+            chunk = areas[order[start:stop]]
+            self._areas.setdefault((k // n_cls, k % n_cls), []).append(chunk)
+
+    def _areas_of(self, regions: Sequence[int], column: int | None) -> np.ndarray:
+        """All accumulated areas of ``regions`` for one class column (None: every class)."""
+        cols = range(self._counts.shape[1]) if column is None else [column]
+        chunks = [c for r in regions for k in cols for c in self._areas.get((r, k), [])]
+        if not chunks:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def _summarize(
+        self, rows: Sequence[int], area_mm2: float, head: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Summary of the nuclei of region rows ``rows`` over ``area_mm2``."""
+        counts = self._counts[list(rows)].sum(axis=0) if rows else np.zeros(
+            self._counts.shape[1], dtype=np.int64
+        )
+        total = int(counts.sum())
+
+        def density(n: int) -> float | None:
+            return n / area_mm2 if area_mm2 > 0 else None
+
+        out = dict(head)
+        out["area_mm2"] = float(area_mm2)
+        out["n_nuclei"] = total
+        out["counts"] = {name: int(counts[k]) for k, name in enumerate(self._class_names)}
+        out["fractions"] = {
+            name: (int(counts[k]) / total if total else 0.0)
+            for k, name in enumerate(self._class_names)
+        }
+        out["density_per_mm2"] = {"total": density(total)} | {
+            name: density(int(counts[k])) for k, name in enumerate(self._class_names)
+        }
+        out["area_um2"] = {"all": _area_stats(self._areas_of(rows, None))} | {
+            name: _area_stats(self._areas_of(rows, k))
+            for k, name in enumerate(self._class_names)
+        }
+        return out
+
+    def finalize(
+        self, qc: Mapping[str, Any] | None = None, *, slide_area_mm2: float | None = None
+    ) -> dict[str, Any]:
+        """Compute the summary of every region and of the whole slide.
+
+        Parameters
+        ----------
+        qc : mapping, optional
+            Run quality-control figures given by the caller (tiles total/processed/skipped,
+            mpp and its source, level, model name and sha256, package version, seconds per
+            stage, ...); copied into ``summary["qc"]`` (NaN -> None, numpy -> Python).
+        slide_area_mm2 : float, optional
+            Area of the whole slide's analysed tissue; by default the sum of the region areas.
+
+        Returns
+        -------
+        dict
+            The nested, strict-JSON-ready summary described in the module docstring.
+        """
+        mm2_per_px2 = self._mpp**2 / 1e6
+        regions = []
+        areas = []
+        for i, region in enumerate(self._regions):
+            area = float(region.geometry.area) * mm2_per_px2
+            areas.append(area)
+            head = {"region_id": int(region.id), "region_name": str(region.name),
+                    "source": str(region.source)}
+            regions.append(self._summarize([i], area, head))
+        slide_area = float(sum(areas)) if slide_area_mm2 is None else float(slide_area_mm2)
+        slide_head = {"region_id": SLIDE_KEY, "region_name": SLIDE_KEY,
+                      "source": "union of regions"}
+        slide = self._summarize(list(range(len(self._regions))), slide_area, slide_head)
+        slide["n_nuclei_outside_regions"] = self._n_outside
+        return _json_ready({
+            "summary_version": SUMMARY_VERSION,
+            "wsi_nuclei_version": __version__,
+            "slide_name": self._slide_name,
+            "mpp": self._mpp,
+            "class_names": list(self._class_names),
+            "regions": regions,
+            "slide": slide,
+            "qc": dict(qc or {}),
+        })
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    """Flatten nested mappings into ``prefix_key`` columns (lists become JSON text)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}_{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(_json_ready(value))
+    else:
+        out[prefix] = value
+
+
+def flatten_region(
+    region: Mapping[str, Any], class_names: Sequence[str], qc: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One flat CSV row of a region summary (see :func:`write_summary` for the columns).
+
+    Parameters
+    ----------
+    region : mapping
+        A region summary (an item of ``summary["regions"]`` or ``summary["slide"]``).
+    class_names : sequence of str
+        The summary's ``class_names``.
+    qc : mapping, optional
+        QC figures, added as ``qc_*`` columns (nested keys joined with ``_``).
+
+    Returns
+    -------
+    dict
+        Column -> value (None for undefined figures).
+    """
+    row: dict[str, Any] = {
+        "region_id": region.get("region_id"),
+        "region_name": region.get("region_name"),
+        "region_source": region.get("source"),
+        "area_mm2": region.get("area_mm2"),
+        "n_nuclei": region.get("n_nuclei"),
+        "n_nuclei_outside_regions": region.get("n_nuclei_outside_regions"),
+    }
+    counts = region.get("counts", {})
+    fractions = region.get("fractions", {})
+    density = region.get("density_per_mm2", {})
+    area = region.get("area_um2", {})
+    for name in class_names:
+        row[f"count_{name}"] = counts.get(name)
+    for name in class_names:
+        row[f"fraction_{name}"] = fractions.get(name)
+    row["density_total_per_mm2"] = density.get("total")
+    for name in class_names:
+        row[f"density_{name}_per_mm2"] = density.get(name)
+    for key, _ in _QUANTILES:
+        row[f"area_um2_{key}"] = area.get("all", {}).get(key)
+    for name in class_names:
+        for key, _ in _QUANTILES:
+            row[f"area_um2_{key}_{name}"] = area.get(name, {}).get(key)
+    if qc:
+        _flatten("qc", qc, row)
+    return row
+
+
+def region_measurements(region: Mapping[str, Any]) -> dict[str, Any]:
+    """QuPath-style measurement names of a region summary (for region annotations).
+
+    Parameters
+    ----------
+    region : mapping
+        A region summary (an item of ``summary["regions"]`` or ``summary["slide"]``).
+
+    Returns
+    -------
+    dict
+        Measurement name -> value (None for undefined figures; writers omit those), e.g.
+        ``"Area mm^2"``, ``"Num nuclei"``, ``"Num Neoplastic"``, ``"Fraction Neoplastic"``,
+        ``"Density Neoplastic per mm^2"``, ``"Nucleus area µm^2 median (Neoplastic)"``.
+    """
+    out: dict[str, Any] = {
+        "Area mm^2": region.get("area_mm2"),
+        "Num nuclei": region.get("n_nuclei"),
+    }
+    counts = region.get("counts", {})
+    for name, n in counts.items():
+        out[f"Num {name}"] = n
+    for name, f in region.get("fractions", {}).items():
+        out[f"Fraction {name}"] = f
+    density = region.get("density_per_mm2", {})
+    out["Density nuclei per mm^2"] = density.get("total")
+    for name, d in density.items():
+        if name != "total":
+            out[f"Density {name} per mm^2"] = d
+    for name, stats in region.get("area_um2", {}).items():
+        suffix = "" if name == "all" else f" ({name})"
+        for key, _ in _QUANTILES:
+            out[f"Nucleus area µm^2 {key}{suffix}"] = stats.get(key)
+    return out
+
+
+def _summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows of a summary: one per region, then the whole slide."""
+    names = list(summary.get("class_names", []))
+    qc = summary.get("qc") or {}
+    rows = [flatten_region(r, names, qc) for r in summary.get("regions", [])]
+    rows.append(flatten_region(summary["slide"], names, qc))
+    for row in rows:
+        row["mpp"] = summary.get("mpp")
+    return rows
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Atomically write a CSV (empty cells for missing values)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, na_rep="", lineterminator="\n")
+
+
+def write_summary(summary: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``summary.json`` (nested, strict JSON) and ``summary.csv`` (flat) into ``out_dir``.
+
+    ``summary.csv`` has one row per region and a last row ``region_id == "slide"``, with the
+    columns ``region_id, region_name, region_source, area_mm2, n_nuclei,
+    n_nuclei_outside_regions, count_<class>..., fraction_<class>..., density_total_per_mm2,
+    density_<class>_per_mm2..., area_um2_median, area_um2_q25, area_um2_q75,
+    area_um2_<median|q25|q75>_<class>..., qc_<key>..., mpp``. Both files are written under a
+    temporary name and renamed.
+
+    Parameters
+    ----------
+    summary : mapping
+        A :meth:`RegionSummarizer.finalize` result.
+    out_dir : str or pathlib.Path
+        Output directory (created when missing).
+
+    Returns
+    -------
+    tuple of pathlib.Path
+        The paths of ``summary.json`` and ``summary.csv``.
+
+    Raises
+    ------
+    OutputError
+        The directory cannot be created or written.
+    """
+    out_dir = Path(out_dir)
+    json_path = out_dir / _SUMMARY_JSON
+    csv_path = out_dir / _SUMMARY_CSV
+    text = json.dumps(_json_ready(summary), indent=2, allow_nan=False, ensure_ascii=False)
+    rows = pd.DataFrame(_summary_rows(summary))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+        _write_csv(rows, csv_path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the summary into {out_dir}: {exc.strerror or exc}")
+    return json_path, csv_path
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """Load a run's summary.json, with one-line user errors."""
+    path = run_dir / _SUMMARY_JSON
+    if not path.is_file():
+        where = "run directory does not exist" if not run_dir.exists() else "no summary.json"
+        raise InputNotFoundError(f"{where}: {path} (is {run_dir} a finished wsi-nuclei run?)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WsiNucleiError(f"cannot read {path}: {exc}") from None
+    if not isinstance(summary, dict) or "slide" not in summary:
+        raise WsiNucleiError(f"{path} is not a wsi-nuclei summary (no 'slide' entry)")
+    return summary
+
+
+def _slide_name(summary: Mapping[str, Any], run_dir: Path) -> str:
+    """Slide name of a run: the summary's, else the QC's ``slide``/``slide_name``, else the dir."""
+    qc = summary.get("qc") or {}
+    for value in (summary.get("slide_name"), qc.get("slide_name"), qc.get("slide")):
+        if isinstance(value, str) and value:
+            return Path(value).name if "/" in value or "\\" in value else value
+    return run_dir.name
+
+
+def summarize_runs(run_dirs: Sequence[str | Path], out_csv: str | Path) -> pd.DataFrame:
+    """Cohort table: one row per slide x region (and per slide) from each run's summary.json.
+
+    Parameters
+    ----------
+    run_dirs : sequence of str or pathlib.Path
+        Output directories of finished runs (each holding ``summary.json``).
+    out_csv : str or pathlib.Path
+        CSV to write (atomically; parent directories are created).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``slide_name, run_dir`` then the columns of ``summary.csv`` (``region_id``,
+        ``region_name``, ...); the whole-slide rows have ``region_id == "slide"``. Class
+        columns are the union over runs (empty where a run lacks a class).
+
+    Raises
+    ------
+    InputNotFoundError
+        A run directory, or its summary.json, does not exist.
+    WsiNucleiError
+        A summary.json cannot be parsed.
+    OutputError
+        ``out_csv`` cannot be written.
+    """
+    rows: list[dict[str, Any]] = []
+    for run_dir in map(Path, run_dirs):
+        summary = _read_summary(run_dir)
+        name = _slide_name(summary, run_dir)
+        for row in _summary_rows(summary):
+            rows.append({"slide_name": name, "run_dir": str(run_dir)} | row)
+    columns: dict[str, None] = {"slide_name": None, "run_dir": None, "region_id": None,
+                                "region_name": None}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    table = pd.DataFrame(rows, columns=list(columns))
+    out_csv = Path(out_csv)
+    try:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        _write_csv(table, out_csv)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out_csv}: {exc.strerror or exc}")
+    return table
