@@ -182,20 +182,26 @@ def classify_instances(
     return (winner + 1).astype(np.int8), class_prob.astype(np.float32), probs
 
 
-def _polygon(mask: np.ndarray) -> np.ndarray | None:
-    """Outer boundary of a binary mask as an (K, 2) array of (x, y), pixel-edge accurate."""
-    padded = np.pad(mask.astype(np.float32), 1)
-    contours = find_contours(padded, 0.5)
+def _ring(padded_mask: np.ndarray) -> np.ndarray | None:
+    """Outer boundary of a mask that has a 1-px empty border, as (K, 2) (x, y) in the mask's
+    unpadded pixel frame, through the pixel-edge midpoints (sub-pixel, area-accurate)."""
+    contours = find_contours(padded_mask, 0.5)
     if not contours:
         return None
     ring = max(contours, key=len)
-    # find_contours gives (row, col) in padded coordinates of pixel centres; pixel (r, c)
-    # covers [c, c+1) x [r, r+1) in continuous coordinates, so its centre is (c+0.5, r+0.5).
-    xy = np.stack([ring[:, 1] - 1 + 0.5, ring[:, 0] - 1 + 0.5], axis=1)
-    approx = cv2.approxPolyDP(xy.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
-    if len(approx) < 3:
-        return None
-    return approx.astype(np.float64)
+    # (row, col) of pixel centres in the padded frame; pixel (r, c) covers [c, c+1) x [r, r+1),
+    # so its centre is (c + 0.5, r + 0.5) once the 1-px pad is removed.
+    return np.stack([ring[:, 1] - 0.5, ring[:, 0] - 0.5], axis=1)
+
+
+def _ring_length(xy: np.ndarray) -> float:
+    d = np.diff(np.vstack([xy, xy[:1]]), axis=0)
+    return float(np.hypot(d[:, 0], d[:, 1]).sum())
+
+
+def _ring_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
 
 
 def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[str, np.ndarray | list]:
@@ -214,9 +220,11 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
     -------
     dict
         ``polygon`` (list of (K, 2) float arrays in ``inst`` pixel coordinates, x right, y down,
-        None when degenerate), ``centroid_x``/``centroid_y`` (px), ``area_um2``,
-        ``perimeter_um``, ``circularity`` (4πA/P², clipped to 1), ``solidity``,
-        ``eccentricity``, ``major_axis_um``, ``minor_axis_um``.
+        pixel (r, c) covering [c, c+1) x [r, r+1); None when degenerate), ``centroid_x`` /
+        ``centroid_y`` (px, same frame), ``area_um2`` (pixel count), ``perimeter_um`` (length
+        of the sub-pixel boundary), ``circularity`` (4πA/P², clipped to 1), ``solidity``
+        (boundary area / convex hull area), ``eccentricity``, ``major_axis_um`` and
+        ``minor_axis_um`` (of the ellipse with the same second moments, as scikit-image).
     """
     n = len(labels)
     out: dict[str, np.ndarray | list] = {
@@ -225,30 +233,24 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
             "centroid_x", "centroid_y", "area_um2", "perimeter_um", "circularity", "solidity",
             "eccentricity", "major_axis_um", "minor_axis_um")},
     }
+    if n == 0:
+        return out
     objects = ndi.find_objects(inst)
+    padded = np.pad(inst, 1)
     for i, label in enumerate(labels):
         sl = objects[label - 1] if label - 1 < len(objects) else None
         if sl is None:
             out["polygon"].append(None)
             continue
-        mask = inst[sl] == label
-        y0, x0 = sl[0].start, sl[1].start
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        pm = padded[y0 : y1 + 2, x0 : x1 + 2] == label  # 1-px empty border around the object
+        mask = pm[1:-1, 1:-1]
         yy, xx = np.nonzero(mask)
         area = float(len(yy))
         cy, cx = yy.mean(), xx.mean()
         out["centroid_x"][i] = x0 + cx + 0.5
         out["centroid_y"][i] = y0 + cy + 0.5
         out["area_um2"][i] = area * mpp * mpp
-        m8 = np.pad(mask.astype(np.uint8), 1)
-        contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cnt = max(contours, key=cv2.contourArea)
-        perim = _perimeter(mask)
-        out["perimeter_um"][i] = perim * mpp
-        out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
-        hull = cv2.convexHull(cnt)
-        hull_area = cv2.contourArea(hull) + 0.5 * cv2.arcLength(hull, True) + np.pi / 4
-        out["solidity"][i] = min(1.0, area / hull_area) if hull_area > 0 else np.nan
-        # second moments (pixel units) -> ellipse axes, as scikit-image regionprops.
         dy, dx = yy - cy, xx - cx
         cov = np.array([[np.mean(dx * dx), np.mean(dx * dy)], [np.mean(dx * dy), np.mean(dy * dy)]])
         cov += np.eye(2) / 12.0  # a pixel is a unit square, not a point
@@ -256,17 +258,23 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         major, minor = 4 * np.sqrt(max(ev[0], 0)), 4 * np.sqrt(max(ev[1], 0))
         out["major_axis_um"][i] = major * mpp
         out["minor_axis_um"][i] = minor * mpp
-        out["eccentricity"][i] = np.sqrt(1 - (minor / major) ** 2) if major > 0 else 0.0
-        poly = _polygon(mask)
-        if poly is not None:
-            poly[:, 0] += x0
-            poly[:, 1] += y0
+        out["eccentricity"][i] = np.sqrt(max(0.0, 1 - (minor / major) ** 2)) if major > 0 else 0.0
+        ring = _ring(pm.astype(np.float32))
+        if ring is None or len(ring) < 4:
+            out["polygon"].append(None)
+            continue
+        perim = _ring_length(ring)
+        out["perimeter_um"][i] = perim * mpp
+        out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
+        hull = cv2.convexHull(ring.astype(np.float32)).reshape(-1, 2)
+        hull_area = _ring_area(hull.astype(np.float64))
+        out["solidity"][i] = min(1.0, _ring_area(ring) / hull_area) if hull_area > 0 else np.nan
+        approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
+        if len(approx) < 3:
+            out["polygon"].append(None)
+            continue
+        poly = approx.astype(np.float64)
+        poly[:, 0] += x0
+        poly[:, 1] += y0
         out["polygon"].append(poly)
     return out
-
-
-def _perimeter(mask: np.ndarray) -> float:
-    """Perimeter of a binary mask (scikit-image's 4-connected weighting, pixel units)."""
-    from skimage.measure import perimeter
-
-    return float(perimeter(mask, neighborhood=4))

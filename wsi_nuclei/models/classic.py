@@ -5,7 +5,9 @@
 overlapping tiles is segmented identically — exact stitching), hole filling and opening, then a
 distance-transform watershed to split touching nuclei. Classes are unknown (class 0).
 
-``null``: finds nothing; measures the engine without any model cost.
+``null``: no network at all: emits the same small pattern of disc-shaped "nuclei" in every
+tile's output window (no image analysis), so that a benchmark measures the engine alone —
+reading, tiling, ownership, measurements and writers — without model cost.
 """
 
 from __future__ import annotations
@@ -98,16 +100,23 @@ class ClassicModel:
 
 
 class NullModel:
-    """The ``null`` registry entry: no nuclei, for measuring the engine alone."""
+    """The ``null`` registry entry: a fixed pattern of discs per tile, for engine benchmarks."""
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: Any, spacing: int = 40, radius: int = 7) -> None:
         self.spec = spec
         self.device = "cpu"
+        n = spec.output_size
+        yy, xx = np.mgrid[0:n, 0:n]
+        inst = np.zeros((n, n), np.int32)
+        k = 0
+        for cy in range(spacing // 2, n - radius, spacing):
+            for cx in range(spacing // 2, n - radius, spacing):
+                k += 1
+                inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = k
+        self._result = InstanceResult(inst, np.arange(1, k + 1, dtype=np.int32), np.zeros(k, np.int8), np.ones(k, np.float32))
 
     def infer(self, batch: np.ndarray) -> list[None]:
         return [None] * len(batch)
 
     def postprocess(self, raw: None) -> InstanceResult:
-        n = self.spec.output_size
-        z = np.zeros(0)
-        return InstanceResult(np.zeros((n, n), np.int32), z.astype(np.int32), z.astype(np.int8), z.astype(np.float32))
+        return self._result

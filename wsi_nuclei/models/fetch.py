@@ -215,7 +215,9 @@ def fetch_weights(
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelError(f"cannot create weights directory {dest.parent}: {exc.strerror or exc}") from None
+        raise ModelError(
+            f"cannot create weights directory {dest.parent}: {exc.strerror or exc}"
+        ) from None
 
     manual = _manual_hint(url, dest)
     with atomic_path(dest) as tmp:
@@ -234,9 +236,7 @@ def _manual_hint(url: str, dest: Path) -> str:
     for source in KNOWN_WEIGHTS.values():
         if source.url == url:
             page = source.page_url
-    return (
-        f"download it by hand from {page} and pass --weights PATH, or copy it to {dest}"
-    )
+    return f"download it by hand from {page} and pass --weights PATH, or copy it to {dest}"
 
 
 def _download(
@@ -259,8 +259,7 @@ def _download(
         ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ModelError(
-            f"cannot download weights from {url} (offline or unreachable: "
-            f"{_reason(exc)}); {manual}"
+            f"cannot download weights from {url} (offline or unreachable: {_reason(exc)}); {manual}"
         ) from None
     with response:
         content_type = (response.headers.get("Content-Type") or "").lower()
@@ -274,7 +273,9 @@ def _download(
         try:
             out = open(tmp, "wb")
         except OSError as exc:
-            raise ModelError(f"cannot write weights to {tmp.parent}: {exc.strerror or exc}") from None
+            raise ModelError(
+                f"cannot write weights to {tmp.parent}: {exc.strerror or exc}"
+            ) from None
         with out:
             while True:
                 try:

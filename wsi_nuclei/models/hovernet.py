@@ -34,9 +34,9 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -46,12 +46,14 @@ from torch import Tensor, nn
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.models.base import InstanceResult
 from wsi_nuclei.models.fetch import (
+    HOVERNET_PANNUKE_FILENAME,
     HOVERNET_PANNUKE_LICENCE,
     HOVERNET_PANNUKE_NAME,
     HOVERNET_PANNUKE_SHA256,
     HOVERNET_PANNUKE_SIZE,
     sha256_file,
 )
+from wsi_nuclei.schema import CLASS_NAMES
 
 __all__ = [
     "HOVERNET_MPP",
@@ -60,7 +62,6 @@ __all__ = [
     "PANNUKE_NR_TYPES",
     "HoVerNetFast",
     "HoVerNetPanNuke",
-    "HoVerNetRaw",
     "HoVerNetSpec",
     "build_hovernet_fast",
     "load_official_checkpoint",
@@ -520,15 +521,13 @@ def _conform_state_dict(
     """Check ``state`` against the layout; return it in module order, counters filled in."""
     layout = official_state_dict_layout(nr_types)
     missing = [k for k in layout if k not in state]
-    unexpected = [
-        k for k in state if k not in layout and not _is_counter(k, layout)
-    ]
-    wrong = [
-        k for k, shape in layout.items() if k in state and tuple(state[k].shape) != shape
-    ]
+    unexpected = [k for k in state if k not in layout and not _is_counter(k, layout)]
+    wrong = [k for k, shape in layout.items() if k in state and tuple(state[k].shape) != shape]
     if missing or unexpected or wrong:
-        raise ModelError(f"weights file {path} does not fit {_describe(nr_types)}: "
-                         + _mismatch_summary(state, layout, missing, unexpected, wrong))
+        raise ModelError(
+            f"weights file {path} does not fit {_describe(nr_types)}: "
+            + _mismatch_summary(state, layout, missing, unexpected, wrong)
+        )
     unpool = state.get(_UNPOOL_KEY)
     if unpool is not None and not bool(torch.all(unpool == 1)):
         raise ModelError(f"weights file {path}: '{_UNPOOL_KEY}' is not all ones")
@@ -601,49 +600,44 @@ def _mismatch_summary(
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HoVerNetSpec:
-    """What the engine needs to know about the HoVer-Net PanNuke model.
+    """Stand-alone description of the model, used when the registry is not available.
+
+    The engine normally gets the registry's ``ModelSpec`` (see :func:`_default_spec`); this
+    carries the same fields the engine reads.
 
     Attributes
     ----------
-    name : str
-        Model name.
+    name, description, licence : str
+        Model name, one-line description, licence of the weights.
     mpp : float
         Resolution the model expects (µm/px).
-    input_size : int
-        Tile side fed to the network.
-    output_size : int
-        Side of the central window it predicts.
-    nr_types : int
-        Type-head channels (background + classes).
-    licence : str
-        Licence of the weights.
+    input_size, output_size : int
+        Tile side fed to the network and side of the central window it predicts.
+    class_names : dict of int to str
+        PanNuke class ids (1..5) and names.
+    weights_file, sha256 : str
+        File name and SHA-256 of the official checkpoint.
     """
 
     name: str = HOVERNET_PANNUKE_NAME
+    description: str = 'Official HoVer-Net "fast" PanNuke checkpoint (256 in, 164 out)'
+    licence: str = HOVERNET_PANNUKE_LICENCE
     mpp: float = HOVERNET_MPP
     input_size: int = HOVERNET_INPUT_SIZE
     output_size: int = HOVERNET_OUTPUT_SIZE
-    nr_types: int = PANNUKE_NR_TYPES
-    licence: str = HOVERNET_PANNUKE_LICENCE
+    class_names: Mapping[int, str] = field(default_factory=lambda: dict(CLASS_NAMES))
+    weights_file: str = HOVERNET_PANNUKE_FILENAME
+    sha256: str = HOVERNET_PANNUKE_SHA256
 
 
-class HoVerNetRaw(NamedTuple):
-    """Raw network output for one tile (all float32, output-window sized).
+def _default_spec() -> Any:
+    """The registry's spec of ``hovernet-pannuke``, or :class:`HoVerNetSpec` without one."""
+    try:
+        from wsi_nuclei.models.registry import get_spec
 
-    Attributes
-    ----------
-    np_prob : ndarray, shape (h, w)
-        Nucleus probability (softmax of the ``np`` head, foreground channel).
-    hv : ndarray, shape (2, h, w)
-        Horizontal (channel 0, x) and vertical (channel 1, y) distance maps, in [-1, 1].
-    tp_prob : ndarray, shape (nr_types, h, w)
-        Type probabilities (softmax of the ``tp`` head); channel 0 is background, channel
-        ``k`` the PanNuke class ``k``.
-    """
-
-    np_prob: np.ndarray
-    hv: np.ndarray
-    tp_prob: np.ndarray
+        return get_spec(HOVERNET_PANNUKE_NAME)
+    except (ImportError, ModelError):
+        return HoVerNetSpec()
 
 
 def _select_device(device: str | torch.device) -> torch.device:
@@ -673,26 +667,35 @@ class HoVerNetPanNuke:
     ----------
     weights : str, PathLike or mapping of str to Tensor
         Path of the checkpoint (verified with :func:`load_official_checkpoint`) or an
-        already loaded state dict (official keys).
+        already loaded state dict (official keys, optionally inside ``{"desc": ...}``).
     device : str or torch.device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     fp16 : bool
         Run the network under float16 autocast (CUDA only; ignored on CPU). Outputs are
-        returned as float32 either way.
+        returned as float32 either way. Off by default: the official model was validated
+        in float32 (on Ampere and newer GPUs cuDNN already uses TF32 for float32 convs).
     channels_last : bool or None
         Use the channels-last memory format; ``None`` means "on CUDA only".
     expected_sha256 : str or None
         Passed to :func:`load_official_checkpoint` when ``weights`` is a path; ``None``
         accepts any checkpoint with the right layout.
     spec : object, optional
-        The registry's model description; defaults to :class:`HoVerNetSpec`.
+        The model description the engine reads (``mpp``, ``input_size``,
+        ``output_size``...); defaults to the registry's ``hovernet-pannuke`` spec.
     postprocess_options : mapping, optional
-        Extra keyword arguments for :func:`wsi_nuclei.postprocess.hv_to_instances`.
+        Extra keyword arguments for :func:`wsi_nuclei.postprocess.hv_to_instances`, e.g.
+        ``{"params": HVParams(...)}``.
 
     Notes
     -----
     Input tiles must be 256 x 256 RGB at 0.25 µm/px; the output window is the central
     164 x 164. The weights are licensed CC BY-NC-SA 4.0 (non-commercial).
+
+    :meth:`infer` returns, per tile, ``{"np": (h, w), "hv": (2, h, w), "tp": (6, h, w)}``
+    float32 maps: the nucleus probability, the horizontal (channel 0, x) and vertical
+    (channel 1, y) distance maps (linear output, about [-1, 1]) and the type probabilities
+    (channel 0 background, channel ``k`` PanNuke class ``k``). :meth:`postprocess` takes
+    such a dict (for one tile, or maps stitched over a larger image).
     """
 
     def __init__(
@@ -711,7 +714,6 @@ class HoVerNetPanNuke:
                 f"no weights for {HOVERNET_PANNUKE_NAME}: run `wsi-nuclei models fetch "
                 f"{HOVERNET_PANNUKE_NAME}` or pass --weights PATH"
             )
-        self.spec = spec if spec is not None else HoVerNetSpec()
         self.device = _select_device(device)
         on_cuda = self.device.type == "cuda"
         self.fp16 = bool(fp16) and on_cuda
@@ -719,11 +721,8 @@ class HoVerNetPanNuke:
         self.postprocess_options = dict(postprocess_options or {})
 
         if isinstance(weights, Mapping):
-            state = _conform_state_dict(
-                _unwrap_state_dict(weights, Path("<state dict>")),
-                Path("<state dict>"),
-                PANNUKE_NR_TYPES,
-            )
+            label = Path("<state dict>")
+            state = _conform_state_dict(_unwrap_state_dict(weights, label), label, PANNUKE_NR_TYPES)
         else:
             state = load_official_checkpoint(weights, expected_sha256=expected_sha256)
         with torch.device("meta"):  # no wasted random initialisation
@@ -734,8 +733,41 @@ class HoVerNetPanNuke:
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
+        self.spec = spec if spec is not None else _default_spec()
 
-    def infer(self, batch: np.ndarray) -> list[HoVerNetRaw]:
+    @classmethod
+    def from_checkpoint(
+        cls,
+        weights: str | os.PathLike[str] | Mapping[str, Tensor] | None,
+        *,
+        device: str | torch.device = "auto",
+        expected_sha256: str | None = HOVERNET_PANNUKE_SHA256,
+        **options: Any,
+    ) -> HoVerNetPanNuke:
+        """Build the model from a checkpoint file (the registry's entry point).
+
+        Parameters
+        ----------
+        weights : str, PathLike or mapping, or None
+            Checkpoint path (or state dict); ``None`` raises a :class:`ModelError` that
+            says how to get the file.
+        device : str or torch.device
+            See the class parameters.
+        expected_sha256 : str or None
+            See :func:`load_official_checkpoint`; the registry passes ``None`` because it
+            has verified the cached file itself (or the user chose ``--weights``).
+        **options
+            Other keyword arguments of the class (``fp16``, ``channels_last``, ``spec``,
+            ``postprocess_options``).
+
+        Returns
+        -------
+        HoVerNetPanNuke
+            The model, in eval mode on ``device``.
+        """
+        return cls(weights, device=device, expected_sha256=expected_sha256, **options)
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Run the network on a batch of tiles.
 
         Parameters
@@ -745,8 +777,9 @@ class HoVerNetPanNuke:
 
         Returns
         -------
-        list of HoVerNetRaw
-            One entry per tile, maps of side ``H - 92`` (164 for 256 tiles).
+        list of dict of str to ndarray
+            One ``{"np", "hv", "tp"}`` dict of float32 maps per tile (see the class notes),
+            of side ``H - 92`` (164 for 256 tiles).
 
         Raises
         ------
@@ -767,34 +800,39 @@ class HoVerNetPanNuke:
                 )
         if n == 0:
             return []
-        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, non_blocking=True)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            arr = arr.copy()
+        x = torch.from_numpy(arr).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory == channels-last layout
         x = x.float() if self.channels_last else x.contiguous().float()
-        with torch.inference_mode(), torch.autocast(
-            device_type=self.device.type, dtype=torch.float16, enabled=self.fp16
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.fp16),
         ):
             out = self.net(x)
-        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1]
-        tp_prob = torch.softmax(out["tp"].float(), dim=1)
-        hv = out["hv"].float()
-        np_arr = np_prob.contiguous().cpu().numpy()
-        hv_arr = hv.contiguous().cpu().numpy()
-        tp_arr = tp_prob.contiguous().cpu().numpy()
-        return [HoVerNetRaw(np_arr[i], hv_arr[i], tp_arr[i]) for i in range(n)]
+        maps = {
+            "np": torch.softmax(out["np"].float(), dim=1)[:, 1],
+            "hv": out["hv"].float(),
+            "tp": torch.softmax(out["tp"].float(), dim=1),
+        }
+        host = {k: v.contiguous().cpu().numpy() for k, v in maps.items()}
+        return [{k: v[i] for k, v in host.items()} for i in range(n)]
 
-    def postprocess(self, raw: HoVerNetRaw) -> InstanceResult:
-        """Turn one tile's raw maps into instances with the HoVer-Net HV post-processing.
+    def postprocess(self, raw: Mapping[str, np.ndarray]) -> InstanceResult:
+        """Turn maps into instances with the HoVer-Net HV post-processing.
 
         Parameters
         ----------
-        raw : HoVerNetRaw
-            One element of :meth:`infer`'s result.
+        raw : mapping of str to ndarray
+            One element of :meth:`infer`'s result, or such maps stitched over an image:
+            ``"np"`` (h, w), ``"hv"`` (2, h, w) and ``"tp"`` (6, h, w).
 
         Returns
         -------
         InstanceResult
-            Instances in the output window, classes from the type probabilities.
+            Instances in the maps' window, classes from the type probabilities.
         """
         from wsi_nuclei.postprocess import hv_to_instances
 
-        return hv_to_instances(raw.np_prob, raw.hv, raw.tp_prob, **self.postprocess_options)
+        return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), **self.postprocess_options)

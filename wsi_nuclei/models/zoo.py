@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .fetch import HOVERNET_PANNUKE_URL
 from .registry import PANNUKE_CLASSES, ModelSpec, register
 
 #: sha256 of the bundled default weights (fp16 state dict), checked before loading.
@@ -62,7 +63,7 @@ register(ModelSpec(
     mpp=0.25, input_size=256, output_size=164, class_names=dict(PANNUKE_CLASSES),
     builder=_build_hovernet, weights_file="hovernet_fast_pannuke_type_tf2pytorch.tar",
     sha256="4a1463467737f81203a0513f794276cbcbbd6bb470969584f314167c6acef081",
-    url=None,
+    url=HOVERNET_PANNUKE_URL,
 ))
 
 register(ModelSpec(
@@ -75,7 +76,7 @@ register(ModelSpec(
 
 register(ModelSpec(
     name="null",
-    description="Finds nothing; measures the engine (read, tile, own, write) without model cost",
+    description="No network: a fixed pattern of disc nuclei per tile; measures the engine (read, tile, own, measure, write) without model cost",
     licence="Apache-2.0 (code only)",
     mpp=0.25, input_size=256, output_size=256, class_names={},
     builder=_build_null,
