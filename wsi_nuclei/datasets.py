@@ -148,8 +148,11 @@ def read_pannuke_fold(
     1..N over the union (channel order) and given their exact class ``channel + 1``.
     """
     root = Path(fold_dir)
-    images = np.load(_pannuke_file(root, "images.npy"), mmap_mode="r")
-    masks = np.load(_pannuke_file(root, "masks.npy"), mmap_mode="r")
+    try:
+        images = np.load(_pannuke_file(root, "images.npy"), mmap_mode="r")
+        masks = np.load(_pannuke_file(root, "masks.npy"), mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetError(f"{root}: unreadable PanNuke images.npy/masks.npy ({str(exc).splitlines()[0][:120]})") from None
     try:
         types = np.load(_pannuke_file(root, "types.npy"), allow_pickle=False)
     except (DatasetError, ValueError):
@@ -158,8 +161,10 @@ def read_pannuke_fold(
         raise DatasetError(
             f"{root}: expected images (N, H, W, 3) and masks (N, H, W, 6), got {images.shape} and {masks.shape}"
         )
-    if images.shape[0] != masks.shape[0]:
-        raise DatasetError(f"{root}: {images.shape[0]} images but {masks.shape[0]} masks")
+    if images.shape[:3] != masks.shape[:3]:
+        raise DatasetError(f"{root}: images {images.shape[:3]} and masks {masks.shape[:3]} differ in number or size")
+    if indices is not None and any(not 0 <= i < images.shape[0] for i in indices):
+        raise DatasetError(f"{root}: image index out of range 0..{images.shape[0] - 1}")
     for i in indices if indices is not None else range(images.shape[0]):
         img = np.asarray(images[i])
         img = np.clip(img, 0, 255).astype(np.uint8) if img.dtype != np.uint8 else img
@@ -190,7 +195,11 @@ def read_dataset(path: str | Path, *, target_mpp: float | None = 0.25, names: li
     if (path / "meta.json").is_file():
         return read_shared_dataset(path, names=names, target_mpp=target_mpp)
     if is_pannuke_fold(path):
-        return read_pannuke_fold(path, target_mpp=target_mpp)
+        # PanNuke sample names are "<fold>/<index:05d>": ``names`` are the index parts.
+        if names is not None and not all(str(n).isdigit() for n in names):
+            raise DatasetError(f"{path}: PanNuke image names are indices such as '00012'")
+        indices = [int(n) for n in names] if names is not None else None
+        return read_pannuke_fold(path, target_mpp=target_mpp, indices=indices)
     raise DatasetError(f"{path}: neither the shared format (meta.json) nor a PanNuke fold (images.npy, masks.npy)")
 
 

@@ -199,6 +199,19 @@ def _ring_length(xy: np.ndarray) -> float:
     return float(np.hypot(d[:, 0], d[:, 1]).sum())
 
 
+def _perimeter(mask: np.ndarray) -> float:
+    """Perimeter of a binary mask in pixels: Crofton estimate over 4 directions.
+
+    Within 1% of the true perimeter for discs and ellipses of any size and orientation, so a
+    round nucleus has circularity ~1. The length of the sub-pixel ring (:func:`_ring`) is ~5%
+    too long on round shapes (its 45-degree corner cuts), which put a perfect disc at
+    circularity 0.90.
+    """
+    from skimage.measure import perimeter_crofton
+
+    return float(perimeter_crofton(mask, directions=4))
+
+
 def _ring_area(xy: np.ndarray) -> float:
     x, y = xy[:, 0], xy[:, 1]
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
@@ -221,8 +234,8 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
     dict
         ``polygon`` (list of (K, 2) float arrays in ``inst`` pixel coordinates, x right, y down,
         pixel (r, c) covering [c, c+1) x [r, r+1); None when degenerate), ``centroid_x`` /
-        ``centroid_y`` (px, same frame), ``area_um2`` (pixel count), ``perimeter_um`` (length
-        of the sub-pixel boundary), ``circularity`` (4πA/P², clipped to 1), ``solidity``
+        ``centroid_y`` (px, same frame), ``area_um2`` (pixel count), ``perimeter_um`` (Crofton
+        estimate, see :func:`_perimeter`), ``circularity`` (4πA/P², clipped to 1), ``solidity``
         (boundary area / convex hull area), ``eccentricity``, ``major_axis_um`` and
         ``minor_axis_um`` (of the ellipse with the same second moments, as scikit-image).
     """
@@ -263,7 +276,7 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         if ring is None or len(ring) < 4:
             out["polygon"].append(None)
             continue
-        perim = _ring_length(ring)
+        perim = _perimeter(mask)
         out["perimeter_um"][i] = perim * mpp
         out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
         hull = cv2.convexHull(ring.astype(np.float32)).reshape(-1, 2)

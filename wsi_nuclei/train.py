@@ -341,7 +341,7 @@ def train(args: argparse.Namespace) -> Path:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(args.seed)
-    step, best, history = 0, -1.0, []
+    step, best, history = 0, -math.inf, []
     last = out / "last.pt"
     if args.resume and last.is_file():
         ck = torch.load(last, map_location=device, weights_only=False)
@@ -370,7 +370,7 @@ def train(args: argparse.Namespace) -> Path:
         if step % 20 == 0 and not args.quiet:
             rate = 20 * args.batch / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
             train._t = time.time()  # type: ignore[attr-defined]
-            print(f"step {step}/{total_steps} loss {float(loss):.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            print(f"step {step}/{total_steps} loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
                   + f" | {rate:.1f} img/s lr {sched.get_last_lr()[0]:.2e}", flush=True)
         if step % args.steps_per_epoch == 0 or step == total_steps:
             epoch = step // args.steps_per_epoch

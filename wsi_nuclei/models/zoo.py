@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
         sd = torch.load(weights, map_location="cpu", weights_only=True)
         sd = sd.get("model", sd)
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    except (RuntimeError, KeyError, AttributeError, EOFError) as exc:
-        raise ModelError(f"{weights}: not a {spec.name} weights file ({str(exc).splitlines()[0][:120]})") from None
+    except (RuntimeError, KeyError, AttributeError, EOFError, IndexError, ValueError, pickle.UnpicklingError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
     return HoVerMapModel(spec, net, device, hv_tanh=True)
 
 

