@@ -147,73 +147,79 @@ def _infer_task(ctx: _Context, read: tuple[np.ndarray, float]) -> tuple[list[Any
 
 
 def _post_task(ctx: _Context, tiles: list[tuple[int, int]], inferred: tuple[list[Any], float, float]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    from .postprocess import measure_instances
-
     raws, t_read, t_infer = inferred
     t = time.perf_counter()
     model = _model_of(ctx)
-    frames, n_found, n_oversized = [], 0, 0
-    grid = ctx.grid
+    cols: list[dict[str, Any]] = []
+    n_found = n_oversized = 0
     for (r, c), raw in zip(tiles, raws):
         res = model.postprocess(raw)
         if len(res.labels) == 0:
             continue
         n_found += len(res.labels)
-        frame, n_bad = _own_and_measure(ctx, r, c, res, measure_instances)
+        data, n_bad = _own_and_measure(ctx, r, c, res)
         n_oversized += n_bad
-        if len(frame):
-            frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True) if frames else _empty_frame()
+        if data is not None:
+            cols.append(data)
+    if cols:
+        merged = {k: (sum((d[k] for d in cols), []) if isinstance(cols[0][k], list) else np.concatenate([d[k] for d in cols]))
+                  for k in cols[0]}
+        frame = pd.DataFrame(merged)
+        frame = frame[frame["geometry"].notna()].reset_index(drop=True)
+    else:
+        frame = _empty_frame()
     stats = {"t_read": t_read, "t_infer": t_infer, "t_post": time.perf_counter() - t,
              "n_found": n_found, "n_owned": int(len(frame)), "n_oversized": n_oversized, "n_tiles": len(tiles)}
     return frame, stats
 
 
-def _own_and_measure(ctx: _Context, r: int, c: int, res: Any, measure: Any) -> tuple[pd.DataFrame, int]:
-    """Apply the ownership rule to one tile's instances and build their table rows."""
-    from scipy import ndimage as ndi
+def _own_and_measure(ctx: _Context, r: int, c: int, res: Any) -> tuple[dict[str, Any] | None, int]:
+    """Apply the ownership rule to one tile's instances and measure the owned ones.
+
+    Returns the table columns of the owned nuclei (sorted by centroid y, then x) or None,
+    and the number of owned nuclei touching the window border (larger than the halo).
+    """
     import shapely
+
+    from .export import nucleus_uuid
+    from .postprocess import measure_instances
 
     grid = ctx.grid
     wx0, wy0, _, _ = grid.window_box(r, c)
     inst = res.inst
-    objs = ndi.find_objects(inst)
     labels = np.asarray(res.labels)
-    bbox = np.zeros((len(labels), 4), np.int64)
-    cyx = np.zeros((len(labels), 2))
-    for i, lab in enumerate(labels):
-        sl = objs[lab - 1]
-        bbox[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    # centroids (window px) via bincount, cheap
+    # centroids and bounding boxes of every instance, vectorised
     ys, xs = np.nonzero(inst)
     lab_px = inst[ys, xs]
-    cnt = np.bincount(lab_px, minlength=int(labels.max()) + 1)[labels]
-    cyx[:, 0] = np.bincount(lab_px, weights=ys, minlength=int(labels.max()) + 1)[labels] / cnt + 0.5
-    cyx[:, 1] = np.bincount(lab_px, weights=xs, minlength=int(labels.max()) + 1)[labels] / cnt + 0.5
-    cx_m, cy_m = cyx[:, 1] + wx0, cyx[:, 0] + wy0
+    nlab = int(labels.max()) + 1
+    cnt = np.maximum(np.bincount(lab_px, minlength=nlab), 1)
+    cy_w = np.bincount(lab_px, weights=ys, minlength=nlab)[labels] / cnt[labels] + 0.5
+    cx_w = np.bincount(lab_px, weights=xs, minlength=nlab)[labels] / cnt[labels] + 0.5
+    big = np.iinfo(np.int64).max
+    y_min = np.full(nlab, big); np.minimum.at(y_min, lab_px, ys)
+    x_min = np.full(nlab, big); np.minimum.at(x_min, lab_px, xs)
+    y_max = np.full(nlab, -1); np.maximum.at(y_max, lab_px, ys)
+    x_max = np.full(nlab, -1); np.maximum.at(x_max, lab_px, xs)
+    bbox = np.column_stack([y_min[labels], x_min[labels], y_max[labels] + 1, x_max[labels] + 1])
+    cx_m, cy_m = cx_w + wx0, cy_w + wy0
     keep, n_bad = owned_mask(grid, r, c, cx_m, cy_m, bbox, strict=ctx.strict)
-    # drop nuclei centred outside the slide (padding)
+    # nuclei centred in the padding beyond the slide edge are not on the slide
     keep &= (cx_m >= 0) & (cy_m >= 0) & (cx_m < grid.width) & (cy_m < grid.height)
     if not keep.any():
-        return _empty_frame(), n_bad
+        return None, n_bad
     idx = np.nonzero(keep)[0]
-    m = measure(inst, labels[idx], ctx.model_mpp)
+    idx = idx[np.lexsort((cx_m[idx], cy_m[idx]))]
+    m = measure_instances(inst, labels[idx], ctx.model_mpp)
     s = 1.0 / ctx.scale
-    geoms = []
-    for poly in m["polygon"]:
-        if poly is None:
-            geoms.append(None)
-        else:
-            geoms.append(shapely.Polygon(np.column_stack([(poly[:, 0] + wx0) * s, (poly[:, 1] + wy0) * s])))
+    geoms = [None if poly is None else shapely.Polygon((poly + (wx0, wy0)) * s) for poly in m["polygon"]]
     cx0 = (np.asarray(m["centroid_x"]) + wx0) * s
     cy0 = (np.asarray(m["centroid_y"]) + wy0) * s
+    n = len(idx)
     class_id = np.asarray(res.class_id)[idx].astype(np.int8)
-    from .export import nucleus_uuid
-
     data: dict[str, Any] = {
         "id": [nucleus_uuid(ctx.fingerprint, x, y) for x, y in zip(cx0, cy0)],
-        "tile_row": np.full(len(idx), r, np.int32),
-        "tile_col": np.full(len(idx), c, np.int32),
+        "tile_row": np.full(n, r, np.int32),
+        "tile_col": np.full(n, c, np.int32),
         "centroid_x": cx0,
         "centroid_y": cy0,
         "centroid_x_um": cx0 * ctx.slide_mpp,
@@ -222,16 +228,14 @@ def _own_and_measure(ctx: _Context, r: int, c: int, res: Any, measure: Any) -> t
         "class_name": [class_name(k) for k in class_id],
         "class_prob": np.asarray(res.class_prob)[idx].astype(np.float32),
     }
-    probs = res.class_probs[idx] if res.class_probs is not None else np.full((len(idx), 5), np.nan, np.float32)
+    probs = res.class_probs[idx] if res.class_probs is not None else np.full((n, 5), np.nan, np.float32)
     for j, col in enumerate(PROB_COLUMNS):
         data[col] = probs[:, j].astype(np.float32)
     for col in ("area_um2", "perimeter_um", "circularity", "solidity", "eccentricity", "major_axis_um", "minor_axis_um"):
         data[col] = np.asarray(m[col], np.float32)
-    data["region_id"] = np.full(len(idx), -1, np.int32)
+    data["region_id"] = np.full(n, -1, np.int32)
     data["geometry"] = geoms
-    frame = pd.DataFrame(data)
-    frame = frame[frame["geometry"].notna()]
-    return frame.sort_values(["centroid_y", "centroid_x"], kind="stable").reset_index(drop=True), n_bad
+    return data, n_bad
 
 
 def _empty_frame() -> pd.DataFrame:
@@ -298,6 +302,16 @@ def _tiles_to_process(grid: TileGrid, tmap: Any, scale: float) -> list[tuple[int
     return keep
 
 
+def _tiles_meeting_regions(grid: TileGrid, tiles: list[tuple[int, int]], regions: list, scale: float) -> list[tuple[int, int]]:
+    """The tiles whose output window intersects a region (exact polygon test, level-0 px)."""
+    import shapely
+
+    tree = shapely.STRtree([r.geometry for r in regions])
+    boxes = [shapely.box(*(v / scale for v in grid.window_box(r, c))) for r, c in tiles]
+    hit = set(tree.query(boxes, predicate="intersects")[0].tolist()) if boxes else set()
+    return [t for i, t in enumerate(tiles) if i in hit]
+
+
 def _open(cfg: RunConfig) -> tuple[Any, Any]:
     if isinstance(cfg.slide, (str, Path)):
         from .slide import open_slide
@@ -312,13 +326,19 @@ def _client(scheduler: str | None) -> Any:
 
     from distributed import Client
 
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    # CRITICAL, not ERROR: a task that raises (e.g. a corrupt tile -> UnsupportedSlideError) is
+    # re-raised here and reported in one line; the worker's "Compute Failed" log would add a
+    # multi-line traceback to stderr
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     if scheduler:
         try:
             return Client(scheduler, timeout=20)
         except (OSError, TimeoutError) as exc:
             raise WsiNucleiError(f"cannot connect to the Dask scheduler {scheduler} ({exc})") from None
-    return Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None)
+    # dashboard_address=None still binds the HTTP server to :8787 and warns when it is taken
+    # (another run, a notebook cluster): a random port and no dashboard instead
+    return Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0",
+                  scheduler_kwargs={"dashboard": False})
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -374,6 +394,8 @@ def run(cfg: RunConfig) -> RunResult:
 
         regions = [Region(1, "Slide", shapely.box(0, 0, w0, h0), "slide", None, None)]
     tiles = _tiles_to_process(grid, tmap, scale)
+    if user_regions is not None and tmap is None:  # --tissue none --regions: only tiles meeting a region
+        tiles = _tiles_meeting_regions(grid, tiles, user_regions, scale)
     if not tiles:
         raise NoTissueError("no tile contains tissue")
     seconds["tissue"] = time.perf_counter() - t

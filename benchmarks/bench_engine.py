@@ -1,0 +1,137 @@
+"""Engine benchmarks: per-stage time, tiles/s and peak resident memory.
+
+Each case runs in a fresh subprocess (so peak RSS is that of the case alone) and prints one
+JSON line; the parent prints a Markdown table. Cases:
+
+* ``overhead``: the ``null`` model (no network, a fixed pattern of disc nuclei per tile) on a
+  synthetic pyramidal TIFF written to a temporary folder: read + tile + ownership + measure +
+  write, i.e. the engine without the model.
+* ``memory``: the ``null`` model on procedural ``SyntheticSlide`` objects of growing size
+  (default 25k, 50k, 100k px square, ~10 % tissue): peak RSS must stay flat.
+* ``cmu``: CMU-1-Small-Region.svs (20x) end to end with a given model (default: the default
+  model), from ``../shared/data/wsi``.
+
+Usage::
+
+    python benchmarks/bench_engine.py overhead memory cmu [--model NAME] [--sizes 25000 50000 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _child(case: str, arg: str, model: str | None, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from wsi_nuclei.pipeline import RunConfig, run
+
+    tmp = Path(tempfile.mkdtemp(prefix="wsi-nuclei-bench-"))
+    info: dict = {"case": case, "arg": arg}
+    if case == "overhead":
+        from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+
+        size = int(arg)
+        rgb, _, _ = make_nuclei_image(size, size, seed=1)
+        slide = tmp / "synthetic.svs"
+        write_pyramidal_tiff(slide, rgb, mpp=0.25)
+        del rgb
+        cfg = RunConfig(slide=slide, out=tmp / "out", model="null", tissue="none", quiet=True)
+    elif case == "memory":
+        from wsi_nuclei.synthetic import SyntheticSlide
+
+        size = int(arg)
+        cfg = RunConfig(slide=SyntheticSlide(size, size, mpp=0.25, tissue_fraction=0.1, seed=0), out=tmp / "out", model="null", quiet=True)
+    elif case == "cmu":
+        cfg = RunConfig(slide=arg, out=tmp / "out", model=model, quiet=True)
+    else:
+        raise SystemExit(f"unknown case {case}")
+    t = time.perf_counter()
+    res = run(cfg)
+    wall = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info.update({
+        "model": res.manifest["model"]["name"], "tiles_total": res.tiles_total, "tiles_processed": res.tiles_processed,
+        "n_nuclei": res.n_nuclei, "wall_s": round(wall, 2), "tiles_per_s": round(res.tiles_processed / wall, 1),
+        "tiles_per_s_pipeline": round(res.tiles_processed / max(1e-9, res.seconds["inference_wall"]), 1),
+        "peak_rss_mb": round(rss_mb), "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+        "slide_px": list(res.manifest["dimensions"]),
+    })
+    return info
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cases", nargs="*", default=["overhead", "memory", "cmu"])
+    p.add_argument("--model", default=None, help="model for the cmu case (default: the default model)")
+    p.add_argument("--sizes", nargs="*", type=int, default=[25_000, 50_000, 100_000], help="SyntheticSlide sizes for the memory case")
+    p.add_argument("--overhead-size", type=int, default=6144, help="synthetic TIFF size for the overhead case (px)")
+    p.add_argument("--cmu", default=str(REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="append results (JSON lines) to this file")
+    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._child:
+        print("RESULT " + json.dumps(_child(args._child[0], args._child[1], args.model, args.threads)), flush=True)
+        return 0
+    jobs = []
+    for case in args.cases:
+        if case == "overhead":
+            jobs.append(("overhead", str(args.overhead_size)))
+        elif case == "memory":
+            jobs += [("memory", str(s)) for s in args.sizes]
+        elif case == "cmu":
+            if not Path(args.cmu).is_file():
+                print(f"skipping cmu: {args.cmu} not found", file=sys.stderr)
+                continue
+            jobs.append(("cmu", args.cmu))
+    results = []
+    for case, arg in jobs:
+        cmd = [sys.executable, __file__, "--_child", case, arg, "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode or line is None:
+            print(f"case {case} {arg} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        r = json.loads(line[7:])
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**r, "machine": _machine()}) + "\n")
+    print(f"\nmachine: {_machine()}\n")
+    print("| case | slide px | model | tiles processed / total | nuclei | wall s | tiles/s | read s* | infer s* | post s* | assemble s | write s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        s = r["seconds"]
+        w = s.get("write_geojson", 0) + s.get("write_parquet", 0) + s.get("summaries", 0)
+        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['tiles_processed']} / {r['tiles_total']} | {r['n_nuclei']} | "
+              f"{r['wall_s']} | {r['tiles_per_s']} | {s.get('read_task_sum', 0)} | {s.get('infer_task_sum', 0)} | {s.get('postprocess_task_sum', 0)} | "
+              f"{s.get('assemble', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |")
+    print("\n*: summed task time over the worker threads (they overlap), not wall time.")
+    return 0
+
+
+def _machine() -> str:
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, no GPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
