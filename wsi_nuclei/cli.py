@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .errors import WsiNucleiError
+from .errors import OwnershipError, WsiNucleiError
 
 EXIT_CODES = """\
 exit codes:
@@ -58,6 +58,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiles per inference batch (default: 16)")
     p.add_argument("--max-in-flight", type=int, default=4, help="batches in flight at once; bounds memory (default: 4)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
+    p.add_argument("--workers", type=int, default=1, help="local Dask worker processes; 1 = in-process threads (default: 1)")
+    p.add_argument("--threads", type=int, default=2, help="threads per local worker (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
@@ -76,6 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device,
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
+        workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
         quiet=args.quiet, keep_work=args.keep_work,
     )
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"wsi-nuclei: error: {msg}", file=sys.stderr)
         return exc.exit_code
+    except OwnershipError as exc:  # --strict-ownership with a halo smaller than a nucleus
+        print(f"wsi-nuclei: error: {str(exc).strip().splitlines()[0]}; raise --halo or drop --strict-ownership", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("wsi-nuclei: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

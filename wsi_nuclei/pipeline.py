@@ -35,13 +35,15 @@ import pandas as pd
 
 from . import __version__
 from ._io import atomic_path
-from .errors import NoTissueError, OutputError, WsiNucleiError
+from .errors import MissingMppError, NoTissueError, OutputError, WsiNucleiError
 from .schema import CLASS_NAMES, NUCLEUS_COLUMNS, PROB_COLUMNS, class_name
 from .tiling import TileGrid, make_grid, overlap_check, owned_mask
 
 __all__ = ["RunConfig", "RunResult", "run", "OUTPUT_NAMES"]
 
 #: Final output files (GeoJSON name depends on --geojson-plain).
+#: Largest level-0 -> model upsampling accepted (0.25 -> 1.0 µm/px, i.e. 10x scans).
+MAX_UPSAMPLING = 4.0
 OUTPUT_NAMES = ("nuclei.parquet", "tissue.geojson", "summary.csv", "summary.json", "run.json")
 _WORK = ".work"
 
@@ -63,6 +65,8 @@ class RunConfig:
     batch_size: int = 16
     max_in_flight: int = 4
     scheduler: str | None = None
+    workers: int = 1  # local worker processes (1: in-process threads)
+    threads: int = 2  # threads per local worker
     overwrite: bool = False
     geojson_plain: bool = False
     strict_ownership: bool = False
@@ -292,14 +296,16 @@ def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
 
 
 def _tiles_to_process(grid: TileGrid, tmap: Any, scale: float) -> list[tuple[int, int]]:
+    """Tiles (row-major) whose output window contains any tissue; all tiles without a map."""
     if tmap is None:
         return grid.tiles()
-    keep = []
-    for r, c in grid.tiles():
-        x0, y0, x1, y1 = grid.window_box(r, c)
-        if tmap.fraction_in_box(x0 / scale, y0 / scale, x1 / scale, y1 / scale) > 0:
-            keep.append((r, c))
-    return keep
+    rows, cols = np.divmod(np.arange(len(grid)), grid.n_cols)
+    x0 = (cols * grid.core - grid.halo) / scale
+    y0 = (rows * grid.core - grid.halo) / scale
+    w = grid.window / scale
+    frac = np.asarray(tmap.fraction_in_box(x0, y0, x0 + w, y0 + w))
+    keep = np.nonzero(frac > 0)[0]
+    return [(int(rows[i]), int(cols[i])) for i in keep]
 
 
 def _tiles_meeting_regions(grid: TileGrid, tiles: list[tuple[int, int]], regions: list, scale: float) -> list[tuple[int, int]]:
@@ -321,7 +327,8 @@ def _open(cfg: RunConfig) -> tuple[Any, Any]:
     return cfg.slide, cfg.slide
 
 
-def _client(scheduler: str | None) -> Any:
+def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
+    """A dask.distributed client: an existing cluster, or a local one (in-process if 1 worker)."""
     import logging
 
     from distributed import Client
@@ -337,8 +344,8 @@ def _client(scheduler: str | None) -> Any:
             raise WsiNucleiError(f"cannot connect to the Dask scheduler {scheduler} ({exc})") from None
     # dashboard_address=None still binds the HTTP server to :8787 and warns when it is taken
     # (another run, a notebook cluster): a random port and no dashboard instead
-    return Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0",
-                  scheduler_kwargs={"dashboard": False})
+    return Client(processes=workers > 1, n_workers=max(1, workers), threads_per_worker=max(1, threads),
+                  dashboard_address=":0", scheduler_kwargs={"dashboard": False})
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -360,7 +367,26 @@ def run(cfg: RunConfig) -> RunResult:
     out = Path(cfg.out) if cfg.out else default_out_dir(slide_name)
     geojson_name = "nuclei.geojson" if cfg.geojson_plain else "nuclei.geojson.gz"
     names = [geojson_name, *OUTPUT_NAMES]
+    created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
+    try:
+        return _run_in(cfg, spec, slide, source, slide_name, out, names, user_regions, weights_path, device, seconds, t0)
+    except BaseException:
+        # a folder this run created and that holds no finished batch (nothing to resume from)
+        # is removed: bad input leaves no trace
+        finished = list((out / _WORK / "parts").glob("b*.parquet")) if (out / _WORK).is_dir() else []
+        if created and out.is_dir() and not finished and not any(p for p in out.iterdir() if p.name != _WORK):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_in(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str, out: Path, names: list[str],
+            user_regions: Any, weights_path: Path | None, device: str, seconds: dict[str, float], t0: float) -> RunResult:
+    from .models.registry import sha256_of
+    from .tissue import TissueMap, assign_regions, detect_tissue_on_slide, rasterize_regions
+
+    model_name = spec.name
+    geojson_name = names[0]
 
     # resolution
     from .slide import scale_info
@@ -368,6 +394,11 @@ def run(cfg: RunConfig) -> RunResult:
     sinfo = scale_info(slide, spec.mpp) if hasattr(slide, "best_level_for_mpp") else {}
     slide_mpp = float(slide.mpp)
     scale = slide_mpp / spec.mpp
+    if scale > MAX_UPSAMPLING:
+        raise MissingMppError(
+            f"{slide_name}: {slide_mpp:.3g} um/px ({getattr(slide, 'mpp_source', '?')}) is too coarse for nucleus "
+            f"segmentation at {spec.mpp} um/px (at most {spec.mpp * MAX_UPSAMPLING:.3g} um/px, i.e. 10x); pass --mpp if the file's value is wrong"
+        )
     w0, h0 = slide.dimensions
     halo = cfg.halo if cfg.halo is not None else (48 if spec.output_size >= 256 else 32)
     grid = make_grid(math.ceil(w0 * scale), math.ceil(h0 * scale), input_size=spec.input_size,
@@ -515,7 +546,7 @@ def _run_batches(ctx: _Context, batches: list, todo: list[int], parts: Path, cfg
     done_tiles = total_tiles - sum(len(batches[i]) for i in todo)
     bar = tqdm(total=total_tiles, initial=done_tiles, unit="tile", disable=cfg.quiet, file=sys.stderr,
                desc="tiles" + (f" (resumed {resumed} batches)" if resumed else ""), smoothing=0.1, dynamic_ncols=True)
-    client = _client(cfg.scheduler)
+    client = _client(cfg.scheduler, cfg.workers, cfg.threads)
     try:
         pending = list(todo)
         ac = as_completed()
@@ -560,8 +591,11 @@ def _assemble(batches: list, parts: Path, final_dir: Path, grid: TileGrid, scale
     from .export import clean_frame
     from .tissue import assign_regions
 
-    border = 24 / scale  # level-0 px
-    recent: dict[tuple[int, int], tuple[list, np.ndarray]] = {}
+    # a nucleus segmented differently by two tiles has its two centroids up to about a
+    # nucleus radius (<= halo) apart, on either side of the core edge: a 24-px band let
+    # such duplicates through on real slides (HE_example.tif)
+    border = max(24, grid.halo) / scale  # level-0 px
+    recent: dict[tuple[int, int], list] = {}
     n_dup = n_outside = 0
     for i, batch in enumerate(batches):
         f = _load_part(parts / f"b{i:06d}.parquet")
@@ -581,12 +615,11 @@ def _assemble(batches: list, parts: Path, final_dir: Path, grid: TileGrid, scale
                 probs = f["class_prob"].to_numpy()[bsel]
                 for nb in ((r, c - 1), (r - 1, c - 1), (r - 1, c), (r - 1, c + 1)):
                     if nb in recent and len(polys):
-                        _, drop_b = overlap_check(recent[nb][0], recent[nb][1], polys, probs + np.inf * 0)
-                        # keep the earlier tile's nucleus: drop from this tile only
-                        drop_now = drop_b | _later_duplicates(recent[nb][0], polys)
-                        drop[bsel[drop_now]] = True
-                keep_b = ~drop[bsel]
-                recent[(r, c)] = ([p for p, k in zip(polys, keep_b) if k], probs[keep_b])
+                        # the earlier tile's copy is already written: it always wins
+                        earlier = recent[nb]
+                        _, drop_b = overlap_check(earlier, np.full(len(earlier), np.inf), polys, probs)
+                        drop[bsel[drop_b]] = True
+                recent[(r, c)] = [p for p, d in zip(polys, drop[bsel]) if not d]
             # forget tiles more than one row back
             rmin = min(r for r, _ in batch) - 1
             for k in [k for k in recent if k[0] < rmin]:
@@ -600,19 +633,3 @@ def _assemble(batches: list, parts: Path, final_dir: Path, grid: TileGrid, scale
             f = f.loc[inside].reset_index(drop=True)
         _save_part(f, {}, final_dir / f"b{i:06d}.parquet")
     return n_dup, n_outside
-
-
-def _later_duplicates(earlier: list, later: list, min_overlap: float = 0.5) -> np.ndarray:
-    """Mask of ``later`` polygons overlapping an ``earlier`` one by >= ``min_overlap`` of the smaller."""
-    import shapely
-
-    out = np.zeros(len(later), bool)
-    if not earlier or not later:
-        return out
-    tree = shapely.STRtree(earlier)
-    il, ie = tree.query(later, predicate="intersects")
-    for j, i in zip(il, ie):
-        a, b = earlier[i], later[j]
-        if a.intersection(b).area >= min_overlap * min(a.area, b.area):
-            out[j] = True
-    return out

@@ -557,10 +557,10 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
         a = np.concatenate([np.repeat(a[:, :, :1], 3, axis=2), a[:, :, 1:2]], axis=2)
         c = 4
     if c >= 4:
+        if a[:, :, 3].min() == 255:  # opaque (the common case): no compositing
+            return np.ascontiguousarray(a[:, :, :3])
         rgb = a[:, :, :3].astype(np.uint16)
         alpha = a[:, :, 3:4].astype(np.uint16)
-        if (alpha == 255).all():
-            return np.ascontiguousarray(a[:, :, :3])
         out = (rgb * alpha + _WHITE * (255 - alpha) + 127) // 255
         return out.astype(np.uint8)
     raise ValueError(f"unsupported channel count {c}")

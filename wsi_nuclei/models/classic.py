@@ -28,10 +28,10 @@ from .base import InstanceResult
 class ClassicParams:
     """Parameters of the classical segmentation (pixel sizes at 0.25 µm/px)."""
 
-    h_threshold: float = 0.06  # haematoxylin optical density
+    h_threshold: float = 0.04  # haematoxylin optical density (tuned on the MoNuSeg/CoNSeP validation split)
     min_area_px: int = 40
     max_area_px: int = 6000
-    min_distance_px: int = 5
+    min_distance_px: int = 8
     smooth_sigma: float = 1.0
 
 
