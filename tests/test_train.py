@@ -256,3 +256,22 @@ def test_train_without_validation_writes_best(tmp_path: Path) -> None:
     main(["--data", str(d), "--out", str(out), "--epochs", "1", *_COMMON])
     assert (out / "last.pt").is_file()
     assert (out / "best.pt").is_file()
+
+
+def test_train_init_weights_starts_from_given_network(tmp_path: Path) -> None:
+    """--init-weights (an fp16 file like the bundled one) replaces the ImageNet start: after a
+    tiny run at learning rate 0 the conv weights still equal the given network's."""
+    from wsi_nuclei.models.effunet import EffUNet
+
+    d = _write_dataset(tmp_path / "data", 2)
+    torch.manual_seed(5)
+    src = EffUNet()
+    init = tmp_path / "init.pt"
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in src.state_dict().items()}, init)
+    out = tmp_path / "run"
+    main(["--data", str(d), "--out", str(out), "--epochs", "1", "--lr", "0", "--init-weights", str(init), *_COMMON])
+    got = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    ref = src.state_dict()
+    # conv/linear weights unchanged at lr 0 (BN running stats do move in train mode)
+    for k in [k for k in ref if k.endswith("weight") and ref[k].ndim == 4]:
+        torch.testing.assert_close(got[k], ref[k].half().float())

