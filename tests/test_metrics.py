@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -459,16 +458,15 @@ def test_pooled_detection_equals_concatenation() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Speed: a MoNuSeg-sized image
+# A MoNuSeg-sized image (speed is measured by benchmarks, not asserted here)
 # --------------------------------------------------------------------------------------------
-def test_speed_monuseg_sized() -> None:
+def test_monuseg_sized_image() -> None:
     rng = np.random.default_rng(0)
     t = np.zeros((1000, 1000), np.int32)
     centres = rng.integers(10, 990, size=(420, 2))
     for i, (r, c) in enumerate(centres, start=1):
         t[r - 7 : r + 7, c - 6 : c + 6] = i
     p = np.roll(t, (1, 2), axis=(0, 1)) * 3
-    start = time.perf_counter()
     ov = M.instance_overlap(t, p)
     pq = M.pq_from_overlap(ov)
     M.aji_from_overlap(ov)
@@ -477,6 +475,4 @@ def test_speed_monuseg_sized() -> None:
     tc, _ = M.instance_centroids(t)
     pc, _ = M.instance_centroids(p)
     M.detection_scores(tc, np.full(len(tc), 31), pc, np.ones(len(pc), int))
-    elapsed = time.perf_counter() - start
     assert pq["tp"] > 300
-    assert elapsed < 3.0, elapsed

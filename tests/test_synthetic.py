@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +178,7 @@ def test_synthetic_geometry(big: SyntheticSlide) -> None:
 
 
 def test_synthetic_thumbnail_and_fraction(big: SyntheticSlide) -> None:
-    t0 = time.perf_counter()
     thumb = big.get_thumbnail(512)
-    assert time.perf_counter() - t0 < 3.0
     assert thumb.shape == (512, 512, 3)
     tissue = thumb.min(axis=2) < 220
     assert 0.07 < tissue.mean() < 0.13
@@ -220,17 +217,6 @@ def test_synthetic_reads_are_consistent(big: SyntheticSlide) -> None:
     assert not np.array_equal(a, other.read_region((x, y), 0, (900, 800)))
     # Past the edge: white.
     assert (big.read_region((99_990, 99_990), 0, (64, 64))[10:, 10:] == 255).all()
-
-
-def test_synthetic_is_fast(big: SyntheticSlide) -> None:
-    x, y = _tissue_point(big, 1)
-    big.read_region((x, y), 0, (256, 256))  # warm the block bank
-    n = 200
-    t0 = time.perf_counter()
-    for k in range(n):
-        big.read_scaled((x + 97 * k, y, x + 97 * k + 256, y + 256), (256, 256), target_mpp=0.25)
-    per_read = (time.perf_counter() - t0) / n
-    assert per_read < 0.004, f"{per_read * 1e3:.2f} ms per 256x256 read"
 
 
 def test_synthetic_ground_truth(big: SyntheticSlide) -> None:
