@@ -23,12 +23,18 @@ class HoVerMapModel:
     hv_tanh : bool
         Apply tanh to the ``hv`` output (our networks are trained through a tanh; the official
         HoVer-Net output is linear).
+    params : HVParams, optional
+        Post-processing thresholds (tuned per model on its validation split).
     """
 
-    def __init__(self, spec: Any, net: torch.nn.Module, device: str = "cpu", *, hv_tanh: bool = True) -> None:
+    def __init__(self, spec: Any, net: torch.nn.Module, device: str = "cpu", *, hv_tanh: bool = True,
+                 params: Any = None) -> None:
+        from ..postprocess import HVParams
+
         self.spec = spec
         self.device = device
         self.hv_tanh = hv_tanh
+        self.params = params if params is not None else HVParams()
         self.net = net.eval().to(device).to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -51,4 +57,4 @@ class HoVerMapModel:
     def postprocess(self, raw: dict[str, np.ndarray]) -> InstanceResult:
         from ..postprocess import hv_to_instances
 
-        return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"))
+        return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), self.params)
