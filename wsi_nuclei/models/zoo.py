@@ -11,7 +11,7 @@ from .registry import PANNUKE_CLASSES, ModelSpec, register
 
 #: sha256 of the bundled default weights (fp16 state dict), checked before loading.
 DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v1.pt"
-DEFAULT_WEIGHTS_SHA256 = "PENDING"
+DEFAULT_WEIGHTS_SHA256 = "e4e86210c38ce025c3f56cb36f401ce763aced5bbff94e7782f130186a2f20d6"
 
 
 def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> Any:
@@ -41,7 +41,11 @@ def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
     except (RuntimeError, KeyError, AttributeError, EOFError, IndexError, ValueError, pickle.UnpicklingError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
-    return HoVerMapModel(spec, net, device, hv_tanh=True)
+    from ..postprocess import HVParams
+
+    # thresholds tuned on the validation split (docs/model-card.md)
+    params = HVParams(np_threshold=0.5, edge_threshold=0.5, sobel_ksize=11, min_marker_px=30, min_nucleus_px=30)
+    return HoVerMapModel(spec, net, device, hv_tanh=True, params=params)
 
 
 def _build_hovernet(spec: ModelSpec, weights: Path | None, device: str) -> Any:
