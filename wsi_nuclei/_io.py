@@ -1,11 +1,16 @@
-"""Small file helpers shared by every writer: atomic writes (temporary name, then rename)."""
+"""Small helpers shared by every writer: atomic writes (temporary name, then rename) and
+strict-JSON conversion."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -23,3 +28,24 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def json_ready(value: Any) -> Any:
+    """Recursively turn ``value`` into strict-JSON-ready Python (NaN/inf -> None, numpy -> Python,
+    paths and other objects -> str)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [json_ready(v) for v in value.tolist()]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    return str(value)

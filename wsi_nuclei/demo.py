@@ -8,7 +8,6 @@ each must be found exactly once (centroid within 3 µm), none duplicated.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 

@@ -45,29 +45,12 @@ from wsi_nuclei.metrics import (
     multiclass_pq_from_overlap,
     pq_from_overlap,
 )
+from wsi_nuclei._io import json_ready
 from wsi_nuclei.schema import CLASS_NAMES
 
 # ``default_class_groups`` lives in :mod:`wsi_nuclei.metrics` (the detection scores default to
 # it) and is re-exported here.
 __all__ = ["default_class_groups", "evaluate_predictions", "format_table"]
-
-
-def _json_ready(obj: Any) -> Any:
-    """Recursively turn numpy scalars/arrays into Python types and NaN/inf into ``None``."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_json_ready(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return obj
 
 
 def _mean(values: list[float]) -> float:
@@ -300,7 +283,7 @@ def evaluate_predictions(
                 CLASS_NAMES[c]: {"id": c, **v} for c, v in agg["per_class"].items()
             },
         }
-    return _json_ready(results)
+    return json_ready(results)
 
 
 # --------------------------------------------------------------------------------------------

@@ -350,8 +350,8 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
 
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
-    from .models.registry import default_model_name, get_spec, resolve_device, sha256_of, find_weights
-    from .tissue import TissueMap, detect_tissue_on_slide, load_regions, rasterize_regions, assign_regions
+    from .models.registry import default_model_name, find_weights, get_spec, resolve_device
+    from .tissue import load_regions
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -383,7 +383,7 @@ def run(cfg: RunConfig) -> RunResult:
 def _run_in(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str, out: Path, names: list[str],
             user_regions: Any, weights_path: Path | None, device: str, seconds: dict[str, float], t0: float) -> RunResult:
     from .models.registry import sha256_of
-    from .tissue import TissueMap, assign_regions, detect_tissue_on_slide, rasterize_regions
+    from .tissue import TissueMap, detect_tissue_on_slide, rasterize_regions
 
     model_name = spec.name
     geojson_name = names[0]

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_nuclei import __version__, schema
-from wsi_nuclei._io import atomic_path
+from wsi_nuclei._io import atomic_path, json_ready
 from wsi_nuclei.errors import InputNotFoundError, OutputError, WsiNucleiError
 
 __all__ = [
@@ -54,27 +54,6 @@ _SUMMARY_JSON: Final[str] = "summary.json"
 _SUMMARY_CSV: Final[str] = "summary.csv"
 #: Quantiles reported for nucleus areas, with their keys.
 _QUANTILES: Final[tuple[tuple[str, float], ...]] = (("median", 0.5), ("q25", 0.25), ("q75", 0.75))
-
-
-def _json_ready(value: Any) -> Any:
-    """Recursively turn ``value`` into strict-JSON-ready Python (NaN/inf -> None, numpy -> Python,
-    paths and other objects -> str)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_ready(v) for v in value.tolist()]
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    return str(value)
 
 
 def _area_stats(areas: np.ndarray) -> dict[str, float | None]:
@@ -275,7 +254,7 @@ class RegionSummarizer:
                       "source": "union of regions"}
         slide = self._summarize(list(range(len(self._regions))), slide_area, slide_head)
         slide["n_nuclei_outside_regions"] = self._n_outside
-        return _json_ready({
+        return json_ready({
             "summary_version": SUMMARY_VERSION,
             "wsi_nuclei_version": __version__,
             "slide_name": self._slide_name,
@@ -293,7 +272,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         for k, v in value.items():
             _flatten(f"{prefix}_{k}" if prefix else str(k), v, out)
     elif isinstance(value, (list, tuple)):
-        out[prefix] = json.dumps(_json_ready(value))
+        out[prefix] = json.dumps(json_ready(value))
     else:
         out[prefix] = value
 
@@ -429,7 +408,7 @@ def write_summary(summary: Mapping[str, Any], out_dir: str | Path) -> tuple[Path
     out_dir = Path(out_dir)
     json_path = out_dir / _SUMMARY_JSON
     csv_path = out_dir / _SUMMARY_CSV
-    text = json.dumps(_json_ready(summary), indent=2, allow_nan=False, ensure_ascii=False)
+    text = json.dumps(json_ready(summary), indent=2, allow_nan=False, ensure_ascii=False)
     rows = pd.DataFrame(_summary_rows(summary))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
