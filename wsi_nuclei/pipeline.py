@@ -197,15 +197,17 @@ def _own_and_measure(ctx: _Context, r: int, c: int, res: Any) -> tuple[dict[str,
     lab_px = inst[ys, xs]
     nlab = int(labels.max()) + 1
     cnt = np.maximum(np.bincount(lab_px, minlength=nlab), 1)
-    cy_w = np.bincount(lab_px, weights=ys, minlength=nlab)[labels] / cnt[labels] + 0.5
-    cx_w = np.bincount(lab_px, weights=xs, minlength=nlab)[labels] / cnt[labels] + 0.5
+    # centroids in slide model px from exact integer sums of absolute pixel coordinates, so the
+    # same nucleus gets bit-identical centroids (and UUIDs) whatever tile or grid it comes from
+    n_px = cnt[labels]
+    cy_m = (np.bincount(lab_px, weights=ys, minlength=nlab)[labels] + n_px * wy0) / n_px + 0.5
+    cx_m = (np.bincount(lab_px, weights=xs, minlength=nlab)[labels] + n_px * wx0) / n_px + 0.5
     big = np.iinfo(np.int64).max
     y_min = np.full(nlab, big); np.minimum.at(y_min, lab_px, ys)
     x_min = np.full(nlab, big); np.minimum.at(x_min, lab_px, xs)
     y_max = np.full(nlab, -1); np.maximum.at(y_max, lab_px, ys)
     x_max = np.full(nlab, -1); np.maximum.at(x_max, lab_px, xs)
     bbox = np.column_stack([y_min[labels], x_min[labels], y_max[labels] + 1, x_max[labels] + 1])
-    cx_m, cy_m = cx_w + wx0, cy_w + wy0
     keep, n_bad = owned_mask(grid, r, c, cx_m, cy_m, bbox, strict=ctx.strict)
     # nuclei centred in the padding beyond the slide edge are not on the slide
     keep &= (cx_m >= 0) & (cy_m >= 0) & (cx_m < grid.width) & (cy_m < grid.height)
@@ -216,8 +218,8 @@ def _own_and_measure(ctx: _Context, r: int, c: int, res: Any) -> tuple[dict[str,
     m = measure_instances(inst, labels[idx], ctx.model_mpp)
     s = 1.0 / ctx.scale
     geoms = [None if poly is None else shapely.Polygon((poly + (wx0, wy0)) * s) for poly in m["polygon"]]
-    cx0 = (np.asarray(m["centroid_x"]) + wx0) * s
-    cy0 = (np.asarray(m["centroid_y"]) + wy0) * s
+    cx0 = cx_m[idx] * s
+    cy0 = cy_m[idx] * s
     n = len(idx)
     class_id = np.asarray(res.class_id)[idx].astype(np.int8)
     data: dict[str, Any] = {
