@@ -31,3 +31,14 @@ def nuclei_dir() -> Path:
     if not NUCLEI_DIR.is_dir():
         pytest.skip(f"real nucleus datasets not available: {NUCLEI_DIR} is absent")
     return NUCLEI_DIR
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run a network test on one torch thread (two cores are shared with other work)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

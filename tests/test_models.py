@@ -28,13 +28,7 @@ from wsi_nuclei.models.registry import (
 from wsi_nuclei.postprocess import hv_to_instances
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared with other work: run the network tests on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # --------------------------------------------------------------------------------------------

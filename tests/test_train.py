@@ -16,12 +16,7 @@ from scipy.special import logsumexp
 from wsi_nuclei.train import DatasetEntry, _load_entries, hovernet_loss, main, make_batch, partial_label_nll
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # --------------------------------------------------------------------------------------------
