@@ -270,3 +270,15 @@ def test_train_init_weights_starts_from_given_network(tmp_path: Path) -> None:
     # conv/linear weights unchanged at lr 0 (BN running stats do move in train mode)
     for k in [k for k in ref if k.endswith("weight") and ref[k].ndim == 4]:
         torch.testing.assert_close(got[k], ref[k].half().float())
+
+
+def test_train_with_separate_validation_dataset(tmp_path: Path) -> None:
+    """--val-data (e.g. a held-out PanNuke fold) is scored every epoch and picks best.pt."""
+    d = _write_dataset(tmp_path / "train", 2)
+    v = _write_dataset(tmp_path / "heldout", 2)
+    out = tmp_path / "run"
+    main(["--data", str(d), "--val-data", str(v), "--out", str(out), "--epochs", "1", *_COMMON])
+    hist = json.loads((out / "history.json").read_text())
+    assert set(hist[0]) >= {f"{v.name}/bPQ", f"{v.name}/dice"}
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["metrics"] == {k: hist[0][k] for k in best["metrics"]}

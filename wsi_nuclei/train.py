@@ -322,6 +322,8 @@ def train(args: argparse.Namespace) -> Path:
     _seed_all(args.seed)
     print("loading datasets ...", flush=True)
     items, weights, val = _load_entries(entries, split, target_mpp)
+    for d in args.val_data:  # whole datasets held out for validation (e.g. PanNuke fold 3)
+        val.extend(read_dataset(d, target_mpp=target_mpp))
     if args.val_max:
         val = val[: args.val_max]
 
@@ -399,7 +401,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``wsi-nuclei train``."""
     p.add_argument("--config", help="training config JSON (datasets, weights, validation split), e.g. configs/train_default.json")
     p.add_argument("--data-root", default="../shared/data/nuclei", help="folder holding the datasets named in --config (default: %(default)s)")
-    p.add_argument("--data", nargs="*", default=[], help="dataset folders (shared format or PanNuke fold) when no --config is given; no validation split")
+    p.add_argument("--data", nargs="*", default=[], help="dataset folders (shared format or PanNuke fold) when no --config is given")
+    p.add_argument("--val-data", nargs="*", default=[], help="dataset folders used only for validation (e.g. the third PanNuke fold); the best epoch is chosen on them")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoints last.pt/best.pt, history.json (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
     p.add_argument("--steps-per-epoch", type=int, default=200, help="optimiser steps per epoch (default: %(default)s)")
