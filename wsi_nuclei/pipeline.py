@@ -105,6 +105,7 @@ class _Context:
     read_mpp: float
     fingerprint: str
     strict: bool
+    torch_threads: int = 0  # > 0: set in each worker process (local --workers N), 0: leave as is
 
 
 def _slide_of(ctx: _Context) -> Any:
@@ -127,6 +128,10 @@ def _model_of(ctx: _Context) -> Any:
             from .models.registry import load_model
 
             name, weights, device = ctx.model
+            if ctx.torch_threads:  # one process per worker: share the cores, no oversubscription
+                import torch
+
+                torch.set_num_threads(ctx.torch_threads)
             _MODELS[ctx.model] = load_model(name, weights=weights, device=device)
         return _MODELS[ctx.model]
 
@@ -449,7 +454,8 @@ def _run_in(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str,
     done = {int(p.stem[1:]) for p in parts.glob("b*.parquet") if p.with_suffix(".json").is_file()}
     todo = [i for i in range(len(batches)) if i not in done]
     ctx = _Context(source, (model_name, str(weights_path) if weights_path else None, device), grid, scale,
-                   slide_mpp, spec.mpp, read_mpp, slide.fingerprint, cfg.strict_ownership)
+                   slide_mpp, spec.mpp, read_mpp, slide.fingerprint, cfg.strict_ownership,
+                   torch_threads=cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0)
 
     # inference
     t = time.perf_counter()

@@ -213,8 +213,10 @@ def _perimeter(mask: np.ndarray) -> float:
 
 
 def _ring_area(xy: np.ndarray) -> float:
+    """Shoelace area of a ring (closing edge included)."""
     x, y = xy[:, 0], xy[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    twice = np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + x[-1] * y[0] - y[-1] * x[0]
+    return float(abs(twice) / 2)
 
 
 def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[str, np.ndarray | list]:
@@ -265,10 +267,14 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         out["centroid_y"][i] = y0 + cy + 0.5
         out["area_um2"][i] = area * mpp * mpp
         dy, dx = yy - cy, xx - cx
-        cov = np.array([[np.mean(dx * dx), np.mean(dx * dy)], [np.mean(dx * dy), np.mean(dy * dy)]])
-        cov += np.eye(2) / 12.0  # a pixel is a unit square, not a point
-        ev = np.sort(np.linalg.eigvalsh(cov))[::-1]
-        major, minor = 4 * np.sqrt(max(ev[0], 0)), 4 * np.sqrt(max(ev[1], 0))
+        # second central moments (+1/12: a pixel is a unit square, not a point) and the
+        # eigenvalues of their 2x2 covariance in closed form
+        a = float(np.dot(dx, dx)) / area + 1 / 12
+        b = float(np.dot(dx, dy)) / area
+        c = float(np.dot(dy, dy)) / area + 1 / 12
+        half_diff = np.hypot((a - c) / 2, b)
+        ev0, ev1 = (a + c) / 2 + half_diff, (a + c) / 2 - half_diff
+        major, minor = 4 * np.sqrt(max(ev0, 0)), 4 * np.sqrt(max(ev1, 0))
         out["major_axis_um"][i] = major * mpp
         out["minor_axis_um"][i] = minor * mpp
         out["eccentricity"][i] = np.sqrt(max(0.0, 1 - (minor / major) ** 2)) if major > 0 else 0.0
