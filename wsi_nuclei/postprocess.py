@@ -194,11 +194,6 @@ def _ring(padded_mask: np.ndarray) -> np.ndarray | None:
     return np.stack([ring[:, 1] - 0.5, ring[:, 0] - 0.5], axis=1)
 
 
-def _ring_length(xy: np.ndarray) -> float:
-    d = np.diff(np.vstack([xy, xy[:1]]), axis=0)
-    return float(np.hypot(d[:, 0], d[:, 1]).sum())
-
-
 def _perimeter(mask: np.ndarray) -> float:
     """Perimeter of a binary mask in pixels: Crofton estimate over 4 directions.
 

@@ -239,57 +239,17 @@ def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], targ
 
 
 # --------------------------------------------------------------------------- validation
-def predict_maps(model: torch.nn.Module, image: np.ndarray, *, tile: int = 256, overlap: int = 64,
-                 device: str = "cpu", batch: int = 8) -> dict[str, np.ndarray]:
-    """Sliding-window prediction of ``np``/``hv``/``tp`` maps over an image of any size.
-
-    Windows of ``tile`` px overlap by ``overlap`` px; only their central part (``overlap/2``
-    trimmed on inner sides) is kept, so each pixel comes from one window.
-    """
-    h, w = image.shape[:2]
-    step = tile - overlap
-    ph, pw = max(tile, math.ceil((h - overlap) / step) * step + overlap), max(tile, math.ceil((w - overlap) / step) * step + overlap)
-    img = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
-    out_np = np.zeros((ph, pw), np.float32)
-    out_hv = np.zeros((2, ph, pw), np.float32)
-    out_tp = None
-    coords = [(y, x) for y in range(0, ph - tile + 1, step) for x in range(0, pw - tile + 1, step)]
-    half = overlap // 2
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(coords), batch):
-            cs = coords[i : i + batch]
-            x = torch.from_numpy(np.stack([img[y : y + tile, x : x + tile] for y, x in cs])).permute(0, 3, 1, 2).float()
-            o = model(x.to(device).contiguous(memory_format=torch.channels_last))
-            npp = torch.softmax(o["np"].float(), 1)[:, 1].cpu().numpy()
-            hvv = torch.tanh(o["hv"].float()).cpu().numpy()
-            tpp = torch.softmax(o["tp"].float(), 1).cpu().numpy() if "tp" in o else None
-            if tpp is not None and out_tp is None:
-                out_tp = np.zeros((tpp.shape[1], ph, pw), np.float32)
-            for j, (y, x) in enumerate(cs):
-                y0 = 0 if y == 0 else half
-                x0 = 0 if x == 0 else half
-                y1 = tile if y + tile >= ph else tile - half
-                x1 = tile if x + tile >= pw else tile - half
-                out_np[y + y0 : y + y1, x + x0 : x + x1] = npp[j, y0:y1, x0:x1]
-                out_hv[:, y + y0 : y + y1, x + x0 : x + x1] = hvv[j, :, y0:y1, x0:x1]
-                if tpp is not None:
-                    out_tp[:, y + y0 : y + y1, x + x0 : x + x1] = tpp[j, :, y0:y1, x0:x1]
-    res = {"np": out_np[:h, :w], "hv": out_hv[:, :h, :w]}
-    if out_tp is not None:
-        res["tp"] = out_tp[:, :h, :w]
-    return res
-
-
 def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> dict[str, float]:
     """Binary PQ (mean over images) and Dice per dataset on the validation samples."""
+    from .inference import predict_instances
     from .metrics import panoptic_quality
-    from .postprocess import hv_to_instances
+    from .models.registry import get_spec
+    from .models.torchmodel import HoVerMapModel
 
+    wrapped = HoVerMapModel(get_spec("wsi-nuclei-lite0"), model, device)  # default HVParams
     per: dict[str, list[tuple[float, float]]] = {}
     for s in val:
-        maps = predict_maps(model, s.image, device=device)
-        res = hv_to_instances(maps["np"], maps["hv"], maps.get("tp"))
+        res = predict_instances(wrapped, s.image)
         pq = panoptic_quality(s.inst, res.inst)["pq"]
         fg_t, fg_p = s.inst > 0, res.inst > 0
         dice = 2 * (fg_t & fg_p).sum() / max(1, fg_t.sum() + fg_p.sum())
