@@ -372,3 +372,46 @@ def test_predict_instances_whole_image_no_window_cuts(n_in: int, n_out: int) -> 
     assert model.tiles > 1
     pq = panoptic_quality(inst, res.inst)
     assert pq["fp"] == 0 and pq["fn"] == 0 and pq["sq"] > 0.99
+
+
+class _GradientNet(torch.nn.Module):
+    """Flip-equivariant stand-in: np from a symmetric blur, hv = (d/dx, d/dy) of the blurred image.
+
+    Left-right flipping the input negates d/dx, up-down flipping negates d/dy, so flip TTA must
+    give back exactly the plain output, and does so only if those signs are undone.
+    """
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = x.mean(1, keepdim=True) / 255
+        blur = torch.nn.functional.avg_pool2d(g, 5, stride=1, padding=2, count_include_pad=False)
+        dx = torch.zeros_like(blur)
+        dy = torch.zeros_like(blur)
+        dx[..., 1:-1] = blur[..., 2:] - blur[..., :-2]
+        dy[..., 1:-1, :] = blur[..., 2:, :] - blur[..., :-2, :]
+        tp = torch.cat([blur * k for k in range(1, 7)], 1)
+        return {"np": torch.cat([-blur, blur], 1), "hv": torch.cat([dx, dy], 1) * 4, "tp": tp}
+
+
+def test_flip_tta_undoes_each_flip_of_the_distance_maps() -> None:
+    from wsi_nuclei.models.registry import get_spec
+    from wsi_nuclei.models.torchmodel import HoVerMapModel
+
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    spec = get_spec("wsi-nuclei-lite0")
+    plain = HoVerMapModel(spec, _GradientNet()).infer(tiles)
+    tta = HoVerMapModel(spec, _GradientNet(), tta=True).infer(tiles)
+    for a, b in zip(plain, tta):
+        assert np.abs(a["hv"]).max() > 0.01  # the maps are not trivially zero
+        for k in ("np", "hv", "tp"):
+            np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+    # a network that is not flip-equivariant gives a different (averaged) result
+    class _Shifted(_GradientNet):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = super().forward(x)
+            out["hv"] = out["hv"] + torch.linspace(-0.5, 0.5, x.shape[-1]).view(1, 1, 1, -1)
+            return out
+
+    a = HoVerMapModel(spec, _Shifted()).infer(tiles)[0]["hv"]
+    b = HoVerMapModel(spec, _Shifted(), tta=True).infer(tiles)[0]["hv"]
+    assert np.abs(a - b).max() > 0.1

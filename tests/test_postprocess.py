@@ -172,6 +172,21 @@ def test_classify_instances_hand_case() -> None:
     assert class_id.shape == (0,) and class_probs.shape == (0, 5)
 
 
+def test_classify_instances_class_prior_changes_the_vote() -> None:
+    # Instance 1: 3 pixels renormalised to [.4 .35 .25 0 0] -> class 1 without a prior.
+    # Prior (1, 2, 1, 1, 1): [.4 .7 .25 0 0] / 1.35 -> arg-max class 2 on all 3 pixels.
+    inst = np.array([[1, 1, 1]])
+    tp = np.zeros((6, 1, 3), np.float32)
+    tp[:, 0, :] = np.array([0.5, 0.2, 0.175, 0.125, 0, 0])[:, None]
+    assert classify_instances(inst, tp)[0].tolist() == [1]
+    class_id, class_prob, probs = classify_instances(inst, tp, prior=(1.0, 2.0, 1.0, 1.0, 1.0))
+    assert class_id.tolist() == [2]
+    np.testing.assert_allclose(class_prob, [0.7 / 1.35], atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), [1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="5 classes"):
+        classify_instances(inst, tp, prior=(1.0, 2.0))
+
+
 # --------------------------------------------------------------------------------------------
 # measure_instances on shapes of known size
 # --------------------------------------------------------------------------------------------

@@ -282,3 +282,65 @@ def test_train_with_separate_validation_dataset(tmp_path: Path) -> None:
     assert set(hist[0]) >= {f"{v.name}/bPQ", f"{v.name}/dice"}
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["metrics"] == {k: hist[0][k] for k in best["metrics"]}
+
+
+def test_train_config_stages_chain_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config with stages runs each in <out>/<name>; "init": "previous" starts from the
+    previous stage's best weights (checked at learning rate 0); --resume skips finished stages."""
+    _write_dataset(tmp_path / "data", 3)
+    (tmp_path / "split.json").write_text(json.dumps({"synth": ["img2"]}))
+    cfg = {"datasets": [{"name": "synth", "weight": 1.0}], "val_split": "split.json", "target_mpp": 0.25,
+           "stages": [{"name": "s1", "epochs": 1, "lr": 1e-3},
+                      {"name": "s2", "epochs": 2, "lr": 0.0, "class_weight": 3, "init": "previous"}]}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), *_COMMON]
+    assert main(["--resume", *args]) == 0
+    s1 = torch.load(out / "s1" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    s2 = torch.load(out / "s2" / "last.pt", map_location="cpu", weights_only=False)
+    assert s2["step"] == 4  # stage 2's own epochs (2 x 2 steps), not the command line's
+    assert json.loads((out / "s2" / "args.json").read_text())["class_weight"] == "3.0"
+    for k in [k for k in s1 if k.endswith("weight") and s1[k].ndim == 4]:
+        torch.testing.assert_close(s2["model"][k], s1[k])
+    capsys.readouterr()
+    assert main(["--resume", *args]) == 0
+    assert capsys.readouterr().out.count("already finished") == 2
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"epochs": 1}], "needs a name"),
+    ([{"name": "a", "momentum": 0.9}], "may only set"),
+    ([{"name": "a", "init": "previous"}], "init must be"),
+    ([{"name": "a"}, {"name": "a"}], "unique"),
+])
+def test_train_config_bad_stages_are_refused(tmp_path: Path, stages: list, message: str) -> None:
+    from wsi_nuclei.errors import DatasetError
+
+    _write_dataset(tmp_path / "data", 2)
+    (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}], "stages": stages}))
+    with pytest.raises(DatasetError, match=message):
+        main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *_COMMON])
+
+
+def test_train_config_unknown_key_is_refused(tmp_path: Path) -> None:
+    from wsi_nuclei.errors import DatasetError
+
+    _write_dataset(tmp_path / "data", 2)
+    (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}], "epochs": 3}))
+    with pytest.raises(DatasetError, match="unknown training config keys"):
+        main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *_COMMON])
+
+
+def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
+    # pixel 0: background; pixel 1: Inflammatory (2, labelled); pixel 2: unknown (31)
+    logits = torch.zeros(1, 6, 1, 3)
+    b = {"allowed": torch.tensor([[[0, 2, 31]]], dtype=torch.uint8), "mask": torch.ones(1, 1, 3)}
+    # each pixel's nll under uniform logits: bg -log(1/6), inflammatory -log(1/6), unknown -log(5/6)
+    nll = np.array([np.log(6), np.log(6), -np.log(5 / 6)])
+    for w in (1.0, 3.0):
+        weights = np.array([1, w, 1])
+        got = float(partial_label_nll(logits, b["allowed"], b["mask"] * torch.tensor([[[1, w, 1]]])))
+        assert got == pytest.approx((nll * weights).sum() / weights.sum(), rel=1e-5)
+    from wsi_nuclei.train import _labelled_px
+
+    assert _labelled_px(torch.tensor([0, 1, 2, 4, 17, 30, 31], dtype=torch.uint8)).tolist() == [False, True, True, True, True, False, False]

@@ -35,6 +35,9 @@ class HVParams:
     min_marker_px: int = 10
     min_nucleus_px: int = 10
     marker_open_px: int = 5
+    #: multipliers of the class probabilities (classes 1..C-1) before the vote: a prior
+    #: correction for a class head trained on skewed class frequencies; None = 1 for all
+    class_prior: tuple[float, ...] | None = None
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:
@@ -115,7 +118,7 @@ def hv_to_instances(
     if tp_prob is None:
         prob = _mean_per_label(np_prob, inst, len(labels))
         return InstanceResult(inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None)
-    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels))
+    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels), prior=params.class_prior)
     return InstanceResult(inst, labels, class_id, class_prob, class_probs)
 
 
@@ -138,7 +141,7 @@ def _mean_per_label(values: np.ndarray, inst: np.ndarray, n: int) -> np.ndarray:
 
 
 def classify_instances(
-    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None
+    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None, prior: tuple[float, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class of each instance: majority vote of its pixels' arg-max class (background excluded).
 
@@ -150,6 +153,9 @@ def classify_instances(
         Class probabilities, channel 0 background.
     n : int, optional
         Number of labels (``inst.max()`` by default).
+    prior : tuple of float, optional
+        One multiplier per class 1..C-1 applied to the probabilities before renormalising and
+        voting (prior correction); ``None`` leaves them as they are.
 
     Returns
     -------
@@ -166,6 +172,10 @@ def classify_instances(
     if n == 0:
         return np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros((0, c), np.float32)
     fg = tp_prob[1:]
+    if prior is not None:
+        if len(prior) != c:
+            raise ValueError(f"class prior has {len(prior)} values for {c} classes")
+        fg = fg * np.asarray(prior, fg.dtype).reshape(c, 1, 1)
     fg = fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-8)
     flat = inst.ravel()
     sel = flat > 0

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from .datasets import Sample, hv_targets, read_dataset
 from .errors import DatasetError
 
-_TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp"}
+_TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp", "stages"}
+#: options a config stage may set (they replace the command-line values for that stage)
+_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "init"}
 
 
 # --------------------------------------------------------------------------- data
@@ -175,8 +177,22 @@ def partial_label_nll(tp_logits: torch.Tensor, allowed_px: torch.Tensor, weight:
     return (nll * weight).sum() / weight.sum().clamp(min=1)
 
 
-def hovernet_loss(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code)."""
+def _labelled_px(allowed_px: torch.Tensor) -> torch.Tensor:
+    """Nucleus pixels whose class is known to within two classes (e.g. 2, 4 or 17 = Neo|Epi)."""
+    a = allowed_px.long()
+    bits = sum((a >> k) & 1 for k in range(5))
+    return (a > 0) & (bits <= 2)
+
+
+def hovernet_loss(
+    out: dict[str, torch.Tensor], b: dict[str, torch.Tensor], class_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code).
+
+    ``class_weight`` multiplies, in the class loss, the weight of nucleus pixels whose class is
+    known to within two classes, so that the few labelled nuclei are not drowned by background
+    pixels and by nuclei labelled only "unknown" or "not neoplastic".
+    """
     mask = b["mask"]
     np_logits = out["np"].float()
     ce = (F.cross_entropy(np_logits, b["np"], reduction="none") * mask).sum() / mask.sum().clamp(min=1)
@@ -195,7 +211,8 @@ def hovernet_loss(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> t
     parts = {"np_ce": ce, "np_dice": dice, "hv_mse": mse, "hv_msge": msge}
     if "tp" in out:
         # class loss on nucleus pixels with full weight, on background pixels via mask
-        parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], mask)
+        w = mask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float()) if class_weight != 1 else mask
+        parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], w)
     total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -208,6 +225,9 @@ def load_train_config(path: str | Path, data_root: str | Path) -> tuple[list[Dat
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+    unknown = {k for k in cfg if not k.startswith("_")} - _TRAIN_CONFIG_KEYS
+    if unknown:
+        raise DatasetError(f"{path}: unknown training config keys {sorted(unknown)} (known: {sorted(_TRAIN_CONFIG_KEYS)})")
     root = Path(data_root)
     entries = [
         DatasetEntry(root / d["name"], float(d.get("weight", 1.0)), bool(d.get("hv", True)), bool(d.get("sparse", False)))
@@ -264,10 +284,69 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _config_stages(path: str | Path) -> list[dict]:
+    """The ``stages`` of a training config (empty when it has none), checked."""
+    try:
+        stages = json.loads(Path(path).read_text()).get("stages", [])
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+    names = []
+    for i, st in enumerate(stages):
+        bad = set(st) - _STAGE_KEYS
+        if bad or "name" not in st:
+            raise DatasetError(f"{path}: stage {i + 1} needs a name and may only set {sorted(_STAGE_KEYS)} (got {sorted(st)})")
+        if st.get("init") not in (None, "imagenet", "previous") or (st.get("init") == "previous" and i == 0):
+            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet' or 'previous' (not on the first stage)")
+        names.append(st["name"])
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: stage names must be unique")
+    return stages
+
+
 def train(args: argparse.Namespace) -> Path:
-    """Run (or resume) a training run; return the path of the best weights file."""
+    """Run (or resume) a training run; return the path of the best weights file.
+
+    A config with ``stages`` runs them in order, each in ``<out>/<stage name>`` with its own
+    options (epochs, learning rate, class weight, ...); ``"init": "previous"`` starts a stage
+    from the previous stage's best weights. With ``--resume`` finished stages are skipped and an
+    interrupted one continues. Returns the last stage's best weights.
+    """
+    stages = _config_stages(args.config) if args.config else []
+    if not stages:
+        return _train_stage(args)
+    best: Path | None = None
+    for st in stages:
+        a = argparse.Namespace(**vars(args))
+        a.out = str(Path(args.out) / st["name"])
+        for k in _STAGE_KEYS - {"name", "init"}:
+            if k in st:
+                setattr(a, k, type(getattr(a, k))(st[k]))
+        if st.get("init") == "previous":
+            a.init_weights = str(best)
+        elif st.get("init") == "imagenet":
+            a.init_weights = None
+        print(f"== stage {st['name']}: {a.epochs} epochs x {a.steps_per_epoch} steps, lr {a.lr:g} -> {a.out}", flush=True)
+        best = _train_stage(a)
+    assert best is not None
+    return best
+
+
+def _finished(out: Path, total_steps: int) -> bool:
+    """Whether the run in ``out`` reached ``total_steps`` (its history says so) and has best.pt."""
+    try:
+        history = json.loads((out / "history.json").read_text())
+        return bool(history) and history[-1]["step"] >= total_steps and (out / "best.pt").is_file()
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+def _train_stage(args: argparse.Namespace) -> Path:
+    """One training run (one stage)."""
     from .models.effunet import EffUNet, load_imagenet_encoder
 
+    if args.resume and _finished(Path(args.out), args.epochs * args.steps_per_epoch):
+        print(f"{args.out}: already finished", flush=True)
+        return Path(args.out) / "best.pt"
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -327,7 +406,7 @@ def train(args: argparse.Namespace) -> Path:
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             o = model(b["x"])
-        loss, parts = hovernet_loss(o, b)
+        loss, parts = hovernet_loss(o, b, args.class_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -342,7 +421,7 @@ def train(args: argparse.Namespace) -> Path:
             epoch = step // args.steps_per_epoch
             metrics = validate(model, val, device) if val else {}
             score = float(np.mean([v for k, v in metrics.items() if k.endswith("bPQ")])) if metrics else -float(loss)
-            history.append({"epoch": epoch, "step": step, "loss": float(loss), "time_s": time.time() - t_epoch, **metrics})
+            history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "time_s": time.time() - t_epoch, **metrics})
             t_epoch = time.time()
             print(f"epoch {epoch} step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" | score {score:.4f}", flush=True)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -376,6 +455,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
     p.add_argument("--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights")
     p.add_argument("--init-weights", help="start from these network weights (e.g. the bundled model, to fine-tune on PanNuke) instead of ImageNet")
+    p.add_argument("--class-weight", type=float, default=1.0, help="class-loss weight of nucleus pixels whose class is known to within two classes, relative to other pixels (default: %(default)s)")
     p.add_argument("--val-max", type=int, default=0, help="validate on at most this many images (0 = all)")
     p.add_argument("--quiet", action="store_true", help="only the per-epoch validation lines")
 

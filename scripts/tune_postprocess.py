@@ -1,0 +1,130 @@
+"""Tune the post-processing of a trained model: HV thresholds on the validation split, class prior on training images.
+
+The network maps of every image are computed once (optionally with flip TTA) and cached; then
+
+1. a grid of :class:`wsi_nuclei.postprocess.HVParams` (nucleus-probability threshold, edge
+   threshold, Sobel size, minimum size) is scored by binary PQ on the validation split
+   (configs/val_split.json: MoNuSeg and CoNSeP images), score = mean of the per-dataset bPQ;
+2. a class prior (multipliers of the Inflammatory and Connective probabilities) is chosen on
+   CoNSeP *training* images (never on the validation split) by the mean per-class F1.
+
+Prints one line per setting and the best ones; ``--json`` writes the table.
+
+Usage::
+
+    python scripts/tune_postprocess.py --weights wsi_nuclei/models/weights/wsi-nuclei-lite0-v1.pt \\
+        --cache /tmp/tune-cache [--tta] [--json tune.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_nuclei.datasets import read_dataset
+from wsi_nuclei.evaluation import evaluate_predictions
+from wsi_nuclei.inference import predict_maps
+from wsi_nuclei.metrics import panoptic_quality
+from wsi_nuclei.postprocess import HVParams, hv_to_instances
+
+
+def _maps(model, samples, cache: Path, tag: str):
+    out = []
+    for s in samples:
+        f = cache / f"{tag}-{s.name.replace('/', '__')}.npz"
+        if f.is_file():
+            z = np.load(f)
+            maps = {k: z[k].astype(np.float32) for k in z.files}
+        else:
+            maps = predict_maps(model, s.image)
+            np.savez(f, **{k: v.astype(np.float16) for k, v in maps.items()})
+        out.append((s, maps))
+    return out
+
+
+def _bpq(items, params: HVParams) -> float:
+    return float(np.mean([panoptic_quality(s.inst, hv_to_instances(m["np"], m["hv"], None, params).inst)["pq"] for s, m in items]))
+
+
+def _class_f1(items, params: HVParams) -> dict[str, float]:
+    recs = []
+    for s, m in items:
+        res = hv_to_instances(m["np"], m["hv"], m["tp"], params)
+        pc = np.zeros(int(res.inst.max()) + 1, np.int64)
+        pc[res.labels] = res.class_id
+        recs.append({"name": s.name, "true_inst": s.inst, "true_classes": s.classes, "true_allowed": s.allowed,
+                     "pred_inst": res.inst, "pred_class": pc, "mpp": s.mpp})
+    r = evaluate_predictions(recs, radius_um=3.0)
+    f1 = {k: g["f1"] for k, g in r["classification"]["groups"].items()}
+    f1["detection"] = r["detection"]["f1"]
+    return f1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from wsi_nuclei.models.registry import load_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help="weights file of wsi-nuclei-lite0")
+    p.add_argument("--data-root", default="../shared/data/nuclei")
+    p.add_argument("--split", default="configs/val_split.json")
+    p.add_argument("--cache", default="/tmp/tune-cache", help="folder for cached maps")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--n-train", type=int, default=96, help="CoNSeP training patches used for the class prior")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write all scores here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model = load_model("wsi-nuclei-lite0", weights=a.weights)
+    model.tta = a.tta
+    tag = Path(a.weights).stem + ("-tta" if a.tta else "")
+    split = {k: v for k, v in json.loads(Path(a.split).read_text()).items() if not k.startswith("_")}
+    root = Path(a.data_root)
+    t0 = time.time()
+    val = {d: _maps(model, read_dataset(root / d, names=names), cache, tag) for d, names in split.items()}
+    held = set(split["consep_train"])
+    rng = np.random.default_rng(0)
+    all_train = sorted(n.stem for n in (root / "consep_train" / "images").glob("*.png") if n.stem not in held)
+    train_names = sorted(rng.choice(all_train, size=min(a.n_train, len(all_train)), replace=False).tolist())
+    consep_tr = _maps(model, read_dataset(root / "consep_train", names=train_names), cache, tag)
+    print(f"maps ready in {time.time() - t0:.0f} s", flush=True)
+
+    rows = []
+    grid = itertools.product((0.4, 0.5, 0.6), (0.3, 0.4, 0.5, 0.6), (7, 11, 15, 21), (10, 20, 30))
+    for npt, edge, k, mn in grid:
+        prm = HVParams(np_threshold=npt, edge_threshold=edge, sobel_ksize=k, min_marker_px=mn, min_nucleus_px=mn)
+        sc = {d: _bpq(items, prm) for d, items in val.items()}
+        rows.append({"np": npt, "edge": edge, "ksize": k, "min_px": mn, **sc, "score": float(np.mean(list(sc.values())))})
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    best = max(rows, key=lambda r: r["score"])
+    print("best HV params:", best, flush=True)
+    prm = HVParams(np_threshold=best["np"], edge_threshold=best["edge"], sobel_ksize=best["ksize"],
+                   min_marker_px=best["min_px"], min_nucleus_px=best["min_px"])
+    prior_rows = []
+    for wi, wc in itertools.product((1.0, 1.5, 2.0, 3.0, 4.0, 6.0), (1.0, 1.5, 2.0, 3.0, 4.0)):
+        pr = HVParams(**{**prm.__dict__, "class_prior": (1.0, wi, wc, 1.0, 1.0)})
+        f1 = _class_f1(consep_tr, pr)
+        prior_rows.append({"inflammatory": wi, "connective": wc, **f1,
+                           "mean_f1": float(np.mean([f1[g] for g in ("Inflammatory", "Connective", "Neoplastic|Epithelial")]))})
+        print("prior", prior_rows[-1], flush=True)
+    bp = max(prior_rows, key=lambda r: r["mean_f1"])
+    print("best prior (CoNSeP train patches):", bp, flush=True)
+    for pr in (None, (1.0, bp["inflammatory"], bp["connective"], 1.0, 1.0)):
+        f1 = _class_f1(val["consep_train"], HVParams(**{**prm.__dict__, "class_prior": pr}))
+        print(f"validation CoNSeP class F1 with prior {pr}: {f1}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"hv": rows, "best_hv": best, "prior": prior_rows, "best_prior": bp}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
