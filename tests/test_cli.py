@@ -418,3 +418,11 @@ def test_cmu_small_region_end_to_end(wsi_dir: Path, tmp_path: Path, capsys: pyte
     assert (w, h) == (2220, 2967)
     assert df["centroid_x"].between(0, w).all() and df["centroid_y"].between(0, h).all()
     assert manifest["qc"]["tiles_processed"] < manifest["qc"]["tiles_total"]  # glass skipped
+
+
+def test_tta_on_a_model_without_it(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--tta", "--out", str(out)], capsys)
+    assert code == 8
+    assert "test-time augmentation" in _one_error_line(err)
+    assert not out.exists()

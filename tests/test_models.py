@@ -415,3 +415,12 @@ def test_flip_tta_undoes_each_flip_of_the_distance_maps() -> None:
     a = HoVerMapModel(spec, _Shifted()).infer(tiles)[0]["hv"]
     b = HoVerMapModel(spec, _Shifted(), tta=True).infer(tiles)[0]["hv"]
     assert np.abs(a - b).max() > 0.1
+
+
+def test_load_model_tta_only_for_network_models(tmp_path: Path) -> None:
+    p = tmp_path / "w.pt"
+    torch.save(_good_state_dict(), p)
+    assert load_model("wsi-nuclei-lite0", weights=p, device="cpu", tta=True).tta is True
+    assert load_model("wsi-nuclei-lite0", weights=p, device="cpu").tta is False
+    with pytest.raises(ModelError, match="test-time augmentation"):
+        load_model("classic", tta=True)

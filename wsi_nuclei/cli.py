@@ -48,6 +48,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="model name from 'wsi-nuclei models' (default: the bundled trained model; 'classic' without weights)")
     p.add_argument("--weights", help="weights file for the model (e.g. the official HoVer-Net PanNuke checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device (default: auto = cuda when available)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the network maps over 4 flips of each tile (about 4x slower, slightly more accurate; network models only)")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "dicom", "image"],
                    help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
     p.add_argument("--mpp", type=float, help="microns per pixel at level 0; overrides the file's value (required when the file has none)")
@@ -75,7 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         raise InputNotFoundError(f"{args.slide}: no such file")
     cfg = RunConfig(
-        slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device,
+        slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device, tta=args.tta,
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,

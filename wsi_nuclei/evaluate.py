@@ -63,8 +63,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .models.registry import default_model_name, load_model
 
     model_name = args.model or default_model_name()
-    model = load_model(model_name, weights=args.weights, device=args.device)
-    results: dict[str, Any] = {"model": model_name, "weights": args.weights, "datasets": {}}
+    model = load_model(model_name, weights=args.weights, device=args.device, tta=args.tta)
+    results: dict[str, Any] = {"model": model_name, "weights": args.weights, "tta": args.tta, "datasets": {}}
     for d in args.datasets:
         path = Path(d)
         if not path.exists():
@@ -87,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model name (default: the bundled trained model)")
     p.add_argument("--weights", help="weights file for the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (as 'wsi-nuclei run --tta')")
     p.add_argument("--split", help="JSON {dataset: [image names]}: evaluate only these images (e.g. configs/val_split.json)")
     p.add_argument("--radius-um", type=float, default=3.0, help="centroid pairing radius in um for detection/classification F1 (default: 3.0 = 12 px at 0.25 um/px)")
     p.add_argument("--json", help="write all results to this JSON file")

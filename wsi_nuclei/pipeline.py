@@ -57,6 +57,7 @@ class RunConfig:
     model: str | None = None  # None: the default model
     weights: str | Path | None = None
     device: str = "auto"
+    tta: bool = False  # flip test-time augmentation (4x network time)
     backend: str = "auto"
     mpp: float | None = None
     regions: str | Path | None = None
@@ -97,7 +98,7 @@ class _Context:
     """Everything a worker needs, picklable (sent with each task)."""
 
     slide_source: Any  # ("path", path, backend, mpp) or a picklable slide object
-    model: tuple[str, str | None, str]  # name, weights, device
+    model: tuple[str, str | None, str, bool]  # name, weights, device, tta
     grid: TileGrid
     scale: float  # level-0 px -> model px
     slide_mpp: float
@@ -127,12 +128,12 @@ def _model_of(ctx: _Context) -> Any:
         if ctx.model not in _MODELS:
             from .models.registry import load_model
 
-            name, weights, device = ctx.model
+            name, weights, device, tta = ctx.model
             if ctx.torch_threads:  # one process per worker: share the cores, no oversubscription
                 import torch
 
                 torch.set_num_threads(ctx.torch_threads)
-            _MODELS[ctx.model] = load_model(name, weights=weights, device=device)
+            _MODELS[ctx.model] = load_model(name, weights=weights, device=device, tta=tta)
         return _MODELS[ctx.model]
 
 
@@ -274,7 +275,7 @@ def _load_part(path: Path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- main
 def _run_key(cfg: RunConfig, fingerprint: str, model_sha: str | None, grid: TileGrid, read_mpp: float, regions_hash: str) -> str:
-    key = {"fingerprint": fingerprint, "model": cfg.model, "weights": str(cfg.weights), "sha": model_sha,
+    key = {"fingerprint": fingerprint, "model": cfg.model, "weights": str(cfg.weights), "sha": model_sha, "tta": cfg.tta,
            "grid": asdict(grid), "read_mpp": read_mpp, "mpp": cfg.mpp, "regions": regions_hash,
            "tissue": cfg.tissue, "batch": cfg.batch_size, "version": __version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
@@ -357,6 +358,7 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
 
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
+    from .errors import ModelError
     from .models.registry import default_model_name, find_weights, get_spec, resolve_device
     from .tissue import load_regions
 
@@ -365,6 +367,8 @@ def run(cfg: RunConfig) -> RunResult:
     model_name = cfg.model or default_model_name()
     cfg.model = model_name
     spec = get_spec(model_name)
+    if cfg.tta and not spec.tta:
+        raise ModelError(f"model {model_name!r} has no test-time augmentation (only network models do)")
     weights_path = find_weights(spec, cfg.weights)
     device = resolve_device(cfg.device)
     user_regions = load_regions(cfg.regions) if cfg.regions else None
@@ -453,7 +457,7 @@ def _run_in(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str,
     batches = [tiles[i : i + cfg.batch_size] for i in range(0, len(tiles), cfg.batch_size)]
     done = {int(p.stem[1:]) for p in parts.glob("b*.parquet") if p.with_suffix(".json").is_file()}
     todo = [i for i in range(len(batches)) if i not in done]
-    ctx = _Context(source, (model_name, str(weights_path) if weights_path else None, device), grid, scale,
+    ctx = _Context(source, (model_name, str(weights_path) if weights_path else None, device, cfg.tta), grid, scale,
                    slide_mpp, spec.mpp, read_mpp, slide.fingerprint, cfg.strict_ownership,
                    torch_threads=cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0)
 
@@ -529,7 +533,7 @@ def _run_in(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str,
         "dimensions": list(slide.dimensions), "offset_bounds": list(getattr(slide, "offset", (0, 0))),
         "coordinate_frame": "level-0 pixels; OpenSlide bounds-x/y subtracted (the frame QuPath uses)",
         "resolution": {**sinfo, "mpp": slide_mpp, "mpp_source": getattr(slide, "mpp_source", None), "scale_level0_to_model": scale},
-        "model": {"name": model_name, "sha256": model_sha, "weights": str(weights_path) if weights_path else None,
+        "model": {"name": model_name, "sha256": model_sha, "weights": str(weights_path) if weights_path else None, "tta": cfg.tta,
                   "licence": spec.licence, "mpp": spec.mpp, "input_size": spec.input_size, "output_size": spec.output_size},
         "tiling": {**asdict(grid), "window": grid.window, "n_rows": grid.n_rows, "n_cols": grid.n_cols,
                    "ownership": "centroid in tile core; halo >= nucleus radius"},

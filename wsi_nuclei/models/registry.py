@@ -38,6 +38,7 @@ class ModelSpec:
     bundled: bool = False
     url: str | None = None
     class_colors: dict[int, tuple[int, int, int]] = field(default_factory=lambda: dict(CLASS_COLORS))
+    tta: bool = False  # supports flip test-time augmentation (network models)
 
     @property
     def needs_weights(self) -> bool:
@@ -119,8 +120,11 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(name: str, *, weights: str | Path | None = None, device: str = "auto") -> Any:
-    """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``."""
+def load_model(name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False) -> Any:
+    """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``.
+
+    ``tta`` turns on flip test-time augmentation (network models only).
+    """
     spec = get_spec(name)
     path = find_weights(spec, weights)
     if spec.needs_weights and path is None:
@@ -130,7 +134,12 @@ def load_model(name: str, *, weights: str | Path | None = None, device: str = "a
         digest = sha256_of(path)
         if digest != spec.sha256:
             raise ModelError(f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)")
-    return spec.builder(spec, path, resolve_device(device))
+    if tta and not spec.tta:
+        raise ModelError(f"model {name!r} has no test-time augmentation (only network models do)")
+    model = spec.builder(spec, path, resolve_device(device))
+    if tta:
+        model.tta = True
+    return model
 
 
 def default_model_name() -> str:
