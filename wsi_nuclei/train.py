@@ -438,12 +438,12 @@ def _train_stage(args: argparse.Namespace) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``wsi-nuclei train``."""
-    p.add_argument("--config", help="training config JSON (datasets, weights, validation split), e.g. configs/train_default.json")
+    p.add_argument("--config", help="training config JSON (datasets and their sampling weights, validation split, optional stages that each set epochs/lr/class weight and may start from the previous stage), e.g. configs/train_default.json")
     p.add_argument("--data-root", default="../shared/data/nuclei", help="folder holding the datasets named in --config (default: %(default)s)")
     p.add_argument("--data", nargs="*", default=[], help="dataset folders (shared format or PanNuke fold) when no --config is given")
     p.add_argument("--val-data", nargs="*", default=[], help="dataset folders used only for validation (e.g. the third PanNuke fold); the best epoch is chosen on them")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoints last.pt/best.pt, history.json (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s; values set by a config stage win for that stage, as for the options below)")
     p.add_argument("--steps-per-epoch", type=int, default=200, help="optimiser steps per epoch (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
     p.add_argument("--crop", type=int, default=192, help="training crop size in px at 0.25 µm/px, multiple of 32 (default: %(default)s)")
