@@ -13,7 +13,7 @@ Prints one line per setting and the best ones; ``--json`` writes the table.
 
 Usage::
 
-    python scripts/tune_postprocess.py --weights wsi_nuclei/models/weights/wsi-nuclei-lite0-v1.pt \\
+    python scripts/tune_postprocess.py --weights wsi_nuclei/models/weights/wsi-nuclei-lite0-v2.pt \\
         --cache /tmp/tune-cache [--tta] [--json tune.json]
 """
 
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     consep_tr = _maps(model, read_dataset(root / "consep_train", names=train_names), cache, tag)
     print(f"maps ready in {time.time() - t0:.0f} s", flush=True)
 
-    # coordinate descent over the HV parameters from the current defaults: one parameter at a
+    # coordinate descent over the HV parameters from the current ones: one parameter at a
     # time over its candidate values, repeated until nothing improves (a full grid is ~100x dearer)
     space = {"np_threshold": (0.4, 0.45, 0.5, 0.55, 0.6), "edge_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
              "sobel_ksize": (7, 11, 15, 21), "min_px": (10, 20, 30, 40)}
-    cur = {"np_threshold": 0.5, "edge_threshold": 0.5, "sobel_ksize": 11, "min_px": 30}
+    cur = {"np_threshold": model.params.np_threshold, "edge_threshold": model.params.edge_threshold,
+           "sobel_ksize": model.params.sobel_ksize, "min_px": model.params.min_nucleus_px}  # the registry's current values
     rows: list[dict] = []
     seen: dict[tuple, float] = {}
 

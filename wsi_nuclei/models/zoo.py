@@ -10,8 +10,8 @@ from .fetch import HOVERNET_PANNUKE_URL
 from .registry import PANNUKE_CLASSES, ModelSpec, register
 
 #: sha256 of the bundled default weights (fp16 state dict), checked before loading.
-DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v1.pt"
-DEFAULT_WEIGHTS_SHA256 = "e4e86210c38ce025c3f56cb36f401ce763aced5bbff94e7782f130186a2f20d6"
+DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v2.pt"
+DEFAULT_WEIGHTS_SHA256 = "c2d7de4609f6bda9f1f27b683f166e2c9fcaee2506ac483748a75f942c28c798"
 
 
 def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> Any:
@@ -43,8 +43,8 @@ def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
         raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
     from ..postprocess import HVParams
 
-    # thresholds tuned on the validation split (docs/model-card.md)
-    params = HVParams(np_threshold=0.5, edge_threshold=0.5, sobel_ksize=11, min_marker_px=30, min_nucleus_px=30)
+    # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
+    params = HVParams(np_threshold=0.45, edge_threshold=0.5, sobel_ksize=7, min_marker_px=40, min_nucleus_px=40)
     return HoVerMapModel(spec, net, device, hv_tanh=True, params=params)
 
 
