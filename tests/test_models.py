@@ -424,3 +424,22 @@ def test_load_model_tta_only_for_network_models(tmp_path: Path) -> None:
     assert load_model("wsi-nuclei-lite0", weights=p, device="cpu").tta is False
     with pytest.raises(ModelError, match="test-time augmentation"):
         load_model("classic", tta=True)
+
+
+def test_bundled_model_quality_on_the_validation_split(nuclei_dir: Path) -> None:
+    """Regression guard for the shipped weights and thresholds: the bundled model on its
+    held-out MoNuSeg tiles (never trained on) stays near the figures in docs/model-card.md
+    (binary PQ 0.541, detection F1 0.875), well above the classical baseline (PQ 0.37)."""
+    import json
+
+    from wsi_nuclei.evaluate import evaluate_model
+
+    spec = get_spec("wsi-nuclei-lite0")
+    if find_weights(spec) is None:
+        pytest.skip("bundled weights absent")
+    split = json.loads((Path(__file__).parents[1] / "configs" / "val_split.json").read_text())
+    model = load_model("wsi-nuclei-lite0", device="cpu")
+    res = evaluate_model(model, nuclei_dir / "monuseg_train", names=split["monuseg_train"], progress=False)
+    assert res["n_images"] == 3
+    assert res["segmentation"]["pq"]["mean"]["pq"] == pytest.approx(0.541, abs=0.01)
+    assert res["detection"]["f1"] > 0.85

@@ -10,8 +10,13 @@ resamples them to 0.25 µm/px, and optimises three losses as HoVer-Net does:
   Epithelial, unknown = any class), the loss is ``-log(sum_{c in A} p_c)``; background pixels
   have A = {background}. Exact labels are the special case |A| = 1.
 
+``--class-weight`` gives nucleus pixels whose class is known to within two classes more weight
+in the class loss.
+
 Runs are resumable: ``<out>/last.pt`` holds model, optimiser, scheduler, RNG states and the
-step; ``--resume`` continues from it. Each epoch prints one validation line.
+step; ``--resume`` continues from it. Each epoch prints one validation line. A config may list
+``stages`` (e.g. a second stage at a lower learning rate from the first stage's best weights):
+one command runs them all, each in ``<out>/<stage name>``.
 """
 
 from __future__ import annotations
