@@ -425,7 +425,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
         if step % args.steps_per_epoch == 0 or step == total_steps:
             epoch = step // args.steps_per_epoch
             metrics = validate(model, val, device) if val else {}
-            score = float(np.mean([v for k, v in metrics.items() if k.endswith("bPQ")])) if metrics else -float(loss)
+            score = float(np.mean([v for k, v in metrics.items() if k.endswith("bPQ")])) if metrics else -float(loss.detach())
             history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "time_s": time.time() - t_epoch, **metrics})
             t_epoch = time.time()
             print(f"epoch {epoch} step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" | score {score:.4f}", flush=True)
