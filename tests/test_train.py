@@ -344,3 +344,16 @@ def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
     from wsi_nuclei.train import _labelled_px
 
     assert _labelled_px(torch.tensor([0, 1, 2, 4, 17, 30, 31], dtype=torch.uint8)).tolist() == [False, True, True, True, True, False, False]
+
+
+def test_hed_jitter_strength() -> None:
+    """Strength 0 keeps the image (up to the HED round trip); larger strengths move it more."""
+    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.train import _hed_jitter
+
+    img = make_nuclei_image(64, 64, seed=1)[0]
+    same = _hed_jitter(img, np.random.default_rng(0), 0.0)
+    assert np.abs(same.astype(int) - img).mean() < 1.5  # HED round trip and uint8 truncation only
+    dev = [np.abs(_hed_jitter(img, np.random.default_rng(s), k).astype(int) - img).mean()
+           for k in (0.05, 0.3) for s in range(5)]
+    assert np.mean(dev[5:]) > 2 * np.mean(dev[:5]) > 0

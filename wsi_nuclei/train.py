@@ -39,7 +39,7 @@ from .errors import DatasetError
 
 _TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp", "stages"}
 #: options a config stage may set (they replace the command-line values for that stage)
-_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "init"}
+_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "stain_jitter", "init"}
 
 
 # --------------------------------------------------------------------------- data
@@ -75,7 +75,7 @@ def _hed_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.0
     return np.clip(out * 255, 0, 255).astype(np.uint8)
 
 
-def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator):
+def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, stain_jitter: float = 0.05):
     k = int(rng.integers(4))
     if k:
         img, inst, allowed = np.rot90(img, k), np.rot90(inst, k), np.rot90(allowed, k)
@@ -83,7 +83,7 @@ def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.ran
         img, inst, allowed = img[:, ::-1], inst[:, ::-1], allowed[:, ::-1]
     img = np.ascontiguousarray(img)
     if rng.random() < 0.5:
-        img = _hed_jitter(img, rng)
+        img = _hed_jitter(img, rng, stain_jitter)
     if rng.random() < 0.8:  # brightness / contrast / saturation
         f = img.astype(np.float32)
         f = (f - f.mean()) * rng.uniform(0.85, 1.15) + f.mean() + rng.uniform(-15, 15)
@@ -121,12 +121,16 @@ def _random_crop(item: _Item, size: int, rng: np.random.Generator):
     return img, inst, allowed
 
 
-def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, rng: np.random.Generator):
-    """Sample, crop, augment and build the target tensors of one training batch."""
+def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, rng: np.random.Generator,
+               stain_jitter: float = 0.05):
+    """Sample, crop, augment and build the target tensors of one training batch.
+
+    ``stain_jitter`` is the HED jitter strength (optical densities scaled by 1 ± it).
+    """
     imgs, nps, hvs, allows, masks, hvmask = [], [], [], [], [], []
     for _ in range(batch):
         it = items[int(rng.choice(len(items), p=weights))]
-        img, inst, allowed = _augment(*_random_crop(it, size, rng), rng)
+        img, inst, allowed = _augment(*_random_crop(it, size, rng), rng, stain_jitter)
         imgs.append(img)
         nps.append(inst > 0)
         hvs.append(hv_targets(inst))
@@ -407,7 +411,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
     t_epoch = time.time()
     while step < total_steps:
         model.train()
-        b = make_batch(items, weights, args.batch, args.crop, rng)
+        b = make_batch(items, weights, args.batch, args.crop, rng, args.stain_jitter)
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             o = model(b["x"])
@@ -461,6 +465,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights")
     p.add_argument("--init-weights", help="start from these network weights (e.g. the bundled model, to fine-tune on PanNuke) instead of ImageNet")
     p.add_argument("--class-weight", type=float, default=1.0, help="class-loss weight of nucleus pixels whose class is known to within two classes, relative to other pixels (default: %(default)s)")
+    p.add_argument("--stain-jitter", type=float, default=0.05, help="HED stain jitter strength: haematoxylin/eosin optical densities scaled by 1 +- this, on half of the crops (default: %(default)s)")
     p.add_argument("--val-max", type=int, default=0, help="validate on at most this many images (0 = all)")
     p.add_argument("--quiet", action="store_true", help="only the per-epoch validation lines")
 
