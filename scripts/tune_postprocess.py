@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     model = load_model("wsi-nuclei-lite0", weights=a.weights)
     model.tta = a.tta
-    tag = Path(a.weights).stem + ("-tta" if a.tta else "")
+    from wsi_nuclei.models.registry import sha256_of
+
+    tag = sha256_of(a.weights)[:16] + ("-tta" if a.tta else "")  # cached maps belong to these exact weights
     split = {k: v for k, v in json.loads(Path(a.split).read_text()).items() if not k.startswith("_")}
     root = Path(a.data_root)
     t0 = time.time()
