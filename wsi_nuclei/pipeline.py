@@ -358,8 +358,7 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
 
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
-    from .errors import ModelError
-    from .models.registry import default_model_name, find_weights, get_spec, resolve_device
+    from .models.registry import default_model_name, find_weights, get_spec, require_tta, resolve_device
     from .tissue import load_regions
 
     t0 = time.perf_counter()
@@ -367,8 +366,8 @@ def run(cfg: RunConfig) -> RunResult:
     model_name = cfg.model or default_model_name()
     cfg.model = model_name
     spec = get_spec(model_name)
-    if cfg.tta and not spec.tta:
-        raise ModelError(f"model {model_name!r} has no test-time augmentation (only network models do)")
+    if cfg.tta:
+        require_tta(spec)  # before the slide is opened or the output folder made
     weights_path = find_weights(spec, cfg.weights)
     device = resolve_device(cfg.device)
     user_regions = load_regions(cfg.regions) if cfg.regions else None

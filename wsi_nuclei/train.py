@@ -227,13 +227,18 @@ def hovernet_loss(
 
 
 # --------------------------------------------------------------------------- config
+def _read_config(path: str | Path) -> dict:
+    """The JSON of a training config, or one clear :class:`DatasetError`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+
+
 def load_train_config(path: str | Path, data_root: str | Path) -> tuple[list[DatasetEntry], dict[str, list[str]], float]:
     """Read a training config (datasets with weights, validation split, resolution)."""
     path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+    cfg = _read_config(path)
     unknown = {k for k in cfg if not k.startswith("_")} - _TRAIN_CONFIG_KEYS
     if unknown:
         raise DatasetError(f"{path}: unknown training config keys {sorted(unknown)} (known: {sorted(_TRAIN_CONFIG_KEYS)})")
@@ -295,10 +300,7 @@ def _seed_all(seed: int) -> None:
 
 def _config_stages(path: str | Path) -> list[dict]:
     """The ``stages`` of a training config (empty when it has none), checked."""
-    try:
-        stages = json.loads(Path(path).read_text()).get("stages", [])
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read training config ({exc})") from None
+    stages = _read_config(path).get("stages", [])
     names = []
     for i, st in enumerate(stages):
         bad = set(st) - _STAGE_KEYS

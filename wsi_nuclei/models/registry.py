@@ -120,6 +120,12 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def require_tta(spec: ModelSpec) -> None:
+    """Raise :class:`ModelError` unless model ``spec`` supports flip test-time augmentation."""
+    if not spec.tta:
+        raise ModelError(f"model {spec.name!r} has no test-time augmentation (only network models do)")
+
+
 def load_model(name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False) -> Any:
     """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``.
 
@@ -134,8 +140,8 @@ def load_model(name: str, *, weights: str | Path | None = None, device: str = "a
         digest = sha256_of(path)
         if digest != spec.sha256:
             raise ModelError(f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)")
-    if tta and not spec.tta:
-        raise ModelError(f"model {name!r} has no test-time augmentation (only network models do)")
+    if tta:
+        require_tta(spec)
     model = spec.builder(spec, path, resolve_device(device))
     if tta:
         model.tta = True
