@@ -1,14 +1,19 @@
-"""Annotated nucleus datasets: the shared format (version 1) and the official PanNuke folds.
+"""Annotated nucleus datasets: the shared format (version 1.1) and the official PanNuke folds.
 
 Both readers yield :class:`Sample` objects at a common resolution (0.25 µm/px by default):
 the RGB image, the instance map and, per instance, the exact PanNuke class (0 = unknown) and
 the ``allowed`` bitmask of classes it may belong to (bit ``c - 1`` for class ``c``).
+Point-labelled datasets (``"annotation": "points"`` in meta.json, e.g. CRCHisto) give nucleus
+centres instead of an instance map: ``Sample.inst`` is None and ``Sample.points`` holds them.
 
 Shared format (see ``shared/data/README.md``)::
 
     <dataset>/images/<name>.png   RGB
-    <dataset>/labels/<name>.npz   inst (H, W) int32, classes (N+1,), allowed (N+1,), source_class
-    <dataset>/meta.json           per-image mpp under meta["images"][name]["mpp"]
+    <dataset>/labels/<name>.npz   instances: inst (H, W) int32, classes (N+1,), allowed (N+1,),
+                                  source_class; points: points (K, 2) float32 (x, y),
+                                  point_classes (K,), point_allowed (K,), point_source_class
+    <dataset>/meta.json           annotation (instances / points; absent = instances),
+                                  per-image mpp under meta["images"][name]["mpp"]
 
 Official PanNuke fold format::
 
@@ -46,23 +51,33 @@ class Sample:
     name : str
         ``<dataset>/<image name>``.
     image : ndarray of uint8, shape (H, W, 3)
-    inst : ndarray of int32, shape (H, W)
-        0 background, 1..N nuclei.
+    inst : ndarray of int32, shape (H, W), or None
+        0 background, 1..N nuclei; None for a point-labelled sample.
     classes : ndarray of uint8, shape (N+1,)
-        Exact PanNuke class per instance, 0 when unknown.
+        Exact PanNuke class per instance, 0 when unknown (per point for a point sample).
     allowed : ndarray of uint8, shape (N+1,)
-        Bitmask of allowed classes per instance (31 = unknown); ``allowed[0] = 0``.
+        Bitmask of allowed classes per instance (31 = unknown); ``allowed[0] = 0``. For a
+        point sample: shape (K,), one entry per point (no background entry).
     mpp : float
         Resolution of ``image`` in µm/px (after any resampling).
+    points : ndarray of float32, shape (K, 2), or None
+        (x, y) nucleus centres of a point sample, 0-based pixel-centre coordinates (pixel
+        (row r, column c) has its centre at (c, r)); None for an instance sample.
     """
 
     name: str
     image: np.ndarray
-    inst: np.ndarray
+    inst: np.ndarray | None
     classes: np.ndarray
     allowed: np.ndarray
     mpp: float
     info: dict = field(default_factory=dict)
+    points: np.ndarray | None = None
+
+    @property
+    def annotation(self) -> str:
+        """``"points"`` or ``"instances"``."""
+        return "points" if self.inst is None else "instances"
 
 
 def resample_sample(sample: Sample, target_mpp: float, *, tol: float = 0.02) -> Sample:
@@ -73,14 +88,18 @@ def resample_sample(sample: Sample, target_mpp: float, *, tol: float = 0.02) -> 
     scale = sample.mpp / target_mpp
     if abs(scale - 1.0) <= tol:
         return sample
-    h, w = sample.inst.shape
+    h, w = sample.image.shape[:2]
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     img = np.asarray(Image.fromarray(sample.image).resize((nw, nh), Image.BILINEAR))
+    info = dict(sample.info, source_mpp=sample.mpp)
+    if sample.inst is None:  # pixel centres map as (p + 0.5) * scale - 0.5
+        pts = sample.points if sample.points is not None else np.zeros((0, 2), np.float32)
+        sx, sy = nw / w, nh / h
+        pts = np.column_stack([(pts[:, 0] + 0.5) * sx - 0.5, (pts[:, 1] + 0.5) * sy - 0.5])
+        pts = np.clip(pts, 0, [nw - 1, nh - 1]).astype(np.float32)
+        return Sample(sample.name, img, None, sample.classes, sample.allowed, target_mpp, info, pts)
     inst = np.asarray(Image.fromarray(sample.inst.astype(np.int32)).resize((nw, nh), Image.NEAREST))
-    return Sample(
-        sample.name, img, inst.astype(np.int32), sample.classes, sample.allowed, target_mpp,
-        dict(sample.info, source_mpp=sample.mpp),
-    )
+    return Sample(sample.name, img, inst.astype(np.int32), sample.classes, sample.allowed, target_mpp, info)
 
 
 def is_pannuke_fold(path: str | Path) -> bool:
@@ -112,23 +131,42 @@ def read_shared_dataset(
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{meta_path}: invalid JSON ({exc.msg})") from None
+    annotation = meta.get("annotation", "instances")
+    if annotation not in ("instances", "points"):
+        raise DatasetError(f"{meta_path}: unknown annotation {annotation!r} (instances or points)")
     all_names = list_images(d)
     for name in names if names is not None else all_names:
         img_path, lab_path = d / "images" / f"{name}.png", d / "labels" / f"{name}.npz"
         if not img_path.is_file() or not lab_path.is_file():
             raise DatasetError(f"{d}: image or label missing for {name!r}")
         image = np.asarray(Image.open(img_path).convert("RGB"))
-        with np.load(lab_path) as lab:
-            inst = lab["inst"].astype(np.int32)
-            classes = lab["classes"].astype(np.uint8)
-            allowed = lab["allowed"].astype(np.uint8)
-        if inst.shape != image.shape[:2]:
-            raise DatasetError(f"{lab_path}: inst shape {inst.shape} != image {image.shape[:2]}")
         img_meta = meta.get("images", {}).get(name, {})
         mpp = img_meta.get("mpp", meta.get("mpp"))
         if not isinstance(mpp, (int, float)):
             raise DatasetError(f"{d}: no numeric mpp for image {name!r} in meta.json")
-        s = Sample(f"{d.name}/{name}", image, inst, classes, allowed, float(mpp), dict(img_meta))
+        try:
+            with np.load(lab_path) as lab:
+                if annotation == "points":
+                    points = lab["points"].astype(np.float32).reshape(-1, 2)
+                    classes = lab["point_classes"].astype(np.uint8)
+                    allowed = lab["point_allowed"].astype(np.uint8)
+                    inst = None
+                else:
+                    inst = lab["inst"].astype(np.int32)
+                    classes = lab["classes"].astype(np.uint8)
+                    allowed = lab["allowed"].astype(np.uint8)
+                    points = None
+        except KeyError as exc:
+            raise DatasetError(f"{lab_path}: missing array {exc} for a {annotation!r} dataset") from None
+        h, w = image.shape[:2]
+        if inst is not None and inst.shape != (h, w):
+            raise DatasetError(f"{lab_path}: inst shape {inst.shape} != image {image.shape[:2]}")
+        if points is not None:
+            if not (len(classes) == len(allowed) == len(points)):
+                raise DatasetError(f"{lab_path}: points, point_classes and point_allowed differ in length")
+            if len(points) and (points.min() < 0 or (points[:, 0] > w - 1).any() or (points[:, 1] > h - 1).any()):
+                raise DatasetError(f"{lab_path}: points outside the image")
+        s = Sample(f"{d.name}/{name}", image, inst, classes, allowed, float(mpp), dict(img_meta), points)
         yield resample_sample(s, target_mpp) if target_mpp else s
 
 

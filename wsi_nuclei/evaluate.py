@@ -38,8 +38,11 @@ def evaluate_model(model: Any, dataset: str | Path, *, names: list[str] | None =
         res = predict_instances(model, s.image)
         pred_class = np.zeros(int(res.inst.max()) + 1, np.int64)
         pred_class[res.labels] = res.class_id
-        records.append({"name": s.name, "true_inst": s.inst, "true_classes": s.classes, "true_allowed": s.allowed,
-                        "pred_inst": res.inst, "pred_class": pred_class if model.spec.class_names else None, "mpp": s.mpp})
+        rec = {"name": s.name, "true_inst": s.inst, "true_classes": s.classes, "true_allowed": s.allowed,
+               "pred_inst": res.inst, "pred_class": pred_class if model.spec.class_names else None, "mpp": s.mpp}
+        if s.inst is None:  # point labels (e.g. CRCHisto): detection and classes only
+            rec.update(true_points=s.points, true_classes=None)
+        records.append(rec)
     if not records:
         raise DatasetError(f"{dataset}: no images to evaluate")
     out = evaluate_predictions(records, radius_um=radius_um)

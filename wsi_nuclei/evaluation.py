@@ -91,7 +91,9 @@ def evaluate_predictions(
         One per image, consumed once (a generator is fine; only per-nucleus summaries are
         kept). Keys:
 
-        ``name`` (str); ``true_inst`` (int (H, W), 0 = background); ``true_classes``
+        ``name`` (str); ``true_inst`` (int (H, W), 0 = background) or, for point labels,
+        ``true_points`` ((K, 2) (x, y) nucleus centres, with ``true_allowed`` one entry per point;
+        such records count only for detection and classification); ``true_classes``
         ((N+1,) exact PanNuke class per true id or 0; optional); ``true_allowed`` ((N+1,)
         allowed bitmask per true id; optional, derived from ``true_classes`` when absent, all
         unknown when both are absent); ``pred_inst`` (int (H, W)); ``pred_class`` (PanNuke
@@ -146,9 +148,21 @@ def evaluate_predictions(
 
     for rec in records:
         name = str(rec.get("name", f"image_{len(per_image)}"))
-        true_inst = np.asarray(rec["true_inst"])
         pred_inst = np.asarray(rec["pred_inst"])
         mpp = rec.get("mpp")
+        if rec.get("true_inst") is None:  # point labels: detection and classification only
+            row, pairs_out, n_pts, n_p = _point_record(rec, pred_inst, radius_px, radius_um)
+            if row["has_pred_class"] is False:
+                has_classes = False
+            any_pred_class |= bool(row.pop("any_pred_class"))
+            row.pop("has_pred_class")
+            n_true_total += n_pts
+            n_pred_total += n_p
+            for lst, v in zip((paired_allowed, paired_class, unpaired_allowed, unpaired_class), pairs_out):
+                lst.append(v)
+            per_image.append(row)
+            continue
+        true_inst = np.asarray(rec["true_inst"])
         ov = instance_overlap(true_inst, pred_inst)
         n_true, n_pred = int(ov.true_labels.size), int(ov.pred_labels.size)
         n_true_total += n_true
@@ -271,7 +285,7 @@ def evaluate_predictions(
             "groups": groups,
         }
         agg = aggregate_multiclass_pq(mpq_rows, PANNUKE_CLASSES)
-        for row, m in zip(per_image, mpq_rows):
+        for row, m in zip([r for r in per_image if r.get("labels") != "points"], mpq_rows):
             stats = [m["per_class"][c] for c in agg["classes"]]
             row["mpq"] = _mean([s["pq"] for s in stats if s["n_true"] > 0])
         results["mpq"] = {
@@ -284,6 +298,44 @@ def evaluate_predictions(
             },
         }
     return json_ready(results)
+
+
+def _point_record(
+    rec: Mapping[str, Any], pred_inst: np.ndarray, radius_px: float, radius_um: float | None
+) -> tuple[dict[str, Any], tuple[np.ndarray, ...], int, int]:
+    """Detection pairs of one point-labelled record (``true_points`` (K, 2) as (x, y),
+    ``true_allowed`` (K,) per point): segmentation metrics are undefined (NaN)."""
+    name = str(rec.get("name", "image"))
+    pts = np.asarray(rec["true_points"], np.float64).reshape(-1, 2)
+    allowed = rec.get("true_allowed")
+    allowed = np.full(len(pts), UNKNOWN_ALLOWED, np.int64) if allowed is None else np.asarray(allowed, np.int64)
+    if allowed.shape != (len(pts),):
+        raise ValueError(f"{name}: true_allowed needs one entry per point ({len(pts)}), got {allowed.shape}")
+    radius = radius_px
+    if radius_um is not None:
+        mpp = rec.get("mpp")
+        if mpp is None or not float(mpp) > 0:
+            raise ValueError(f"{name}: radius_um needs a positive 'mpp'")
+        radius = float(radius_um) / float(mpp)
+    p_xy, p_labels = instance_centroids(pred_inst)
+    table = rec.get("pred_class")
+    if table is None:
+        p_cls = np.zeros(len(p_labels), np.int64)
+    else:
+        table = np.asarray(table, np.int64)
+        if len(p_labels) and table.size <= int(p_labels.max()):
+            raise ValueError(f"{name}: pred_class has {table.size} entries, max id {int(p_labels.max())}")
+        p_cls = table[p_labels]
+    pairs, ut, up = match_centroids(pts[:, ::-1], p_xy, radius)  # both (row, col)
+    k = len(pairs)
+    row = {
+        "name": name, "mpp": rec.get("mpp"), "n_true": len(pts), "n_pred": len(p_labels), "labels": "points",
+        "pq": math.nan, "dq": math.nan, "sq": math.nan, "aji": math.nan, "dice": math.nan, "mpq": math.nan,
+        "det_f1": 2 * k / (2 * k + len(ut) + len(up)) if (k + len(ut) + len(up)) else math.nan,
+        "has_pred_class": table is not None, "any_pred_class": bool(np.any(p_cls > 0)),
+    }
+    out = (allowed[pairs[:, 0]], p_cls[pairs[:, 1]], allowed[ut], p_cls[up])
+    return row, out, len(pts), len(p_labels)
 
 
 # --------------------------------------------------------------------------------------------

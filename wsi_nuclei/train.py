@@ -10,6 +10,12 @@ resamples them to 0.25 µm/px, and optimises three losses as HoVer-Net does:
   Epithelial, unknown = any class), the loss is ``-log(sum_{c in A} p_c)``; background pixels
   have A = {background}. Exact labels are the special case |A| = 1.
 
+Point-labelled datasets (``"annotation": "points"``, e.g. CRCHisto: nucleus centres with a
+class) train the class head only: the class loss applies on a small disk around each point
+(``point_radius_um``, 1.5 µm by default, inside any nucleus) with the point's allowed set, and
+no other pixel of such an image counts for any loss (their nucleus extents are unknown, so the
+segmentation losses never see them).
+
 ``--class-weight`` gives nucleus pixels whose class is known to within two classes more weight
 in the class loss.
 
@@ -38,8 +44,11 @@ from .datasets import Sample, hv_targets, read_dataset
 from .errors import DatasetError
 
 _TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp", "stages"}
-#: options a config stage may set (they replace the command-line values for that stage)
-_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "stain_jitter", "init"}
+#: options a config stage may set (they replace the command-line values for that stage);
+#: "datasets" replaces the config's dataset list for that stage
+_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "stain_jitter", "init",
+               "datasets"}
+_DATASET_KEYS = {"name", "weight", "hv", "sparse", "point_radius_um"}
 
 
 # --------------------------------------------------------------------------- data
@@ -50,17 +59,49 @@ class _Item:
     allowed_px: np.ndarray  # (H, W) uint8: allowed bitmask per pixel, 0 on background
     use_hv: bool
     sparse: bool
+    seg: bool = True  # False: point labels, only the class loss at the points' disks
 
 
 @dataclass
 class DatasetEntry:
+    """One dataset of a training config: folder, sampling share and how its labels are used.
+
+    ``hv=False``: no distance-map loss (merged instances); ``sparse=True``: not every nucleus is
+    annotated (background far from annotated nuclei ignored); ``point_radius_um``: radius of the
+    class-loss disk around each point of a point-labelled dataset.
+    """
+
     path: Path
     weight: float
     hv: bool = True
     sparse: bool = False
+    point_radius_um: float = 1.5
+
+
+def point_label_map(shape: tuple[int, int], points: np.ndarray, allowed: np.ndarray, radius_px: float) -> np.ndarray:
+    """Allowed bitmask per pixel on a disk of ``radius_px`` around each (x, y) point, 0 elsewhere.
+
+    Where two disks overlap the later point wins. Points are pixel-centre coordinates.
+    """
+    out = np.zeros(shape, np.uint8)
+    r = max(0.0, float(radius_px))
+    k = int(np.ceil(r))
+    dy, dx = np.mgrid[-k : k + 1, -k : k + 1]
+    disk = dy * dy + dx * dx <= r * r + 1e-9
+    offs = np.stack([dy[disk], dx[disk]], 1)
+    h, w = shape
+    for (x, y), a in zip(np.rint(np.asarray(points, np.float64)).astype(np.int64), np.asarray(allowed, np.uint8)):
+        rr, cc = offs[:, 0] + y, offs[:, 1] + x
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        out[rr[ok], cc[ok]] = a
+    return out
 
 
 def _to_item(s: Sample, entry: DatasetEntry) -> _Item:
+    if s.inst is None:  # point labels: class disks only
+        assert s.points is not None
+        lab = point_label_map(s.image.shape[:2], s.points, s.allowed, entry.point_radius_um / s.mpp)
+        return _Item(s.image, np.zeros(s.image.shape[:2], np.int32), lab, False, False, seg=False)
     return _Item(s.image, s.inst, s.allowed[s.inst].astype(np.uint8), entry.hv, entry.sparse)
 
 
@@ -127,7 +168,7 @@ def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, r
 
     ``stain_jitter`` is the HED jitter strength (optical densities scaled by 1 ± it).
     """
-    imgs, nps, hvs, allows, masks, hvmask = [], [], [], [], [], []
+    imgs, nps, hvs, allows, masks, cls_masks, hvmask = [], [], [], [], [], [], []
     for _ in range(batch):
         it = items[int(rng.choice(len(items), p=weights))]
         img, inst, allowed = _augment(*_random_crop(it, size, rng), rng, stain_jitter)
@@ -135,12 +176,17 @@ def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, r
         nps.append(inst > 0)
         hvs.append(hv_targets(inst))
         allows.append(allowed)
-        if it.sparse:  # only trust pixels near annotated nuclei
+        if not it.seg:  # point labels: the class loss on the points' disks, nothing else
+            m = np.zeros(inst.shape, bool)
+            cls_masks.append(allowed > 0)
+        elif it.sparse:  # only trust pixels near annotated nuclei
             from scipy import ndimage as ndi
 
             m = ndi.binary_dilation(inst > 0, iterations=6)
         else:
             m = np.ones(inst.shape, bool)
+        if it.seg:
+            cls_masks.append(m)
         masks.append(m)
         hvmask.append(it.use_hv)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
@@ -150,6 +196,7 @@ def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, r
         "hv": torch.from_numpy(np.stack(hvs)),
         "allowed": torch.from_numpy(np.stack(allows)),
         "mask": torch.from_numpy(np.stack(masks)).float(),
+        "cls_mask": torch.from_numpy(np.stack(cls_masks)).float(),
         "hv_on": torch.tensor(hvmask, dtype=torch.float32),
     }
 
@@ -219,8 +266,10 @@ def hovernet_loss(
 
     parts = {"np_ce": ce, "np_dice": dice, "hv_mse": mse, "hv_msge": msge}
     if "tp" in out:
-        # class loss on nucleus pixels with full weight, on background pixels via mask
-        w = mask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float()) if class_weight != 1 else mask
+        # class loss where "cls_mask" says (= mask for instance labels; the point disks for
+        # point labels), labelled nucleus pixels weighted by class_weight
+        cmask = b.get("cls_mask", mask)
+        w = cmask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float()) if class_weight != 1 else cmask
         parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], w)
     total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -242,16 +291,23 @@ def load_train_config(path: str | Path, data_root: str | Path) -> tuple[list[Dat
     unknown = {k for k in cfg if not k.startswith("_")} - _TRAIN_CONFIG_KEYS
     if unknown:
         raise DatasetError(f"{path}: unknown training config keys {sorted(unknown)} (known: {sorted(_TRAIN_CONFIG_KEYS)})")
-    root = Path(data_root)
-    entries = [
-        DatasetEntry(root / d["name"], float(d.get("weight", 1.0)), bool(d.get("hv", True)), bool(d.get("sparse", False)))
-        for d in cfg.get("datasets", [])
-    ]
+    entries = _dataset_entries(cfg.get("datasets", []), Path(data_root), path)
     split: dict[str, list[str]] = {}
     if cfg.get("val_split"):
         sp = (path.parent / cfg["val_split"])
         split = {k: v for k, v in json.loads(sp.read_text()).items() if not k.startswith("_")}
     return entries, split, float(cfg.get("target_mpp", 0.25))
+
+
+def _dataset_entries(items: list, root: Path, path: Path | str) -> list[DatasetEntry]:
+    """The :class:`DatasetEntry` list of a config's ``datasets`` (checked)."""
+    out = []
+    for d in items:
+        if not isinstance(d, dict) or "name" not in d or set(d) - _DATASET_KEYS:
+            raise DatasetError(f"{path}: each dataset needs a name and may only set {sorted(_DATASET_KEYS)} (got {d!r})")
+        out.append(DatasetEntry(root / d["name"], float(d.get("weight", 1.0)), bool(d.get("hv", True)),
+                                bool(d.get("sparse", False)), float(d.get("point_radius_um", 1.5))))
+    return out
 
 
 def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], target_mpp: float):
@@ -264,7 +320,7 @@ def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], targ
         tr = [s for s in samples if s.name.split("/", 1)[1] not in held]
         val.extend(s for s in samples if s.name.split("/", 1)[1] in held)
         # weight per pixel area within a dataset, dataset share = e.weight
-        areas = np.array([s.inst.size for s in tr], np.float64)
+        areas = np.array([s.image.shape[0] * s.image.shape[1] for s in tr], np.float64)
         train_items.extend(_to_item(s, e) for s in tr)
         weights.extend(e.weight * areas / areas.sum())
         print(f"  {e.path.name}: {len(tr)} train, {len(samples) - len(tr)} val images", flush=True)
@@ -274,21 +330,55 @@ def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], targ
 
 # --------------------------------------------------------------------------- validation
 def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> dict[str, float]:
-    """Binary PQ (mean over images) and Dice per dataset on the validation samples."""
+    """Validation metrics per dataset, with the bundled model's post-processing thresholds.
+
+    ``<dataset>/bPQ`` and ``<dataset>/dice`` (instance labels), ``<dataset>/det_f1`` (nuclei
+    paired within 3 µm) and ``<dataset>/cls_f1`` (mean F1 over the class groups of the labels,
+    where they have classes; point-labelled datasets give only the last two).
+    """
+    from .evaluation import evaluate_predictions
     from .inference import predict_instances
-    from .metrics import panoptic_quality
     from .models.registry import get_spec
     from .models.torchmodel import HoVerMapModel
 
-    wrapped = HoVerMapModel(get_spec("wsi-nuclei-lite0"), model, device)  # default HVParams
-    per: dict[str, list[tuple[float, float]]] = {}
+    spec = get_spec("wsi-nuclei-lite0")
+    wrapped = HoVerMapModel(spec, model, device, params=spec.hv_params())
+    per: dict[str, list[dict]] = {}
     for s in val:
         res = predict_instances(wrapped, s.image)
-        pq = panoptic_quality(s.inst, res.inst)["pq"]
-        fg_t, fg_p = s.inst > 0, res.inst > 0
-        dice = 2 * (fg_t & fg_p).sum() / max(1, fg_t.sum() + fg_p.sum())
-        per.setdefault(s.name.split("/")[0], []).append((pq, dice))
-    return {f"{k}/{m}": float(np.nanmean([v[i] for v in vals])) for k, vals in per.items() for i, m in enumerate(("bPQ", "dice"))}
+        pred_class = np.zeros(int(res.inst.max()) + 1, np.int64)
+        pred_class[res.labels] = res.class_id
+        rec = {"name": s.name, "true_inst": s.inst, "true_allowed": s.allowed, "pred_inst": res.inst,
+               "pred_class": pred_class, "mpp": s.mpp}
+        rec.update({"true_classes": s.classes} if s.inst is not None else {"true_points": s.points})
+        per.setdefault(s.name.split("/")[0], []).append(rec)
+    out: dict[str, float] = {}
+    for ds, recs in per.items():
+        r = evaluate_predictions(recs, radius_um=3.0)
+        if any(rec["true_inst"] is not None for rec in recs):
+            out[f"{ds}/bPQ"] = _num(r["segmentation"]["pq"]["mean"]["pq"])
+            out[f"{ds}/dice"] = _num(r["segmentation"]["dice"]["mean"])
+        out[f"{ds}/det_f1"] = _num(r["detection"]["f1"])
+        groups = (r.get("classification") or {}).get("groups") or {}
+        f1 = [_num(g["f1"]) for g in groups.values()]
+        if f1:
+            out[f"{ds}/cls_f1"] = float(np.nanmean(f1))
+    return out
+
+
+def _num(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def validation_score(metrics: dict[str, float]) -> float:
+    """The number that picks the best epoch: mean binary PQ over the instance datasets, averaged
+    with the mean class F1 over the datasets with class labels when there are any."""
+    bpq = [v for k, v in metrics.items() if k.endswith("/bPQ") and np.isfinite(v)]
+    cls = [v for k, v in metrics.items() if k.endswith("/cls_f1") and np.isfinite(v)]
+    seg = float(np.mean(bpq)) if bpq else float("nan")
+    if not cls:
+        return seg
+    return float(np.mean(cls)) if not bpq else 0.5 * seg + 0.5 * float(np.mean(cls))
 
 
 # --------------------------------------------------------------------------- loop
@@ -306,12 +396,23 @@ def _config_stages(path: str | Path) -> list[dict]:
         bad = set(st) - _STAGE_KEYS
         if bad or "name" not in st:
             raise DatasetError(f"{path}: stage {i + 1} needs a name and may only set {sorted(_STAGE_KEYS)} (got {sorted(st)})")
-        if st.get("init") not in (None, "imagenet", "previous") or (st.get("init") == "previous" and i == 0):
-            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet' or 'previous' (not on the first stage)")
+        init = st.get("init")
+        if not isinstance(init, (str, type(None))) or (init == "previous" and i == 0):
+            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' (not on the first stage) or a weights file")
+        if init not in (None, "imagenet", "previous") and not _init_path(init, path).is_file():
+            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' or an existing weights file (not {init!r})")
+        if "datasets" in st:
+            _dataset_entries(st["datasets"], Path("."), path)
         names.append(st["name"])
     if len(set(names)) != len(names):
         raise DatasetError(f"{path}: stage names must be unique")
     return stages
+
+
+def _init_path(init: str, config: str | Path) -> Path:
+    """A stage's ``init`` weights file: as given, else relative to the config's folder."""
+    p = Path(init)
+    return p if p.is_absolute() or p.is_file() else Path(config).parent / p
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -325,17 +426,30 @@ def train(args: argparse.Namespace) -> Path:
     stages = _config_stages(args.config) if args.config else []
     if not stages:
         return _train_stage(args)
+    only = list(getattr(args, "stages", None) or [])
+    unknown = set(only) - {st["name"] for st in stages}
+    if unknown:
+        raise DatasetError(f"{args.config}: no stage named {sorted(unknown)} (stages: {[st['name'] for st in stages]})")
     best: Path | None = None
     for st in stages:
+        if only and st["name"] not in only:  # not run now: a later stage may start from its best
+            prev = Path(args.out) / st["name"] / "best.pt"
+            best = prev if prev.is_file() else None
+            continue
         a = argparse.Namespace(**vars(args))
         a.out = str(Path(args.out) / st["name"])
-        for k in _STAGE_KEYS - {"name", "init"}:
+        for k in _STAGE_KEYS - {"name", "init", "datasets"}:
             if k in st:
                 setattr(a, k, type(getattr(a, k))(st[k]))
+        a.stage_datasets = st.get("datasets")
         if st.get("init") == "previous":
-            a.init_weights = str(best)
+            if best is None and not args.init_weights:
+                raise DatasetError(f"stage {st['name']!r} starts from the previous stage, which has no best.pt in {args.out} (or pass --init-weights)")
+            a.init_weights = str(best) if best is not None else args.init_weights
         elif st.get("init") == "imagenet":
             a.init_weights = None
+        elif st.get("init"):
+            a.init_weights = str(_init_path(st["init"], args.config))
         print(f"== stage {st['name']}: {a.epochs} epochs x {a.steps_per_epoch} steps, lr {a.lr:g} -> {a.out}", flush=True)
         best = _train_stage(a)
     assert best is not None
@@ -364,6 +478,8 @@ def _train_stage(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if args.config:
         entries, split, target_mpp = load_train_config(args.config, args.data_root)
+        if getattr(args, "stage_datasets", None):
+            entries = _dataset_entries(args.stage_datasets, Path(args.data_root), args.config)
     else:
         entries = [DatasetEntry(Path(p), 1.0) for p in args.data]
         split, target_mpp = {}, 0.25
@@ -431,7 +547,9 @@ def _train_stage(args: argparse.Namespace) -> Path:
         if step % args.steps_per_epoch == 0 or step == total_steps:
             epoch = step // args.steps_per_epoch
             metrics = validate(model, val, device) if val else {}
-            score = float(np.mean([v for k, v in metrics.items() if k.endswith("bPQ")])) if metrics else -float(loss.detach())
+            score = validation_score(metrics) if metrics else -float(loss.detach())
+            if not np.isfinite(score):
+                score = -float(loss.detach())
             history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "time_s": time.time() - t_epoch, **metrics})
             t_epoch = time.time()
             print(f"epoch {epoch} step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" | score {score:.4f}", flush=True)
@@ -450,6 +568,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``wsi-nuclei train``."""
     p.add_argument("--config", help="training config JSON (datasets and their sampling weights, validation split, optional stages that each set epochs/lr/class weight and may start from the previous stage), e.g. configs/train_default.json")
+    p.add_argument("--stages", nargs="*", default=[], help="run only these stages of the config (a later stage with init 'previous' starts from <out>/<previous stage>/best.pt)")
     p.add_argument("--data-root", default="../shared/data/nuclei", help="folder holding the datasets named in --config (default: %(default)s)")
     p.add_argument("--data", nargs="*", default=[], help="dataset folders (shared format or PanNuke fold) when no --config is given")
     p.add_argument("--val-data", nargs="*", default=[], help="dataset folders used only for validation (e.g. the third PanNuke fold); the best epoch is chosen on them")

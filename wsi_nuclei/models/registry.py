@@ -39,10 +39,30 @@ class ModelSpec:
     url: str | None = None
     class_colors: dict[int, tuple[int, int, int]] = field(default_factory=lambda: dict(CLASS_COLORS))
     tta: bool = False  # supports flip test-time augmentation (network models)
+    #: post-processing thresholds tuned for this model (fields of postprocess.HVParams)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    #: output pixels at each side of the output window that see too little context to be
+    #: trusted alone: neighbouring patches overlap by twice this and are cross-faded there
+    #: (0 for valid-convolution models such as HoVer-Net "fast", whose output is all valid)
+    output_border: int = 0
+    #: post-processing halo (model px): larger than the largest nucleus radius plus the reach
+    #: of the post-processing, so that a nucleus near a block border is seen whole by a block
+    halo: int = 96
+
+    @property
+    def stride(self) -> int:
+        """Distance between neighbouring patches of the engine's grid (model px)."""
+        return self.output_size - 2 * self.output_border
 
     @property
     def needs_weights(self) -> bool:
         return self.weights_file is not None
+
+    def hv_params(self) -> Any:
+        """The model's :class:`~wsi_nuclei.postprocess.HVParams` (defaults where not tuned)."""
+        from ..postprocess import HVParams
+
+        return HVParams(**self.postprocess)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
