@@ -3,9 +3,9 @@
 Each case runs in a fresh subprocess (so peak RSS is that of the case alone) and prints one
 JSON line; the parent prints a Markdown table. Cases:
 
-* ``overhead``: the ``null`` model (no network, a fixed pattern of disc nuclei per tile) on a
-  synthetic pyramidal TIFF written to a temporary folder: read + tile + ownership + measure +
-  write, i.e. the engine without the model.
+* ``overhead``: the ``null`` model (no network, a fixed lattice of disc nuclei) on a
+  synthetic pyramidal TIFF written to a temporary folder: read + blend + blocks + seams +
+  measure + write, i.e. the engine without the model.
 * ``memory``: the ``null`` model on procedural ``SyntheticSlide`` objects of growing size
   (default 25k, 50k, 100k px square, ~10 % tissue): peak RSS must stay flat.
 * ``cmu``: CMU-1-Small-Region.svs (20x) end to end with a given model (default: the default
@@ -63,10 +63,12 @@ def _child(case: str, arg: str, model: str | None, threads: int) -> dict:
     wall = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info.update({
-        "model": res.manifest["model"]["name"], "tiles_total": res.tiles_total, "tiles_processed": res.tiles_processed,
-        "n_nuclei": res.n_nuclei, "wall_s": round(wall, 2), "tiles_per_s": round(res.tiles_processed / wall, 1),
-        "tiles_per_s_pipeline": round(res.tiles_processed / max(1e-9, res.seconds["inference_wall"]), 1),
+        "model": res.manifest["model"]["name"], "patches_total": res.patches_total, "patches_run": res.patches_run,
+        "passes_per_pixel": res.manifest["qc"]["passes_per_pixel"], "blocks": res.manifest["qc"]["blocks_processed"],
+        "n_nuclei": res.n_nuclei, "wall_s": round(wall, 2), "patches_per_s": round(res.patches_run / wall, 1),
+        "patches_per_s_execute": round(res.patches_run / max(1e-9, res.seconds["execute"]), 1),
         "peak_rss_mb": round(rss_mb), "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+        "qc_seconds": {k: res.manifest["qc"][f"seconds_{k}_task_sum"] for k in ("read", "infer", "post")},
         "slide_px": list(res.manifest["dimensions"]),
     })
     return info
@@ -112,14 +114,15 @@ def main() -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps({**r, "machine": _machine()}) + "\n")
     print(f"\nmachine: {_machine()}\n")
-    print("| case | slide px | model | tiles processed / total | nuclei | wall s | tiles/s | read s* | infer s* | post s* | assemble s | write s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* | post s* | stitch s | write s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]
         w = s.get("write_geojson", 0) + s.get("write_parquet", 0) + s.get("summaries", 0)
-        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['tiles_processed']} / {r['tiles_total']} | {r['n_nuclei']} | "
-              f"{r['wall_s']} | {r['tiles_per_s']} | {s.get('read_task_sum', 0)} | {s.get('infer_task_sum', 0)} | {s.get('postprocess_task_sum', 0)} | "
-              f"{s.get('assemble', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |")
+        q = r.get("qc_seconds", {})
+        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['patches_run']} / {r['patches_total']} | "
+              f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | {q.get('read', 0)} | "
+              f"{q.get('infer', 0)} | {q.get('post', 0)} | {s.get('stitch', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |")
     print("\n*: summed task time over the worker threads (they overlap), not wall time.")
     return 0
 

@@ -1,11 +1,14 @@
 """Tune the post-processing of a trained model: HV thresholds on the validation split, class prior on training images.
 
-The network maps of every image are computed once (optionally with flip TTA) and cached; then
+The engine's blended network maps of every image (the patch grid and blending of
+``wsi-nuclei run``, :func:`wsi_nuclei.inference.predict_maps`) are computed once (optionally
+with flip TTA) and cached; the post-processing of such a map is what ``run`` does on a block
+(images of the split fit in one block). Then
 
 1. the :class:`wsi_nuclei.postprocess.HVParams` (nucleus-probability threshold, edge
    threshold, Sobel size, minimum size) are tuned by coordinate descent on binary PQ on the
-   validation split (configs/val_split.json: MoNuSeg and CoNSeP images), score = mean of the
-   per-dataset bPQ;
+   validation split (configs/val_split.json: its MoNuSeg and CoNSeP images; point-labelled sets
+   have no outlines and are skipped), score = mean of the per-dataset bPQ;
 2. a class prior (multipliers of the Inflammatory and Connective probabilities) is chosen on
    CoNSeP *training* images (never on the validation split) by the mean per-class F1.
 
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=96, help="CoNSeP training patches used for the class prior")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write all scores here")
+    p.add_argument("--no-prior", action="store_true", help="skip the class-prior step")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
@@ -89,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     model.tta = a.tta
     from wsi_nuclei.models.registry import sha256_of
 
-    tag = sha256_of(a.weights)[:16] + ("-tta" if a.tta else "")  # cached maps belong to these exact weights
+    # cached maps belong to these exact weights and this patch grid
+    tag = sha256_of(a.weights)[:16] + f"-s{model.spec.stride}" + ("-tta" if a.tta else "")
     split = {k: v for k, v in json.loads(Path(a.split).read_text()).items() if not k.startswith("_")}
     root = Path(a.data_root)
     t0 = time.time()
-    val = {d: _maps(model, read_dataset(root / d, names=names), cache, tag) for d, names in split.items()}
+    val = {d: _maps(model, read_dataset(root / d, names=names), cache, tag) for d, names in split.items()
+           if json.loads((root / d / "meta.json").read_text()).get("annotation", "instances") == "instances"}
     held = set(split["consep_train"])
     rng = np.random.default_rng(0)
     all_train = sorted(n.stem for n in (root / "consep_train" / "images").glob("*.png") if n.stem not in held)
@@ -103,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # coordinate descent over the HV parameters from the current ones: one parameter at a
     # time over its candidate values, repeated until nothing improves (a full grid is ~100x dearer)
-    space = {"np_threshold": (0.4, 0.45, 0.5, 0.55, 0.6), "edge_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-             "sobel_ksize": (7, 11, 15, 21), "min_px": (10, 20, 30, 40)}
+    space = {"np_threshold": (0.35, 0.4, 0.45, 0.5, 0.55, 0.6), "edge_threshold": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6),
+             "sobel_ksize": (5, 7, 11, 15), "min_px": (10, 20, 30, 40, 60), "grad_offset": (0.1, 0.2, 0.3, 0.4)}
     cur = {"np_threshold": model.params.np_threshold, "edge_threshold": model.params.edge_threshold,
-           "sobel_ksize": model.params.sobel_ksize, "min_px": model.params.min_nucleus_px}  # the registry's current values
+           "sobel_ksize": model.params.sobel_ksize, "min_px": model.params.min_nucleus_px,
+           "grad_offset": model.params.grad_offset}  # the registry's current values
     rows: list[dict] = []
     seen: dict[tuple, float] = {}
 
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         key = tuple(c.values())
         if key not in seen:
             prm = HVParams(np_threshold=c["np_threshold"], edge_threshold=c["edge_threshold"], sobel_ksize=c["sobel_ksize"],
-                           min_marker_px=c["min_px"], min_nucleus_px=c["min_px"])
+                           min_marker_px=c["min_px"], min_nucleus_px=c["min_px"], grad_offset=c["grad_offset"])
             sc = {d: _bpq(items, prm) for d, items in val.items()}
             seen[key] = float(np.mean(list(sc.values())))
             rows.append({**c, **sc, "score": seen[key]})
@@ -132,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: r["score"])
     print("best HV params:", best, flush=True)
     prm = HVParams(np_threshold=best["np_threshold"], edge_threshold=best["edge_threshold"], sobel_ksize=best["sobel_ksize"],
-                   min_marker_px=best["min_px"], min_nucleus_px=best["min_px"])
+                   min_marker_px=best["min_px"], min_nucleus_px=best["min_px"], grad_offset=best["grad_offset"])
+    if a.no_prior:
+        if a.json:
+            Path(a.json).write_text(json.dumps({"hv": rows, "best_hv": best}, indent=1))
+        return 0
     prior_rows = []
     for wi, wc in itertools.product((1.0, 1.5, 2.0, 3.0, 4.0, 6.0), (1.0, 1.5, 2.0, 3.0, 4.0)):
         pr = HVParams(**{**prm.__dict__, "class_prior": (1.0, wi, wc, 1.0, 1.0)})

@@ -65,8 +65,8 @@ def nucleus_frame(
     cls = np.array(class_ids if class_ids is not None else rng.integers(0, 6, n), np.int8)
     data: dict[str, Any] = {
         "id": [nucleus_uuid(fingerprint, x, y) for x, y in zip(cx, cy)],
-        "tile_row": np.zeros(n, np.int32),
-        "tile_col": np.arange(n, dtype=np.int32),
+        "block_row": np.zeros(n, np.int32),
+        "block_col": np.arange(n, dtype=np.int32),
         "centroid_x": cx,
         "centroid_y": cy,
         "centroid_x_um": cx * 0.25,
@@ -224,7 +224,7 @@ def test_clean_frame_counts_and_drops() -> None:
     cleaned, stats = clean_frame(frame)
     assert stats == {"n_in": 4, "n_repaired": 1, "n_dropped": 2}
     assert len(cleaned) == 2 and all(g.is_valid for g in cleaned["geometry"])
-    assert list(cleaned["tile_col"]) == [0, 2]
+    assert list(cleaned["block_col"]) == [0, 2]
 
 
 # ------------------------------------------------------------------------------------------

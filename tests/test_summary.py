@@ -149,6 +149,38 @@ def test_unclassified_empty_and_errors() -> None:
         s.add(frame([1], [0], [1.0]).drop(columns=["area_um2"]))
 
 
+def test_nested_regions_count_their_nuclei_and_the_slide_counts_each_once() -> None:
+    """A "hotspot" inside a "tissue" annotation (QuPath's rule: a nucleus belongs to every
+    annotation containing its centroid); the slide row's area is the union, not the sum."""
+    from wsi_nuclei.tissue import Region as TissueRegion, region_membership
+
+    tissue = TissueRegion(1, "tissue", box(0, 0, 4000, 4000), "user", "Tumor", None, "a1")
+    hot = TissueRegion(2, "hotspot", box(1000, 1000, 2000, 2000), "user", "Hotspot", None, "b2")
+    other = TissueRegion(3, "overlap", box(3000, 0, 5000, 4000), "user", None, None, None)
+    x = np.array([1500.0, 500.0, 3500.0, 4500.0, 9000.0])
+    y = np.array([1500.0, 500.0, 100.0, 100.0, 100.0])
+    m = region_membership(x, y, [tissue, hot, other])
+    # nucleus 0 in tissue and hotspot (primary: the smaller), 2 in tissue and overlap
+    assert sorted(zip(m.rows.tolist(), m.region_ids.tolist())) == [(0, 1), (0, 2), (1, 1), (2, 1), (2, 3), (3, 3)]
+    assert m.primary.tolist() == [2, 1, 3, 3, -1]  # the smallest containing region
+    f = frame([1, 2, 3, 1, 2], m.primary.tolist(), [10, 20, 30, 40, 50])
+    s = RegionSummarizer([tissue, hot, other], mpp=MPP)
+    s.add(f, (m.rows, m.region_ids))
+    out = s.finalize()
+    r = {x["region_name"]: x for x in out["regions"]}
+    assert (r["tissue"]["n_nuclei"], r["hotspot"]["n_nuclei"], r["overlap"]["n_nuclei"]) == (3, 1, 2)
+    assert r["hotspot"]["counts"]["Neoplastic"] == 1 and r["tissue"]["counts"]["Connective"] == 1
+    assert (r["tissue"]["region_class"], r["tissue"]["annotation_id"]) == ("Tumor", "a1")
+    assert out["slide"]["n_nuclei"] == 4 and out["slide"]["n_nuclei_outside_regions"] == 1
+    assert r["hotspot"]["area_mm2"] == pytest.approx(0.0625)  # its own polygon
+    # union of 4000 x 4000 and 2000 x 4000 overlapping by 1000 x 4000: 5000 x 4000 px
+    assert out["slide"]["area_mm2"] == pytest.approx(5000 * 4000 * MPP**2 / 1e6)
+    assert out["slide"]["area_um2"]["all"]["median"] == 25.0  # each nucleus once
+    # with a tolerance, a point just outside belongs to the nearest region
+    m2 = region_membership(np.array([4001.0, 6000.0]), np.array([4010.0, 100.0]), [tissue], tolerance=20)
+    assert m2.primary.tolist() == [1, -1] and m2.n_tolerated == 1
+
+
 def _strict(text: str) -> Any:
     def bad(name: str) -> Any:
         raise AssertionError(f"non-strict literal {name}")
@@ -163,8 +195,8 @@ def test_write_summary_json_and_csv_roundtrip(tmp_path: Path) -> None:
     table = pd.read_csv(csv_path)
     assert list(table["region_id"]) == ["0", "7", "slide"]
     assert list(table["region_name"]) == ["tissue 1", "tissue 2", "slide"]
-    first_cols = ["region_id", "region_name", "region_source", "area_mm2", "n_nuclei"]
-    assert list(table.columns[:5]) == first_cols
+    first_cols = ["region_id", "region_name", "region_source", "region_class", "annotation_id", "area_mm2", "n_nuclei"]
+    assert list(table.columns[:7]) == first_cols
     for name in NAMES:
         for col in (f"count_{name}", f"fraction_{name}", f"density_{name}_per_mm2",
                     f"area_um2_median_{name}", f"area_um2_q25_{name}",

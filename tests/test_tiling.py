@@ -1,389 +1,195 @@
-"""Tests of wsi_nuclei.tiling: grid geometry, the centroid-in-core ownership rule, overlap_check.
-
-The property-based test simulates the engine on a virtual label image: every tile sees the
-exact label crop of its output window (objects cut at the window border, zero padding past
-the image), computes centroids the way :mod:`wsi_nuclei.pipeline` does, applies
-:func:`owned_mask`, and the tiles are processed in a random order. Every object must be kept
-exactly once, by one tile, with all of its pixels.
-"""
+"""Tests of wsi_nuclei.tiling (patch and block grids, blending weights) and of the engine's
+map blender and strip plan, against definitions and hand-computed cases."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import ndimage as ndi
-from shapely.geometry import Point, box
 
-from wsi_nuclei.errors import OwnershipError
-from wsi_nuclei.tiling import TileGrid, make_grid, overlap_check, owned_mask, owner_of
+from wsi_nuclei.engine import MapBlender, plan_strips
+from wsi_nuclei.tiling import BlockGrid, PatchGrid, blend_weights, passes_per_pixel
 
 
 # --------------------------------------------------------------------------------------------
-# grid geometry
+# patch grid
 # --------------------------------------------------------------------------------------------
-def test_full_window_model_geometry() -> None:
-    g = make_grid(1000, 700, input_size=256, output_size=256, halo=48)
-    assert (g.core, g.halo, g.window, g.context) == (160, 48, 256, 0)
-    assert (g.n_rows, g.n_cols, len(g)) == (5, 7, 35)  # ceil(700/160), ceil(1000/160)
-    assert g.core_box(2, 3) == (480, 320, 640, 480)
-    assert g.window_box(2, 3) == (432, 272, 688, 528)
-    assert g.input_box(2, 3) == g.window_box(2, 3)  # input == output for this model
-    assert g.window_box(0, 0) == (-48, -48, 208, 208)  # reaches past the slide: padding
-    assert g.tiles()[:3] == [(0, 0), (0, 1), (0, 2)] and g.tiles()[-1] == (4, 6)
+def test_patch_grid_full_window_model() -> None:
+    g = PatchGrid(1000, 700, input_size=256, output_size=256, stride=192)
+    assert (g.border, g.context, g.n_rows, g.n_cols, len(g)) == (32, 0, 4, 6, 24)  # ceil(700/192), ceil(1000/192)
+    assert g.output_box(0, 0) == (-32, -32, 224, 224)
+    assert g.output_box(2, 3) == (544, 352, 800, 608)
+    assert g.input_box(2, 3) == g.output_box(2, 3)
+    # rows < final_before(r) get nothing from later patch rows: row r + 1 starts there
+    assert g.final_before(1) == g.output_box(2, 0)[1] == 352
 
 
-def test_hovernet_fast_256_in_164_out() -> None:
-    g = make_grid(500, 300, input_size=256, output_size=164, halo=32)
-    assert (g.core, g.window, g.context) == (100, 164, 46)
-    assert (g.n_rows, g.n_cols) == (3, 5)
-    for r, c in g.tiles():
-        cx0, cy0, cx1, cy1 = g.core_box(r, c)
-        wx0, wy0, wx1, wy1 = g.window_box(r, c)
-        ix0, iy0, ix1, iy1 = g.input_box(r, c)
-        assert (cx0 - wx0, cy0 - wy0, wx1 - cx1, wy1 - cy1) == (32, 32, 32, 32)
-        assert (ix1 - ix0, iy1 - iy0) == (256, 256)
-        # the input box is centred on the window (and on the core)
-        assert (wx0 - ix0, wy0 - iy0, ix1 - wx1, iy1 - wy1) == (46, 46, 46, 46)
-        assert (ix0 + ix1) / 2 == (cx0 + cx1) / 2 and (iy0 + iy1) / 2 == (cy0 + cy1) / 2
+def test_patch_grid_hovernet_fast() -> None:
+    g = PatchGrid(500, 300, input_size=256, output_size=164, stride=164)
+    assert (g.border, g.context, g.n_rows, g.n_cols) == (0, 46, 2, 4)
+    assert g.output_box(1, 2) == (328, 164, 492, 328)
+    assert g.input_box(1, 2) == (282, 118, 538, 374)  # 46 px of context on each side
 
 
-def test_odd_context_input_box_is_full_size() -> None:
-    # (input - window) odd is refused by make_grid, but a TileGrid built by hand must still
-    # give an input box of exactly input_size
-    g = TileGrid(100, 100, core=20, halo=5, input_size=33)
-    x0, y0, x1, y1 = g.input_box(1, 1)
-    assert (x1 - x0, y1 - y0) == (33, 33)
+@pytest.mark.parametrize("args", [(256, 256, 0), (256, 256, 300), (256, 164, 163), (256, 257, 256), (256, 256, 191),
+                                  (256, 256, 126)])
+def test_patch_grid_rejects_bad_geometry(args: tuple) -> None:
+    n_in, n_out, s = args
+    with pytest.raises(ValueError):
+        PatchGrid(100, 100, input_size=n_in, output_size=n_out, stride=s)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "fragment"),
-    [
-        ({"input_size": 164, "output_size": 256, "halo": 10}, "larger than input"),
-        ({"input_size": 256, "output_size": 163, "halo": 10}, "even number"),
-        ({"input_size": 256, "output_size": 256, "halo": 121}, "too large"),
-        ({"input_size": 256, "output_size": 164, "halo": 75}, "too large"),  # core 14 < 16
-    ],
-)
-def test_make_grid_rejects_bad_sizes(kwargs: dict, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment):
-        make_grid(1000, 1000, **kwargs)
-
-
-def test_tiny_image_has_one_tile() -> None:
-    g = make_grid(10, 5, input_size=256, output_size=256, halo=48)
-    assert len(g) == 1 and g.tiles() == [(0, 0)]
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    width=st.integers(1, 900),
-    height=st.integers(1, 900),
-    halo=st.integers(0, 60),
-    out_half=st.integers(40, 128),
-    ctx=st.integers(0, 40),
-    data=st.data(),
-)
-def test_cores_partition_the_plane(width: int, height: int, halo: int, out_half: int, ctx: int, data) -> None:
-    output = 2 * out_half
-    if output - 2 * halo < 16:
-        halo = (output - 16) // 2
-    g = make_grid(width, height, input_size=output + 2 * ctx, output_size=output, halo=halo)
-    assert g.window == output and g.context == ctx
-    # the cores cover the image, and neighbouring cores share their edges (no gap, no overlap)
-    assert g.n_cols * g.core >= width > (g.n_cols - 1) * g.core
-    assert g.n_rows * g.core >= height > (g.n_rows - 1) * g.core
-    for r, c in g.tiles():
-        x0, y0, x1, y1 = g.core_box(r, c)
-        assert x1 - x0 == y1 - y0 == g.core
-        if c + 1 < g.n_cols:
-            assert g.core_box(r, c + 1)[0] == x1 and g.core_box(r, c + 1)[1] == y0
-        if r + 1 < g.n_rows:
-            assert g.core_box(r + 1, c)[1] == y1 and g.core_box(r + 1, c)[0] == x0
-        wx0, wy0, wx1, wy1 = g.window_box(r, c)
-        assert (x0 - wx0, y0 - wy0, wx1 - x1, wy1 - y1) == (halo,) * 4
-        ix0, iy0, ix1, iy1 = g.input_box(r, c)
-        assert (wx0 - ix0, wy0 - iy0, ix1 - wx1, iy1 - wy1) == (ctx,) * 4
-    # random points: exactly one core contains each (half-open boxes): owner_of's answer
-    xs = np.array(data.draw(st.lists(st.floats(0, width, exclude_max=True), min_size=1, max_size=20)))
-    ys = np.array(data.draw(st.lists(st.floats(0, height, exclude_max=True), min_size=len(xs), max_size=len(xs))))
-    cores = np.array([g.core_box(r, c) for r, c in g.tiles()])
-    inside = ((cores[None, :, 0] <= xs[:, None]) & (xs[:, None] < cores[None, :, 2])
-              & (cores[None, :, 1] <= ys[:, None]) & (ys[:, None] < cores[None, :, 3]))
-    assert (inside.sum(axis=1) == 1).all()
-    rows, cols = owner_of(g, xs, ys)
-    assert (rows * g.n_cols + cols).tolist() == np.argmax(inside, axis=1).tolist()
-
-
-def test_owner_of_on_core_edges_and_outside() -> None:
-    g = make_grid(300, 300, input_size=140, output_size=140, halo=20)  # core 100
-    x = np.array([0.0, 99.999, 100.0, 199.99, 200.0, 299.9, -3.0, 350.0])
-    rows, cols = owner_of(g, x, np.full_like(x, 150.0))
-    assert cols.tolist() == [0, 0, 1, 1, 2, 2, 0, 2]  # left edge inclusive; outside clipped
-    assert rows.tolist() == [1] * len(x)
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 900), st.integers(8, 64), st.integers(0, 32), st.integers(-300, 1200), st.integers(1, 400))
+def test_covering_matches_the_definition(width: int, half_s: int, border: int, lo: int, length: int) -> None:
+    s = 2 * half_s
+    border = min(border, half_s)
+    g = PatchGrid(width, width, input_size=s + 2 * border, output_size=s + 2 * border, stride=s)
+    hi = lo + length
+    want = [k for k in range(g.n_cols) if g.output_start(k) < hi and g.output_start(k) + g.output_size > lo]
+    assert list(g.covering(lo, hi, g.n_cols)) == want
 
 
 # --------------------------------------------------------------------------------------------
-# owned_mask on hand-made cases
+# blending weights
 # --------------------------------------------------------------------------------------------
-def _grid() -> TileGrid:
-    return make_grid(300, 300, input_size=140, output_size=140, halo=20)  # core 100, window 140
+def test_blend_weights_hand_values() -> None:
+    w = blend_weights(8, 4)  # overlap 4: t = (d + 0.5) / 4 for d = 0, 1 (then 1)
+    s = lambda t: 3 * t * t - 2 * t**3  # noqa: E731
+    np.testing.assert_allclose(w, [s(0.125), s(0.375), s(0.625), s(0.875), s(0.875), s(0.625), s(0.375), s(0.125)], rtol=1e-6)
+    assert (blend_weights(164, 164) == 1).all()
 
 
-def test_owned_mask_centroids_on_core_edges() -> None:
-    g = _grid()
-    # tile (1, 1): core [100, 200)^2, window [80, 220)^2 -> window px = slide px - 80
-    cx = np.array([100.0, 99.99, 199.99, 200.0, 150.0, 150.0, 100.0])
-    cy = np.array([150.0, 150.0, 150.0, 150.0, 100.0, 99.5, 200.0])
-    bbox = np.tile([40, 40, 60, 60], (len(cx), 1))  # well inside the window
-    keep, n_bad = owned_mask(g, 1, 1, cx, cy, bbox)
-    assert keep.tolist() == [True, False, True, False, True, False, False]
-    assert n_bad == 0
-    # the left neighbour owns exactly the complementary point on its right edge
-    keep0, _ = owned_mask(g, 1, 0, cx, cy, bbox)
-    assert keep0.tolist() == [False, True, False, False, False, False, False]
-    # corner point (100, 100) belongs to (1, 1) only, among its four tiles
-    owners = [t for t in g.tiles() if owned_mask(g, *t, np.array([100.0]), np.array([100.0]), bbox[:1])[0][0]]
-    assert owners == [(1, 1)]
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 64), st.data())
+def test_blend_weights_are_a_partition_of_unity(half_s: int, data) -> None:
+    s = 2 * half_s
+    border = data.draw(st.integers(0, half_s))  # the grid keeps the overlap <= the stride
+    n = s + 2 * border
+    w = blend_weights(n, s)
+    total = np.zeros(10 * s + n)
+    for k in range(8):
+        total[k * s : k * s + n] += w
+    # everywhere covered by two neighbouring patches (or one, in a patch's interior), the
+    # weights sum to one
+    np.testing.assert_allclose(total[n - s : 8 * s], 1.0, rtol=1e-6)
+    assert w.min() > 0 and (w <= 1).all()
 
 
-def test_owned_mask_touching_the_window_border() -> None:
-    g = _grid()
-    w = g.window
-    cx, cy = np.array([150.0, 150.0, 150.0, 150.0, 50.0]), np.array([150.0] * 5)
-    bbox = np.array([
-        [0, 50, 20, 70],        # owned, touches the top border (row 0)
-        [50, 50, 70, w],        # owned, touches the right border (max exclusive == window)
-        [1, 1, w - 1, w - 1],   # owned, one pixel from every border: fine
-        [30, 30, 50, 50],       # owned, inside
-        [0, 0, 30, 30],         # touches, but owned by the left neighbour: not this tile's problem
-    ])
-    keep, n_bad = owned_mask(g, 1, 1, cx, cy, bbox)
-    assert keep.tolist() == [True, True, True, True, False]  # non-strict: kept, counted
-    assert n_bad == 2
-    with pytest.raises(OwnershipError, match=r"tile \(1, 1\): 2 nucleus"):
-        owned_mask(g, 1, 1, cx, cy, bbox, strict=True)
-    # strict mode does not fire for the rows that are fine
-    keep_ok, n_ok = owned_mask(g, 1, 1, cx[2:], cy[2:], bbox[2:], strict=True)
-    assert keep_ok.tolist() == [True, True, False] and n_ok == 0
-
-
-def _disc_image(cx: float, cy: float, radius: float) -> np.ndarray:
-    img = np.zeros((300, 300), np.int32)
-    yy, xx = np.mgrid[0:300, 0:300] + 0.5
-    img[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2] = 1
-    return img
-
-
-def test_owned_mask_strict_raises_for_nucleus_larger_than_halo() -> None:
-    """A disc of radius 30 > halo 20 centred in tile (1, 1)'s core, 8 px from its left edge."""
-    g = _grid()
-    img = _disc_image(108, 150, 30)
-    results = {t: _tile_view(g, img, *t) for t in g.tiles()}
-    owners = [t for t, (keep, _, _, _) in results.items() if keep.any()]
-    assert owners == [(1, 1)]
-    keep, n_bad, _, cnt = results[(1, 1)]
-    assert n_bad == 1  # flagged as oversized: it touches the window border
-    assert cnt[0] < int(img.sum())  # and the kept nucleus is indeed cut
-    with pytest.raises(OwnershipError, match="smaller than the nucleus radius"):
-        _tile_view(g, img, 1, 1, strict=True)
-
-
-def test_too_large_nucleus_can_be_claimed_twice_but_is_always_flagged() -> None:
-    """Radius 30 > halo 20, 5 px right of the core edge: the left neighbour's cut view has its
-    centroid at x = 99.9, in its own core. Both claims are flagged (the overlap safety net of
-    the pipeline removes the duplicate; strict mode refuses the run)."""
-    g = _grid()
-    img = _disc_image(105, 150, 30)
-    results = {t: _tile_view(g, img, *t) for t in g.tiles()}
-    owners = [t for t, (keep, _, _, _) in results.items() if keep.any()]
-    assert owners == [(1, 0), (1, 1)]
-    assert results[(1, 0)][1] == 1 and results[(1, 1)][1] == 1
-    for t in owners:
-        with pytest.raises(OwnershipError):
-            _tile_view(g, img, *t, strict=True)
-
-
-def test_owned_mask_empty_input() -> None:
-    keep, n_bad = owned_mask(_grid(), 0, 0, np.zeros(0), np.zeros(0), np.zeros((0, 4), int), strict=True)
-    assert keep.shape == (0,) and n_bad == 0
+def test_passes_per_pixel() -> None:
+    assert passes_per_pixel(100, 256, 100 * 192 * 192) == pytest.approx((256 / 192) ** 2)
 
 
 # --------------------------------------------------------------------------------------------
-# the ownership property on a virtual image
+# blocks
 # --------------------------------------------------------------------------------------------
-def _crop(img: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """img[y0:y1, x0:x1] with zeros outside the image."""
-    out = np.zeros((y1 - y0, x1 - x0), img.dtype)
-    h, w = img.shape
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
-    return out
-
-
-def _tile_view(g: TileGrid, img: np.ndarray, r: int, c: int, strict: bool = False):
-    """What tile (r, c) keeps, computed as wsi_nuclei.pipeline._own_and_measure does.
-
-    Returns (keep mask, n_oversized, labels, pixel counts of the labels in the window)."""
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 3000), st.integers(16, 700), st.data())
+def test_block_cores_partition_the_canvas(width: int, height: int, core: int, data) -> None:
+    halo = data.draw(st.integers(0, core))
+    g = BlockGrid(width, height, core, halo)
+    assert g.n_cols * core >= width > (g.n_cols - 1) * core
+    assert g.n_rows * core >= height > (g.n_rows - 1) * core
+    r, c = data.draw(st.integers(0, g.n_rows - 1)), data.draw(st.integers(0, g.n_cols - 1))
+    x0, y0, x1, y1 = g.core_box(r, c)
     wx0, wy0, wx1, wy1 = g.window_box(r, c)
-    crop = _crop(img, wx0, wy0, wx1, wy1)
-    labels = np.unique(crop)
-    labels = labels[labels > 0]
-    if not len(labels):
-        return np.zeros(0, bool), 0, labels, np.zeros(0, int)
-    objs = ndi.find_objects(crop)
-    bbox = np.array([(objs[k - 1][0].start, objs[k - 1][1].start, objs[k - 1][0].stop, objs[k - 1][1].stop) for k in labels])
-    ys, xs = np.nonzero(crop)
-    lab = crop[ys, xs]
-    n = int(labels.max()) + 1
-    cnt = np.bincount(lab, minlength=n)[labels]
-    cy = np.bincount(lab, weights=ys, minlength=n)[labels] / cnt + 0.5 + wy0
-    cx = np.bincount(lab, weights=xs, minlength=n)[labels] / cnt + 0.5 + wx0
-    keep, n_bad = owned_mask(g, r, c, cx, cy, bbox, strict=strict)
-    keep &= (cx >= 0) & (cy >= 0) & (cx < g.width) & (cy < g.height)
-    return keep, n_bad, labels, cnt
+    assert (x0 - wx0, y0 - wy0, wx1 - x1, wy1 - y1) == (halo,) * 4
+    xs = np.array(data.draw(st.lists(st.floats(0, width, exclude_max=True), min_size=1, max_size=10)))
+    ys = np.array(data.draw(st.lists(st.floats(0, height, exclude_max=True), min_size=len(xs), max_size=len(xs))))
+    rows, cols = g.owner_of(xs, ys)
+    assert ((cols * core <= xs) & (xs < (cols + 1) * core) & (rows * core <= ys) & (ys < (rows + 1) * core)).all()
 
 
-def _ellipse(shape: tuple[int, int], cx: float, cy: float, a: float, b: float, theta: float) -> np.ndarray:
-    """Pixels whose centres (i + 0.5) lie in the ellipse."""
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
-    dx, dy = xx - cx, yy - cy
-    c, s = math.cos(theta), math.sin(theta)
-    return ((dx * c + dy * s) / a) ** 2 + ((-dx * s + dy * c) / b) ** 2 <= 1.0
-
-
-_EDGE_OFFSETS = st.one_of(  # offset from a core edge, in px or as a fraction of the core
-    st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 0.25, -0.25]).map(lambda v: ("px", v)),
-    st.floats(-0.5, 0.5).map(lambda v: ("core", v)),
-)
-_OBJECT = st.tuples(
-    st.integers(0, 2), st.integers(0, 2),  # which inner core edge (x, y)
-    _EDGE_OFFSETS, _EDGE_OFFSETS,
-    st.floats(0.15, 1.0),  # semi-major axis as a fraction of its maximum
-    st.floats(0.1, 1.0),  # minor / major (down to needles)
-    st.floats(0, math.pi),
-)
-
-
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    core=st.integers(16, 48),
-    halo=st.integers(3, 16),
-    n_rows=st.integers(2, 4),
-    n_cols=st.integers(2, 4),
-    trim=st.tuples(st.integers(0, 15), st.integers(0, 15)),
-    objects=st.lists(_OBJECT, min_size=4, max_size=40),
-    data=st.data(),
-)
-def test_every_object_kept_exactly_once_and_whole(core, halo, n_rows, n_cols, trim, objects, data) -> None:
-    width, height = max(1, n_cols * core - trim[0]), max(1, n_rows * core - trim[1])
-    g = make_grid(width, height, input_size=core + 2 * halo + 2 * 7, output_size=core + 2 * halo, halo=halo)
-    img = np.zeros((height, width), np.int32)
-    masks: dict[int, np.ndarray] = {}
-    max_a = halo - 1.0  # farthest pixel below halo - 0.5 (strict mode must not fire either)
-    for kx, ky, dx, dy, fa, ratio, theta in objects:
-        a = max(1.0, fa * max_a)
-        b = max(0.6, ratio * a)
-        cx = (1 + kx % (g.n_cols - 1)) * core + (dx[1] if dx[0] == "px" else dx[1] * core)
-        cy = (1 + ky % (g.n_rows - 1)) * core + (dy[1] if dy[0] == "px" else dy[1] * core)
-        m = _ellipse(img.shape, cx, cy, a, b, theta)
-        if not m.any() or (img[m] > 0).any():
-            continue  # empty or overlapping another object
-        ys, xs = np.nonzero(m)
-        if ys.min() == 0 or xs.min() == 0 or ys.max() == height - 1 or xs.max() == width - 1:
-            continue  # keep objects inside the image (the pipeline pads past its border)
-        mx, my = xs.mean() + 0.5, ys.mean() + 0.5
-        if np.hypot(xs + 0.5 - mx, ys + 0.5 - my).max() > halo - 1.0:
-            continue
-        label = len(masks) + 1
-        img[m] = label
-        masks[label] = m
-    order = data.draw(st.permutations(g.tiles()), label="processing order")
-    kept: dict[int, list[tuple[tuple[int, int], int]]] = {}
-    for r, c in order:
-        for strict in (False, True):  # strict mode never fires when every object is below the halo
-            keep, n_bad, labels, cnt = _tile_view(g, img, r, c, strict=strict)
-            assert n_bad == 0
-        for lab, n in zip(labels[keep], cnt[keep]):
-            kept.setdefault(int(lab), []).append(((r, c), int(n)))
-    assume(masks)
-    assert sorted(kept) == sorted(masks), "an object was lost or invented"
-    for lab, hits in kept.items():
-        assert len(hits) == 1, f"object {lab} kept by {len(hits)} tiles: {hits}"
-        (r, c), n = hits[0]
-        assert n == int(masks[lab].sum()), f"object {lab} kept cut by tile {(r, c)}"
-        # the owner is the tile whose core holds the true centroid, and the whole object is
-        # inside its window
-        ys, xs = np.nonzero(masks[lab])
-        row, col = owner_of(g, np.array([xs.mean() + 0.5]), np.array([ys.mean() + 0.5]))
-        assert (int(row[0]), int(col[0])) == (r, c)
-        wx0, wy0, wx1, wy1 = g.window_box(r, c)
-        assert wx0 < xs.min() and xs.max() < wx1 - 1 and wy0 < ys.min() and ys.max() < wy1 - 1
-
-
-def test_ownership_on_a_dense_hand_made_layout() -> None:
-    """Discs of radius 9 centred on every core corner, edge midpoint and core centre (halo 12)."""
-    g = make_grid(120, 120, input_size=64, output_size=64, halo=12)  # core 40
-    img = np.zeros((120, 120), np.int32)
-    centres = [(x, y) for x in (20, 40, 60, 80, 100) for y in (20, 40, 60, 80, 100)]
-    yy, xx = np.mgrid[0:120, 0:120] + 0.5
-    for k, (x, y) in enumerate(centres, start=1):
-        img[(xx - x) ** 2 + (yy - y) ** 2 <= 9**2] = k
-    sizes = np.bincount(img.ravel())
-    seen: dict[int, int] = {}
-    for r, c in reversed(g.tiles()):
-        keep, n_bad, labels, cnt = _tile_view(g, img, r, c, strict=True)
-        assert n_bad == 0
-        for lab, n in zip(labels[keep], cnt[keep]):
-            assert lab not in seen
-            seen[int(lab)] = int(n)
-            assert n == sizes[lab]
-    assert sorted(seen) == list(range(1, len(centres) + 1))
+def test_block_grid_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError):
+        BlockGrid(100, 100, 8, 2)
+    with pytest.raises(ValueError):
+        BlockGrid(100, 100, 64, 65)
 
 
 # --------------------------------------------------------------------------------------------
-# overlap_check
+# the map blender
 # --------------------------------------------------------------------------------------------
-def test_overlap_check_drops_the_lower_probability_duplicate() -> None:
-    a = [box(0, 0, 10, 10), box(20, 0, 30, 10), box(40, 0, 50, 10)]
-    b = [box(1, 0, 11, 10), box(60, 0, 70, 10), box(41, 0, 51, 10)]  # b[0] ~ a[0], b[2] ~ a[2]
-    drop_a, drop_b = overlap_check(a, np.array([0.9, 0.5, 0.2]), b, np.array([0.8, 0.5, 0.7]))
-    assert drop_a.tolist() == [False, False, True]  # a[2] has the lower probability
-    assert drop_b.tolist() == [True, False, False]  # b[0] has the lower probability
+def _field(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A smooth 2-channel field on the canvas (what an ideal, position-free model predicts)."""
+    return np.stack([np.sin(x / 37.0) * np.cos(y / 23.0), (x - 2 * y) / 1000.0]).astype(np.float32)
 
 
-def test_overlap_check_ties_drop_from_b() -> None:
-    p = box(0, 0, 10, 10)
-    drop_a, drop_b = overlap_check([p], np.array([0.5]), [p], np.array([0.5]))
-    assert drop_a.tolist() == [False] and drop_b.tolist() == [True]
+@pytest.mark.parametrize("stride, border, strip", [(48, 8, (0, 300)), (64, 0, (-20, 260)), (40, 12, (100, 200))])
+def test_blender_reproduces_a_field_every_patch_agrees_on(stride: int, border: int, strip: tuple[int, int]) -> None:
+    """If every patch outputs the global field at its pixels, the blend is that field exactly
+    (the weights sum to one), also across strip edges and at the canvas corners."""
+    n = stride + 2 * border
+    pg = PatchGrid(300, 260, n, n, stride)
+    x0, x1 = strip
+    bl = MapBlender(pg, x0, x1, 2, np.zeros(2))
+    cols = pg.covering(x0, x1, pg.n_cols)
+    for r in range(pg.n_rows):
+        for c in cols:
+            ox0, oy0, ox1, oy1 = pg.output_box(r, c)
+            yy, xx = np.mgrid[oy0:oy1, ox0:ox1]
+            bl.add((r, c), _field(xx, yy).astype(np.float16))
+    bl.finish()
+    a = max(x0, 0)  # beyond the canvas: fill
+    win = bl.window((a, 0, x1, 260)).astype(np.float32)
+    yy, xx = np.mgrid[0:260, a:x1]
+    want = _field(xx, yy)
+    np.testing.assert_allclose(win, want, atol=2e-3)  # float16 storage
+    if a > x0:
+        assert (bl.window((x0, 0, a, 260)) == 0).all()
 
 
-def test_overlap_check_threshold_is_relative_to_the_smaller_polygon() -> None:
-    big = box(0, 0, 20, 20)  # area 400
-    inside = box(2, 2, 6, 6)  # area 16, fully inside: a duplicate
-    half = box(18, 0, 22, 4)  # area 16, overlap 8 = 50 %: a duplicate at the default 0.5
-    sliver = box(19, 0, 23, 4)  # area 16, overlap 4 = 25 %: not a duplicate
-    touching = box(20, 5, 30, 15)  # shares an edge only
-    drop_a, drop_b = overlap_check([big], np.array([1.0]), [inside, half, sliver, touching], np.zeros(4))
-    assert drop_b.tolist() == [True, True, False, False] and not drop_a.any()
-    _, drop_b = overlap_check([big], np.array([1.0]), [inside, half, sliver, touching], np.zeros(4), min_overlap=0.6)
-    assert drop_b.tolist() == [True, False, False, False]
+def test_blender_rows_become_final_in_order_and_release() -> None:
+    pg = PatchGrid(200, 200, 64, 64, 48)  # border 8
+    bl = MapBlender(pg, 0, 200, 1, np.full(1, -1.0))
+    ones = np.ones((1, 64, 64), np.float16)
+    for c in range(pg.n_cols):
+        bl.add((0, c), ones)
+    assert bl.final_y < 0  # nothing final while row 0 is open
+    bl.add((1, 0), ones)
+    assert bl.final_y == pg.final_before(0) == 40
+    with pytest.raises(ValueError, match="final"):
+        bl.window((0, 0, 10, 50))
+    assert (bl.window((0, 0, 200, 40)) == 1).all()
+    with pytest.raises(ValueError, match="row-major"):
+        bl.add((0, 1), ones)
+    bl.drop_before(100)
+    assert bl.chunks == []
+    bl.finish()
+    # rows released or never covered read as the fill value
+    assert (bl.window((0, 0, 10, 10)) == -1).all()
 
 
-def test_overlap_check_one_polygon_is_dropped_at_most_once() -> None:
-    # a[0] overlaps two polygons of b; once a[0] is dropped it removes nothing else
-    a = [box(0, 0, 10, 10)]
-    b = [box(0, 0, 10, 10), box(0.5, 0, 10.5, 10)]
-    drop_a, drop_b = overlap_check(a, np.array([0.1]), b, np.array([0.9, 0.8]))
-    assert drop_a.tolist() == [True] and drop_b.tolist() == [False, False]
+def test_blender_fill_where_no_patch_ran() -> None:
+    pg = PatchGrid(400, 100, 64, 64, 64)
+    bl = MapBlender(pg, 0, 400, 1, np.full(1, 7.0))
+    bl.add((0, 0), np.zeros((1, 64, 64), np.float16))
+    bl.add((0, 3), np.zeros((1, 64, 64), np.float16))
+    bl.finish()
+    w = bl.window((0, 0, 400, 64))
+    assert (w[0, :, :64] == 0).all() and (w[0, :, 64:192] == 7).all() and (w[0, :, 192:256] == 0).all()
 
 
-def test_overlap_check_empty_sets() -> None:
-    drop_a, drop_b = overlap_check([], np.zeros(0), [Point(0, 0).buffer(3)], np.ones(1))
-    assert drop_a.shape == (0,) and drop_b.tolist() == [False]
-    drop_a, drop_b = overlap_check([Point(0, 0).buffer(3)], np.ones(1), [], np.zeros(0))
-    assert drop_a.tolist() == [False] and drop_b.shape == (0,)
+# --------------------------------------------------------------------------------------------
+# strips
+# --------------------------------------------------------------------------------------------
+def test_plan_strips_batches_cover_every_window_once() -> None:
+    pg = PatchGrid(3000, 1000, 256, 256, 192)
+    bg = BlockGrid(3000, 1000, 512, 64)
+    active = [b for b in bg.blocks() if b != (0, 2)]
+    strips = plan_strips(pg, bg, active, strip_blocks=2, batch_size=5)
+    assert [min(c for _, c in s.blocks) // 2 for s in strips] == [0, 1, 2]
+    assert sorted(b for s in strips for b in s.blocks) == sorted(active)
+    for k, s in enumerate(strips):
+        flat = [p for b in s.batches for p in b]
+        assert flat == sorted(flat) and len(set(flat)) == len(flat)  # row-major, each once
+        assert all(len(b) == 5 for b in s.batches[:-1]) and 1 <= len(s.batches[-1]) <= 5
+        for r, c in s.blocks:  # every patch meeting an active window is in the strip
+            x0, y0, x1, y1 = bg.window_box(r, c)
+            want = {(pr, pc) for pr in pg.covering(y0, y1, pg.n_rows) for pc in pg.covering(x0, x1, pg.n_cols)}
+            assert want <= set(flat)
+        assert (s.x0, s.x1) == (2 * k * 512 - 64, (2 * k + 2) * 512 + 64)
+    # a filter of the slide (e.g. "near tissue") removes patches, never adds any
+    only_left = plan_strips(pg, bg, active, patch_ok=lambda r, c: c < 3, strip_blocks=2, batch_size=5)
+    assert all(p[1] < 3 for s in only_left for b in s.batches for p in b)

@@ -55,8 +55,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", help="QuPath GeoJSON annotations (export): process only inside them and summarise per annotation")
     p.add_argument("--tissue", default="auto", choices=["auto", "none"],
                    help="auto: detect tissue on a thumbnail and skip tiles without tissue; none: process the whole image as one region (default: auto)")
-    p.add_argument("--halo", type=int, help="tile halo in model px; must exceed the largest nucleus radius (default: 48 for 256-px output models, 32 for HoVer-Net fast)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per inference batch (default: 16)")
+    p.add_argument("--block-size", type=int, default=1024, help="post-processing block size in model px: the blended network maps are "
+                   "post-processed in blocks of this size, each read with --halo around it (default: %(default)s)")
+    p.add_argument("--halo", type=int, help="block halo in model px: must exceed the largest nucleus radius plus the post-processing's "
+                   "reach (default: the model's, 96)")
+    p.add_argument("--batch-size", type=int, default=16, help="network patches per inference batch (default: 16)")
     p.add_argument("--max-in-flight", type=int, default=4, help="batches in flight at once; bounds memory (default: 4)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int, default=1, help="local Dask worker processes; 1 = in-process threads (default: 1)")
@@ -77,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputNotFoundError(f"{args.slide}: no such file")
     cfg = RunConfig(
         slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device, tta=args.tta,
-        backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo,
+        backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo, block_size=args.block_size,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
@@ -97,13 +100,18 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
         f"  model       {m['model']['name']} on {m['device']}",
         f"  resolution  {m['resolution']['mpp']:.4f} um/px ({m['resolution']['mpp_source']}), level {m['resolution'].get('level', 0)}, "
         f"scale x{m['resolution']['scale_level0_to_model']:.3f} to {m['model']['mpp']} um/px",
-        f"  tiles       {res.tiles_processed} processed of {res.tiles_total} ({res.tiles_total - res.tiles_processed} without tissue)",
+        f"  patches     {m['qc']['patches_planned']} of {res.patches_total} ({m['qc']['passes_per_pixel']:.2f} network passes per pixel), "
+        f"{m['qc']['blocks_processed']} blocks",
+        f"  seams       {m['qc']['seam_candidates']} candidates: {m['qc']['seam_duplicates_removed']} duplicates removed, "
+        f"{m['qc']['seam_trimmed']} trimmed",
         f"  nuclei      {res.n_nuclei}",
     ]
     for name, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
         pct = 100 * n / max(1, res.n_nuclei)
         lines.append(f"    {name:<14}{n:>9}  {pct:5.1f}%")
-    lines.append(f"  time        {res.seconds['total']:.1f} s (inference {res.seconds['inference_wall']:.1f} s)")
+    lines.append(f"  time        {res.seconds['total']:.1f} s (inference and post-processing {res.seconds['execute']:.1f} s)")
+    for w in m.get("warnings", []):
+        lines.append(f"  warning     {w}")
     lines.append(f"  files in    {res.out_dir}/")
     for n, p in res.files.items():
         lines.append(f"    {p.name}")

@@ -3,7 +3,11 @@
 :func:`hv_to_instances` is the HoVer-Net post-processing (Graham et al. 2019): markers from the
 nucleus probability minus the strong gradients of the horizontal/vertical distance maps, then
 a marker-controlled watershed; each instance's class is the majority vote of its pixels'
-class (as in the PanNuke literature) and its probability the mean class probability.
+class (as in the PanNuke literature) and its probability the mean class probability. Unlike
+the original, every step is independent of the window it runs on (fixed scaling of the
+gradients instead of per-image min/max normalisation, hole filling by hole size instead of
+"not touching the border"), so post-processing the same maps in overlapping blocks gives the
+same nuclei away from the block borders.
 
 :func:`measure_instances` turns an instance map into polygons and morphometry. Both are pure
 functions over arrays so that a GPU (torch) implementation can replace them behind the same
@@ -13,6 +17,7 @@ signature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -35,16 +40,41 @@ class HVParams:
     min_marker_px: int = 10
     min_nucleus_px: int = 10
     marker_open_px: int = 5
+    #: holes in the markers smaller than this (px) are filled
+    hole_px: int = 256
+    #: fixed scaling of the distance-map gradients (in units of a unit step): the largest
+    #: rise inside nuclei and the largest fall between them, as HoVer-Net's per-image
+    #: min/max normalisation finds them on typical maps
+    grad_offset: float = 0.3
+    grad_range: float = 0.6
     #: multipliers of the class probabilities (classes 1..C-1) before the vote: a prior
     #: correction for a class head trained on skewed class frequencies; None = 1 for all
     class_prior: tuple[float, ...] | None = None
 
 
-def _normalise(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    if hi - lo < 1e-12:
-        return np.zeros_like(a, dtype=np.float32)
-    return ((a - lo) / (hi - lo)).astype(np.float32)
+@lru_cache(maxsize=8)
+def _step_response(ksize: int) -> float:
+    """Largest response of OpenCV's ``Sobel(dx=1, ksize)`` to a field in [0, 1] (a unit step)."""
+    kx, ky = cv2.getDerivKernels(1, 0, ksize)
+    return float(np.sum(kx[kx > 0]) * np.sum(ky))
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill background components of ``mask`` smaller than ``max_px`` pixels.
+
+    Unlike ``binary_fill_holes`` (which fills whatever does not touch the image border) the
+    decision only depends on the hole itself, so a mask cropped into two windows is filled the
+    same way away from the window borders.
+    """
+    if max_px <= 0:
+        return mask
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    small = sizes < max_px
+    small[0] = False
+    return mask | small[lab]
 
 
 def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:
@@ -89,14 +119,21 @@ def hv_to_instances(
     blb_lab = _remove_small(blb_lab, params.min_nucleus_px)
     blb = blb_lab > 0
 
-    h_dir = _normalise(hv[0])
-    v_dir = _normalise(hv[1])
+    # fixed scaling (no per-window min/max): the distance maps are bounded to [-1, 1] and the
+    # Sobel responses divided by the kernel's response to a unit step, so that the same maps
+    # cropped into two overlapping windows give the same instances away from the borders
     k = params.sobel_ksize
-    sob_h = cv2.Sobel(h_dir, cv2.CV_32F, 1, 0, ksize=k)
-    sob_v = cv2.Sobel(v_dir, cv2.CV_32F, 0, 1, ksize=k)
-    sob_h = 1.0 - _normalise(sob_h)
-    sob_v = 1.0 - _normalise(sob_v)
-    edges = np.maximum(sob_h, sob_v)
+    unit = _step_response(k)
+    h_dir = (np.clip(hv[0], -1.0, 1.0).astype(np.float32) + 1.0) * 0.5
+    v_dir = (np.clip(hv[1], -1.0, 1.0).astype(np.float32) + 1.0) * 0.5
+    # a boundary between two nuclei is a fall of the distance map (+1 -> -1), a nucleus's
+    # interior a gentle rise: the gradient g (1 = a unit step within the kernel) is mapped to
+    # an edge strength (a - g) / (a + G) in [0, 1], with fixed constants where HoVer-Net uses
+    # the window's own min and max (a = G = typical values of those on real maps)
+    a, big = params.grad_offset, params.grad_range
+    sob_h = cv2.Sobel(h_dir, cv2.CV_32F, 1, 0, ksize=k) / unit
+    sob_v = cv2.Sobel(v_dir, cv2.CV_32F, 0, 1, ksize=k) / unit
+    edges = np.clip((a - np.minimum(sob_h, sob_v)) / (a + big), 0.0, 1.0)
     edges = np.clip(edges - (~blb).astype(np.float32), 0, None)
 
     dist = (1.0 - edges) * blb
@@ -104,7 +141,7 @@ def hv_to_instances(
 
     strong = edges >= params.edge_threshold
     marker = blb & ~strong
-    marker = ndi.binary_fill_holes(marker)
+    marker = _fill_small_holes(marker, params.hole_px)
     r = params.marker_open_px
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r))
     marker = cv2.morphologyEx(marker.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)

@@ -33,8 +33,8 @@ CLASS_COLORS: Final[dict[int, tuple[int, int, int]]] = {
 #: Columns of a nucleus table, with dtypes. ``geometry`` holds shapely Polygons.
 NUCLEUS_COLUMNS: Final[dict[str, str]] = {
     "id": "str",  # deterministic UUID (uuid5), see wsi_nuclei.export.nucleus_uuid
-    "tile_row": "int32",
-    "tile_col": "int32",
+    "block_row": "int32",  # post-processing block that output the nucleus
+    "block_col": "int32",
     "centroid_x": "float64",  # level-0 px
     "centroid_y": "float64",
     "centroid_x_um": "float64",

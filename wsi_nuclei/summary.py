@@ -120,6 +120,9 @@ class RegionSummarizer:
         n_cls = len(self._class_ids) + 1  # last column: classes not reported
         self._counts = np.zeros((len(self._regions), n_cls), dtype=np.int64)
         self._areas: dict[tuple[int, int], list[np.ndarray]] = {}
+        # the whole slide counts each nucleus once, even where regions nest or overlap
+        self._slide_counts = np.zeros(n_cls, dtype=np.int64)
+        self._slide_areas: dict[int, list[np.ndarray]] = {}
         self._n_outside = 0
 
     def _region_index(self, region_ids: np.ndarray) -> np.ndarray:
@@ -145,13 +148,19 @@ class RegionSummarizer:
         mapped = np.array([lookup.get(int(u), other) for u in uniq], dtype=np.int64)
         return mapped[inverse.reshape(-1)]
 
-    def add(self, frame: pd.DataFrame) -> None:
+    def add(self, frame: pd.DataFrame, membership: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Accumulate one nucleus table (needs ``region_id``, ``class_id`` and ``area_um2``).
 
         Parameters
         ----------
         frame : pandas.DataFrame
             One batch of nuclei (:data:`wsi_nuclei.schema.NUCLEUS_COLUMNS`).
+        membership : (rows, region_ids), optional
+            Every (nucleus row, region id) pair when a nucleus may belong to several regions
+            (nested or overlapping annotations; :func:`wsi_nuclei.tissue.region_membership`):
+            each region counts all nuclei it contains. By default each nucleus belongs to its
+            ``region_id`` only. The whole slide counts every nucleus with ``region_id != -1``
+            once either way.
 
         Raises
         ------
@@ -163,15 +172,27 @@ class RegionSummarizer:
             raise ValueError(f"RegionSummarizer.add: nucleus table lacks {', '.join(missing)}")
         if len(frame) == 0:
             return
-        ridx = self._region_index(frame["region_id"].to_numpy(dtype=np.int64))
-        inside = ridx >= 0
+        primary = self._region_index(frame["region_id"].to_numpy(dtype=np.int64))
+        inside = primary >= 0
         self._n_outside += int((~inside).sum())
         if not inside.any():
             return
-        ridx = ridx[inside]
-        cidx = self._class_index(frame["class_id"].to_numpy(dtype=np.int64)[inside])
-        areas = frame["area_um2"].to_numpy(dtype=np.float32)[inside]
+        all_cidx = self._class_index(frame["class_id"].to_numpy(dtype=np.int64))
+        all_areas = frame["area_um2"].to_numpy(dtype=np.float32)
         n_cls = self._counts.shape[1]
+        self._slide_counts += np.bincount(all_cidx[inside], minlength=n_cls)
+        for k in np.unique(all_cidx[inside]).tolist():
+            self._slide_areas.setdefault(int(k), []).append(all_areas[inside & (all_cidx == k)])
+        if membership is None:
+            rows = np.nonzero(inside)[0]
+            ridx = primary[inside]
+        else:
+            rows = np.asarray(membership[0], np.int64)
+            ridx = self._region_index(np.asarray(membership[1], np.int64))
+            ok = ridx >= 0
+            rows, ridx = rows[ok], ridx[ok]
+        cidx = all_cidx[rows]
+        areas = all_areas[rows]
         key = ridx * n_cls + cidx
         self._counts += np.bincount(key, minlength=self._counts.size).reshape(
             self._counts.shape
@@ -184,21 +205,29 @@ class RegionSummarizer:
             chunk = areas[order[start:stop]]
             self._areas.setdefault((k // n_cls, k % n_cls), []).append(chunk)
 
-    def _areas_of(self, regions: Sequence[int], column: int | None) -> np.ndarray:
-        """All accumulated areas of ``regions`` for one class column (None: every class)."""
+    def _areas_of(self, regions: Sequence[int] | None, column: int | None) -> np.ndarray:
+        """All accumulated areas of ``regions`` (None: the whole slide) for one class column
+        (None: every class)."""
         cols = range(self._counts.shape[1]) if column is None else [column]
-        chunks = [c for r in regions for k in cols for c in self._areas.get((r, k), [])]
+        if regions is None:
+            chunks = [c for k in cols for c in self._slide_areas.get(k, [])]
+        else:
+            chunks = [c for r in regions for k in cols for c in self._areas.get((r, k), [])]
         if not chunks:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(chunks)
 
     def _summarize(
-        self, rows: Sequence[int], area_mm2: float, head: dict[str, Any]
+        self, rows: Sequence[int] | None, area_mm2: float, head: dict[str, Any]
     ) -> dict[str, Any]:
-        """Summary of the nuclei of region rows ``rows`` over ``area_mm2``."""
-        counts = self._counts[list(rows)].sum(axis=0) if rows else np.zeros(
-            self._counts.shape[1], dtype=np.int64
-        )
+        """Summary of the nuclei of region rows ``rows`` (None: the whole slide) over
+        ``area_mm2``."""
+        if rows is None:
+            counts = self._slide_counts
+        else:
+            counts = self._counts[list(rows)].sum(axis=0) if rows else np.zeros(
+                self._counts.shape[1], dtype=np.int64
+            )
         total = int(counts.sum())
 
         def density(n: int) -> float | None:
@@ -233,7 +262,8 @@ class RegionSummarizer:
             mpp and its source, level, model name and sha256, package version, seconds per
             stage, ...); copied into ``summary["qc"]`` (NaN -> None, numpy -> Python).
         slide_area_mm2 : float, optional
-            Area of the whole slide's analysed tissue; by default the sum of the region areas.
+            Area of the whole slide's analysed tissue; by default the area of the union of the
+            regions (nested or overlapping regions count once).
 
         Returns
         -------
@@ -247,12 +277,20 @@ class RegionSummarizer:
             area = float(region.geometry.area) * mm2_per_px2
             areas.append(area)
             head = {"region_id": int(region.id), "region_name": str(region.name),
-                    "source": str(region.source)}
+                    "source": str(region.source),
+                    "region_class": getattr(region, "classification", None),
+                    "annotation_id": getattr(region, "annotation_id", None)}
             regions.append(self._summarize([i], area, head))
-        slide_area = float(sum(areas)) if slide_area_mm2 is None else float(slide_area_mm2)
+        if slide_area_mm2 is None:
+            import shapely
+
+            geoms = [r.geometry for r in self._regions]
+            slide_area = float(shapely.union_all(geoms).area) * mm2_per_px2 if geoms else 0.0
+        else:
+            slide_area = float(slide_area_mm2)
         slide_head = {"region_id": SLIDE_KEY, "region_name": SLIDE_KEY,
-                      "source": "union of regions"}
-        slide = self._summarize(list(range(len(self._regions))), slide_area, slide_head)
+                      "source": "union of regions", "region_class": None, "annotation_id": None}
+        slide = self._summarize(None, slide_area, slide_head)
         slide["n_nuclei_outside_regions"] = self._n_outside
         return json_ready({
             "summary_version": SUMMARY_VERSION,
@@ -300,6 +338,8 @@ def flatten_region(
         "region_id": region.get("region_id"),
         "region_name": region.get("region_name"),
         "region_source": region.get("source"),
+        "region_class": region.get("region_class"),
+        "annotation_id": region.get("annotation_id"),
         "area_mm2": region.get("area_mm2"),
         "n_nuclei": region.get("n_nuclei"),
         "n_nuclei_outside_regions": region.get("n_nuclei_outside_regions"),

@@ -1,24 +1,23 @@
-"""Tiling at model resolution and the exact ownership rule for nuclei across tile borders.
+"""Geometry at model resolution: the network's patch grid and the post-processing block grid.
 
-Geometry (all in *model pixels*: level-0 pixels times ``slide_mpp / model_mpp``)::
+All coordinates are *model pixels* (level-0 pixels times ``slide_mpp / model_mpp``) on the
+slide's canvas ``[0, width) x [0, height)``. Two grids, kept apart as StarDist's ``big.py``
+keeps "context" apart from "object overlap":
 
-    core     [c*S, (c+1)*S)                  the cores partition the plane
-    window   core grown by the halo M        = the model's output window, W = S + 2M
-    input    window grown by the context     = the model's input, (input - W) / 2 per side
+**Patch grid** (:class:`PatchGrid`): where the network runs. Patch ``k`` along an axis has
+its *output* window at ``[k * S - B, k * S - B + N)`` (``N`` = model output size, ``S`` = stride,
+``B = (N - S) / 2`` = the border the model does not fully trust) and its *input* window
+``(input - output) / 2`` pixels larger on each side. The grid is anchored at the canvas
+origin and depends on nothing but the model, so every pixel's network output is a function of
+the slide and the model alone. Overlapping outputs are blended with :func:`blend_weights`
+(a smooth cross-fade over the ``N - S`` overlap that sums to one), so the blended map is
+continuous across patch borders and each pixel is dominated by the patch that sees it with the
+most context.
 
-**Ownership invariant** (in the spirit of StarDist's block rule): a nucleus belongs to the
-one tile whose *core* contains its centroid. If the halo M is larger than the distance from
-any nucleus's centroid to its farthest pixel, that nucleus lies entirely inside its owner's
-window, so the owner sees it whole; every other tile either sees it cut (touching its window
-border: discarded) or whole but with the centroid outside its core (discarded). Hence each
-nucleus is kept exactly once, whatever the order in which tiles are processed.
-:func:`owned_mask` applies the rule and raises :class:`~wsi_nuclei.errors.OwnershipError`
-(strict mode) when a nucleus owned by a tile touches that tile's window border, i.e. when the
-halo is too small for it.
-
-Because a network may segment the same nucleus slightly differently in two tiles, the
-centroid can move across a core border; :func:`overlap_check` is the safety net that removes
-(and reports) such rare duplicates.
+**Block grid** (:class:`BlockGrid`): where post-processing runs on the blended maps. Block
+``(r, c)`` owns its *core* ``[c * C, (c + 1) * C) x [r * C, (r + 1) * C)`` and reads a *window*
+grown by the halo ``M``. How nuclei near block borders are resolved (exactly once, whatever
+the tiling) is :mod:`wsi_nuclei.stitching`.
 """
 
 from __future__ import annotations
@@ -28,41 +27,135 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OwnershipError
-
-__all__ = ["TileGrid", "make_grid", "owner_of", "owned_mask", "overlap_check"]
+__all__ = ["PatchGrid", "BlockGrid", "blend_weights", "passes_per_pixel"]
 
 
 @dataclass(frozen=True)
-class TileGrid:
-    """A grid of tiles covering a ``width`` x ``height`` model-pixel image.
+class PatchGrid:
+    """The network's fixed patch grid over a ``width`` x ``height`` canvas (model px).
 
     Attributes
     ----------
     width, height : int
-        Size of the slide at model resolution (model px).
+        Canvas size at model resolution.
+    input_size, output_size : int
+        The model's input and output windows (square).
+    stride : int
+        Distance between neighbouring patches' outputs (``<= output_size``).
+    """
+
+    width: int
+    height: int
+    input_size: int
+    output_size: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.stride <= self.output_size <= self.input_size:
+            raise ValueError(f"need 0 < stride <= output <= input, got {self.stride}, {self.output_size}, {self.input_size}")
+        if (self.output_size - self.stride) % 2 or (self.input_size - self.output_size) % 2:
+            raise ValueError("output - stride and input - output must be even")
+        if self.output_size > 2 * self.stride:  # more than two patches would overlap a pixel
+            raise ValueError(f"stride {self.stride} less than half the output {self.output_size}")
+
+    @property
+    def border(self) -> int:
+        """Output pixels on each side shared with the neighbouring patch: ``(N - S) / 2``."""
+        return (self.output_size - self.stride) // 2
+
+    @property
+    def context(self) -> int:
+        """Input pixels on each side beyond the output window."""
+        return (self.input_size - self.output_size) // 2
+
+    @property
+    def n_rows(self) -> int:
+        return max(1, math.ceil(self.height / self.stride))
+
+    @property
+    def n_cols(self) -> int:
+        return max(1, math.ceil(self.width / self.stride))
+
+    def __len__(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def output_start(self, k: int | np.ndarray) -> int | np.ndarray:
+        """First output pixel of patch ``k`` along an axis."""
+        return k * self.stride - self.border
+
+    def output_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the patch's output window (half-open)."""
+        x0, y0 = col * self.stride - self.border, row * self.stride - self.border
+        return x0, y0, x0 + self.output_size, y0 + self.output_size
+
+    def input_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the patch's input window (may extend past the canvas)."""
+        x0, y0, x1, y1 = self.output_box(row, col)
+        c = self.context
+        return x0 - c, y0 - c, x1 + c, y1 + c
+
+    def covering(self, lo: int, hi: int, n: int) -> range:
+        """Patch indices (along an axis with ``n`` patches) whose output meets ``[lo, hi)``."""
+        first = max(0, -(-(lo + self.border - self.output_size + 1) // self.stride))
+        last = min(n - 1, (hi - 1 + self.border) // self.stride)
+        return range(first, last + 1)
+
+    def final_before(self, row: int) -> int:
+        """Canvas rows ``< final_before(r)`` receive no output from patch rows after ``r``."""
+        return (row + 1) * self.stride - self.border
+
+
+def blend_weights(output_size: int, stride: int) -> np.ndarray:
+    """Per-pixel blending weight along one axis of a patch output, shape ``(output_size,)``.
+
+    A smoothstep cross-fade over the ``overlap = output_size - stride`` pixels at each end:
+    ``w(d) = s((d + 0.5) / overlap)`` with ``d`` the distance to the output border and
+    ``s(t) = 3t² - 2t³`` (clipped to [0, 1]); 1 where no neighbour overlaps. Because
+    ``s(t) + s(1 - t) = 1``, the weights of two neighbouring patches sum to exactly one
+    everywhere in their overlap, and the 2-D weight (the outer product) sums to one over the
+    four patches at a corner. Pixels at a patch's very border weigh almost nothing.
+    """
+    o = output_size - stride
+    if o <= 0:
+        return np.ones(output_size, np.float32)
+    d = np.minimum(np.arange(output_size), np.arange(output_size)[::-1]).astype(np.float64)
+    t = np.clip((d + 0.5) / o, 0.0, 1.0)
+    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+
+
+def passes_per_pixel(n_patches: int, input_size: int, area_px: float) -> float:
+    """Network input pixels per canvas pixel processed: ``patches * input² / area``."""
+    return float(n_patches * input_size * input_size / area_px) if area_px > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Post-processing blocks of ``core`` x ``core`` model px, each read with a ``halo``.
+
+    Attributes
+    ----------
+    width, height : int
+        Canvas size (model px).
     core : int
-        Core size S (the stride).
+        Block core size C (the cores partition the canvas).
     halo : int
-        Halo M around the core; the output window is ``core + 2 * halo``.
-    input_size : int
-        Model input size (>= window).
+        Halo M around the core; the window is ``core + 2 * halo``.
     """
 
     width: int
     height: int
     core: int
     halo: int
-    input_size: int
+
+    def __post_init__(self) -> None:
+        if self.core < 16:
+            raise ValueError(f"block size {self.core} too small (at least 16 px)")
+        if not 0 <= self.halo <= self.core:
+            raise ValueError(f"halo {self.halo} must be between 0 and the block size {self.core}")
 
     @property
     def window(self) -> int:
         return self.core + 2 * self.halo
-
-    @property
-    def context(self) -> int:
-        """Extra input pixels on each side of the output window."""
-        return (self.input_size - self.window) // 2
 
     @property
     def n_rows(self) -> int:
@@ -76,127 +169,22 @@ class TileGrid:
         return self.n_rows * self.n_cols
 
     def core_box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the tile's core, model px (half-open)."""
-        return col * self.core, row * self.core, (col + 1) * self.core, (row + 1) * self.core
+        """``(x0, y0, x1, y1)`` of the block's core, model px (half-open)."""
+        c = self.core
+        return col * c, row * c, (col + 1) * c, (row + 1) * c
 
     def window_box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the output window, model px."""
+        """``(x0, y0, x1, y1)`` of the block's window (core grown by the halo)."""
         x0, y0, x1, y1 = self.core_box(row, col)
         m = self.halo
         return x0 - m, y0 - m, x1 + m, y1 + m
 
-    def input_box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the model input, model px (may extend past the slide)."""
-        x0, y0, x1, y1 = self.window_box(row, col)
-        c = self.context
-        return x0 - c, y0 - c, x0 - c + self.input_size, y0 - c + self.input_size
-
-    def tiles(self) -> list[tuple[int, int]]:
-        """All (row, col) in row-major order."""
+    def blocks(self) -> list[tuple[int, int]]:
+        """All ``(row, col)`` in row-major order."""
         return [(r, c) for r in range(self.n_rows) for c in range(self.n_cols)]
 
-
-def make_grid(width: int, height: int, *, input_size: int, output_size: int, halo: int) -> TileGrid:
-    """Grid for a model with the given input/output sizes and a halo of ``halo`` model px.
-
-    Raises
-    ------
-    ValueError
-        If the halo leaves no core, or the output is larger than the input.
-    """
-    if output_size > input_size:
-        raise ValueError(f"output size {output_size} larger than input size {input_size}")
-    if (input_size - output_size) % 2:
-        raise ValueError("input and output sizes must differ by an even number of pixels")
-    core = output_size - 2 * halo
-    if core < 16:
-        raise ValueError(f"halo {halo} too large for an output window of {output_size} px")
-    return TileGrid(int(width), int(height), core, int(halo), int(input_size))
-
-
-def owner_of(grid: TileGrid, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of the tile whose core contains each point (model px)."""
-    col = np.clip(np.floor(np.asarray(x) / grid.core), 0, grid.n_cols - 1).astype(np.int64)
-    row = np.clip(np.floor(np.asarray(y) / grid.core), 0, grid.n_rows - 1).astype(np.int64)
-    return row, col
-
-
-def owned_mask(
-    grid: TileGrid,
-    row: int,
-    col: int,
-    cx: np.ndarray,
-    cy: np.ndarray,
-    bbox: np.ndarray,
-    *,
-    strict: bool = False,
-) -> tuple[np.ndarray, int]:
-    """Which nuclei found in tile (row, col) this tile owns.
-
-    Parameters
-    ----------
-    grid : TileGrid
-    row, col : int
-        The tile.
-    cx, cy : ndarray of float, shape (N,)
-        Centroids in model px (slide frame).
-    bbox : ndarray of int, shape (N, 4)
-        (min_row, min_col, max_row, max_col) of each nucleus in *window* pixel coordinates
-        (max exclusive), as returned by ``scipy.ndimage.find_objects``.
-    strict : bool
-        Raise :class:`OwnershipError` when an owned nucleus touches the window border
-        (the halo is too small for it); otherwise keep it and count it.
-
-    Returns
-    -------
-    keep : ndarray of bool, shape (N,)
-    n_oversized : int
-        Owned nuclei that touch the window border (kept, possibly cut).
-    """
-    r, c = owner_of(grid, cx, cy)
-    owned = (r == row) & (c == col)
-    w = grid.window
-    bbox = np.asarray(bbox).reshape(-1, 4)
-    touches = (bbox[:, 0] <= 0) | (bbox[:, 1] <= 0) | (bbox[:, 2] >= w) | (bbox[:, 3] >= w)
-    bad = owned & touches
-    n_bad = int(bad.sum())
-    if n_bad and strict:
-        raise OwnershipError(
-            f"tile ({row}, {col}): {n_bad} nucleus/nuclei owned by this tile touch its window border; "
-            f"the halo ({grid.halo} px) is smaller than the nucleus radius"
-        )
-    return owned, n_bad
-
-
-def overlap_check(
-    polys_a: list, probs_a: np.ndarray, polys_b: list, probs_b: np.ndarray, *, min_overlap: float = 0.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Find duplicates between two sets of polygons from neighbouring tiles.
-
-    A pair is a duplicate when their intersection covers at least ``min_overlap`` of the
-    smaller polygon; the one with the lower probability (ties: the one in ``b``) is dropped.
-
-    Returns
-    -------
-    drop_a, drop_b : ndarray of bool
-        Masks of the polygons to remove from each set.
-    """
-    import shapely
-
-    drop_a = np.zeros(len(polys_a), bool)
-    drop_b = np.zeros(len(polys_b), bool)
-    if not len(polys_a) or not len(polys_b):
-        return drop_a, drop_b
-    tree = shapely.STRtree(polys_a)
-    ib, ia = tree.query(polys_b, predicate="intersects")
-    for j, i in zip(ib, ia):
-        if drop_a[i] or drop_b[j]:
-            continue
-        pa, pb = polys_a[i], polys_b[j]
-        inter = pa.intersection(pb).area
-        if inter >= min_overlap * min(pa.area, pb.area):
-            if probs_a[i] >= probs_b[j]:
-                drop_b[j] = True
-            else:
-                drop_a[i] = True
-    return drop_a, drop_b
+    def owner_of(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column of the block whose core contains each point (model px)."""
+        col = np.clip(np.floor(np.asarray(x) / self.core), 0, self.n_cols - 1).astype(np.int64)
+        row = np.clip(np.floor(np.asarray(y) / self.core), 0, self.n_rows - 1).astype(np.int64)
+        return row, col

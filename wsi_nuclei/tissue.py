@@ -86,6 +86,8 @@ class Region:
         Class name (QuPath ``classification.name``), if any.
     color : tuple of int or None
         RGB colour of the class, if any.
+    annotation_id : str or None
+        The annotation's own id (QuPath's UUID, the Feature's ``id``) for user regions.
     """
 
     id: int
@@ -94,6 +96,7 @@ class Region:
     source: str
     classification: str | None = None
     color: tuple[int, int, int] | None = None
+    annotation_id: str | None = None
 
     @property
     def area_px(self) -> float:
@@ -917,6 +920,7 @@ def regions_from_geojson(
                 source="user",
                 classification=cls_name,
                 color=color,
+                annotation_id=str(feat["id"]) if isinstance(feat.get("id"), (str, int)) and not isinstance(feat.get("id"), bool) else None,
             )
         )
     if not regions:
@@ -1019,3 +1023,91 @@ def assign_regions(
         inside = shapely.intersects_xy(geom, fx[cand], fy[cand])
         fout[cand[inside]] = region.id
     return fout.reshape(xs.shape)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Which regions contain which points (see :func:`region_membership`).
+
+    Attributes
+    ----------
+    rows, region_ids : numpy.ndarray
+        One entry per (point, region) pair: the point's index and the region's id. A point in
+        nested or overlapping regions appears once per region.
+    primary : numpy.ndarray
+        Per point: the id of the smallest region containing it (or of the nearest within the
+        tolerance), -1 when none.
+    n_tolerated : int
+        Points outside every region but within the tolerance of one (given to the nearest).
+    """
+
+    rows: np.ndarray
+    region_ids: np.ndarray
+    primary: np.ndarray
+    n_tolerated: int
+
+
+def region_membership(
+    x: np.ndarray | Sequence[float], y: np.ndarray | Sequence[float], regions: Sequence[Region],
+    *, tolerance: float = 0.0,
+) -> Membership:
+    """Every region that contains each point (QuPath's rule: a nucleus belongs to every
+    annotation that contains its centroid, so nested annotations all count it).
+
+    Parameters
+    ----------
+    x, y : array_like
+        Level-0 pixel coordinates.
+    regions : sequence of Region
+    tolerance : float
+        A point outside every region but within this distance (level-0 px) of one belongs to
+        the nearest: tissue outlines come from a coarse thumbnail, and a nucleus at the edge of
+        the tissue must not be lost to that resolution.
+    """
+    xs = np.asarray(x, np.float64).ravel()
+    ys = np.asarray(y, np.float64).ravel()
+    n = len(xs)
+    primary = np.full(n, -1, np.int32)
+    if n == 0 or not regions:
+        z = np.zeros(0, np.int64)
+        return Membership(z, z.astype(np.int32), primary, 0)
+    geoms = [r.geometry for r in regions]
+    ids = np.array([r.id for r in regions], np.int32)
+    areas = np.array([g.area for g in geoms])
+    tree = shapely.STRtree(geoms)
+    pts = shapely.points(xs, ys)
+    pi, gi = tree.query(pts, predicate="intersects")
+    order = np.lexsort((gi, pi))
+    pi, gi = pi[order], gi[order]
+    # the smallest containing region per point
+    best = np.full(n, -1, np.int64)
+    if len(pi):
+        o2 = np.lexsort((areas[gi], pi))
+        first = np.r_[True, pi[o2][1:] != pi[o2][:-1]]
+        best[pi[o2][first]] = gi[o2][first]
+    n_tol = 0
+    if tolerance > 0:
+        free = np.nonzero(best < 0)[0]
+        if len(free):
+            qi, qg = tree.query_nearest(pts[free], max_distance=float(tolerance), all_matches=False)
+            best[free[qi]] = qg
+            pi = np.r_[pi, free[qi]]
+            gi = np.r_[gi, qg]
+            n_tol = len(qi)
+            order = np.lexsort((gi, pi))
+            pi, gi = pi[order], gi[order]
+    primary[best >= 0] = ids[best[best >= 0]]
+    return Membership(pi.astype(np.int64), ids[gi], primary, int(n_tol))
+
+
+def overlapping_regions(regions: Sequence[Region]) -> list[tuple[int, int]]:
+    """Pairs of region ids whose areas overlap (more than a boundary)."""
+    if len(regions) < 2:
+        return []
+    geoms = [r.geometry for r in regions]
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    out = []
+    for i, j in zip(a.tolist(), b.tolist()):
+        if i < j and shapely.area(shapely.intersection(geoms[i], geoms[j])) > 0:
+            out.append((regions[i].id, regions[j].id))
+    return out

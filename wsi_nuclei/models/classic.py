@@ -5,9 +5,9 @@
 overlapping tiles is segmented identically — exact stitching), hole filling and opening, then a
 distance-transform watershed to split touching nuclei. Classes are unknown (class 0).
 
-``null``: no network at all: emits the same small pattern of disc-shaped "nuclei" in every
-tile's output window (no image analysis), so that a benchmark measures the engine alone —
-reading, tiling, ownership, measurements and writers — without model cost.
+``null``: no network at all: emits a fixed lattice of disc-shaped "nuclei" over the slide (no
+image analysis), so that a benchmark measures the engine alone — reading, blending, blocks,
+seams, measurements and writers — without model cost.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from ..postprocess import _fill_small_holes
 from .base import InstanceResult
 
 
@@ -33,6 +34,7 @@ class ClassicParams:
     max_area_px: int = 6000
     min_distance_px: int = 8
     smooth_sigma: float = 1.0
+    max_hole_px: int = 400
 
 
 def classic_instances(rgb: np.ndarray, params: ClassicParams = ClassicParams()) -> InstanceResult:
@@ -52,7 +54,9 @@ def classic_instances(rgb: np.ndarray, params: ClassicParams = ClassicParams()) 
     h = ndi.gaussian_filter(h, params.smooth_sigma)
     fg = h > params.h_threshold
     fg = ndi.binary_opening(fg, iterations=1)
-    fg = ndi.binary_fill_holes(fg)
+    # holes up to a nucleus's size only: "everything enclosed" would depend on the window
+    # (a lumen ringed by tissue is enclosed in a large block, not in a small one)
+    fg = _fill_small_holes(fg, params.max_hole_px)
     dist = ndi.distance_transform_edt(fg)
     lab, n = ndi.label(fg)
     if n == 0:
@@ -85,38 +89,71 @@ def classic_instances(rgb: np.ndarray, params: ClassicParams = ClassicParams()) 
 
 
 class ClassicModel:
-    """The ``classic`` registry entry: all work happens in :meth:`postprocess` (CPU)."""
+    """The ``classic`` registry entry: the "maps" are the RGB image itself; all work happens
+    in :meth:`postprocess` (CPU) on the block's window."""
+
+    #: where no patch ran the image is white (glass)
+    map_fill = {"rgb": 255.0}
 
     def __init__(self, spec: Any, params: ClassicParams = ClassicParams()) -> None:
         self.spec = spec
         self.params = params
         self.device = "cpu"
 
-    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        return [tile for tile in batch]
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return [{"rgb": tile.transpose(2, 0, 1).astype(np.float32)} for tile in batch]
 
-    def postprocess(self, raw: np.ndarray) -> InstanceResult:
-        return classic_instances(raw, self.params)
+    def postprocess(self, raw: Any, origin: tuple[int, int] | None = None) -> InstanceResult:
+        """Segment an RGB window: ``{"rgb": (3, H, W)}`` (blended) or an (H, W, 3) uint8 image."""
+        if isinstance(raw, dict):
+            rgb = np.clip(np.rint(np.moveaxis(raw["rgb"], 0, -1)), 0, 255).astype(np.uint8)
+        else:
+            rgb = np.asarray(raw)
+        return classic_instances(rgb, self.params)
 
 
 class NullModel:
-    """The ``null`` registry entry: a fixed pattern of discs per tile, for engine benchmarks."""
+    """The ``null`` registry entry: a fixed lattice of disc "nuclei" in canvas coordinates
+    (every ``spacing`` px), whatever the image, for engine benchmarks."""
+
+    needs_maps = False
 
     def __init__(self, spec: Any, spacing: int = 40, radius: int = 7) -> None:
         self.spec = spec
         self.device = "cpu"
-        n = spec.output_size
-        yy, xx = np.mgrid[0:n, 0:n]
-        inst = np.zeros((n, n), np.int32)
+        self.spacing, self.radius = spacing, radius
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return [{} for _ in batch]
+
+    def postprocess(self, raw: Any, origin: tuple[int, int] | None = None, shape: tuple[int, int] | None = None) -> InstanceResult:
+        """Discs centred at canvas positions ``(k + 0.5) * spacing`` that fall in the window."""
+        ox, oy = origin if origin is not None else (0, 0)
+        if shape is None:
+            n = self.spec.output_size
+            shape = (n, n) if not raw else np.asarray(next(iter(raw.values()))).shape[-2:]
+        h, w = shape
+        s, rad = self.spacing, self.radius
+        inst = np.zeros((h, w), np.int32)
+        ks_y = np.arange(int(np.floor(oy / s)) - 1, int(np.ceil((oy + h) / s)) + 1)
+        ks_x = np.arange(int(np.floor(ox / s)) - 1, int(np.ceil((ox + w) / s)) + 1)
+        yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
+        disc = yy**2 + xx**2 <= rad**2
         k = 0
-        for cy in range(spacing // 2, n - radius, spacing):
-            for cx in range(spacing // 2, n - radius, spacing):
+        for ky in ks_y:
+            for kx in ks_x:
+                cy, cx = int((ky + 0.5) * s) - oy, int((kx + 0.5) * s) - ox
+                if cy < -rad or cx < -rad or cy > h + rad or cx > w + rad:
+                    continue
                 k += 1
-                inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = k
-        self._result = InstanceResult(inst, np.arange(1, k + 1, dtype=np.int32), np.zeros(k, np.int8), np.ones(k, np.float32))
-
-    def infer(self, batch: np.ndarray) -> list[None]:
-        return [None] * len(batch)
-
-    def postprocess(self, raw: None) -> InstanceResult:
-        return self._result
+                rr, cc = yy[disc] + cy, xx[disc] + cx
+                ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+                if ok.any():
+                    inst[rr[ok], cc[ok]] = k
+        present = np.unique(inst)
+        present = present[present > 0]
+        lut = np.zeros(k + 1, np.int32)
+        lut[present] = np.arange(1, len(present) + 1)
+        inst = lut[inst]
+        m = len(present)
+        return InstanceResult(inst, np.arange(1, m + 1, dtype=np.int32), np.zeros(m, np.int8), np.ones(m, np.float32))

@@ -819,14 +819,16 @@ class HoVerNetPanNuke:
         host = {k: v.contiguous().cpu().numpy() for k, v in maps.items()}
         return [{k: v[i] for k, v in host.items()} for i in range(n)]
 
-    def postprocess(self, raw: Mapping[str, np.ndarray]) -> InstanceResult:
+    def postprocess(self, raw: Mapping[str, np.ndarray], origin: tuple[int, int] | None = None) -> InstanceResult:
         """Turn maps into instances with the HoVer-Net HV post-processing.
 
         Parameters
         ----------
         raw : mapping of str to ndarray
-            One element of :meth:`infer`'s result, or such maps stitched over an image:
+            One element of :meth:`infer`'s result, or such maps blended over a window:
             ``"np"`` (h, w), ``"hv"`` (2, h, w) and ``"tp"`` (6, h, w).
+        origin : tuple of int, optional
+            The window's canvas position (unused: the result depends on the maps only).
 
         Returns
         -------

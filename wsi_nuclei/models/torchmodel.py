@@ -75,7 +75,9 @@ class HoVerMapModel:
             for i in range(len(batch))
         ]
 
-    def postprocess(self, raw: dict[str, np.ndarray]) -> InstanceResult:
+    def postprocess(self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> InstanceResult:
+        """Instances from (blended) maps; ``origin`` (the window's canvas position) is unused:
+        the result depends on the maps only."""
         from ..postprocess import hv_to_instances
 
         return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), self.params)

@@ -41,11 +41,7 @@ def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
     except (RuntimeError, KeyError, AttributeError, EOFError, IndexError, ValueError, pickle.UnpicklingError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
-    from ..postprocess import HVParams
-
-    # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
-    params = HVParams(np_threshold=0.45, edge_threshold=0.5, sobel_ksize=7, min_marker_px=40, min_nucleus_px=40)
-    return HoVerMapModel(spec, net, device, hv_tanh=True, params=params)
+    return HoVerMapModel(spec, net, device, hv_tanh=True, params=spec.hv_params())
 
 
 def _build_hovernet(spec: ModelSpec, weights: Path | None, device: str) -> Any:
@@ -60,6 +56,10 @@ register(ModelSpec(
     licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
     mpp=0.25, input_size=256, output_size=256, class_names=dict(PANNUKE_CLASSES),
     builder=_build_lite0, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True, tta=True,
+    # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
+    postprocess={"np_threshold": 0.4, "edge_threshold": 0.35, "sobel_ksize": 7, "min_marker_px": 40, "min_nucleus_px": 40,
+                 "grad_offset": 0.3},
+    output_border=32,
 ))
 
 register(ModelSpec(

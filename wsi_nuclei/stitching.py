@@ -1,0 +1,339 @@
+"""Nuclei across block borders: each one reaches the output exactly once, whatever the tiling.
+
+Post-processing runs on blocks of the blended maps (:class:`~wsi_nuclei.tiling.BlockGrid`),
+each read with a halo. A block sees a nucleus *whole* when the nucleus does not touch the
+block's window border. Every block sorts its nuclei (:func:`classify_block_nuclei`):
+
+* **exclusive**: whole, and lying entirely in the part of the block's core that no other
+  block's window reaches. No other block can produce anything overlapping it, so it is final.
+* **candidate**: every other whole nucleus (near a seam, or in the halo, i.e. centred in a
+  neighbour's core), plus nuclei cut by the window border whose centroid lies in the core (a
+  nucleus larger than the halo; the last resort so that nothing is lost).
+* everything else (cut, centred outside the core) is dropped: the block that owns it sees more.
+
+Candidates are kept with their pixel masks until every block is done, then resolved by
+:func:`resolve_seams`: in decreasing *priority* (whole before cut, then the distance from
+the nucleus to its window border, capped: the view with the most context; then the block
+whose core holds the centroid; then a fixed block order), each candidate is
+
+* **kept** if it shares no pixel with a candidate kept before it,
+* **trimmed** to its largest remaining piece if less than ``tau`` of it is taken and that
+  piece is large enough,
+* **dropped** as a duplicate otherwise (counted).
+
+The order is a total order on candidates, so the result does not depend on the order in
+which blocks finished. When all blocks agree (a nucleus segmented identically in two
+overlapping windows) the rule reduces to StarDist's: the block that sees it whole and owns
+its centroid keeps it. When they do not agree (a nucleus merged with a neighbour in one
+window, split in the other), no pixel is output twice and no nucleus seen whole by any block
+disappears without a kept candidate covering at least ``tau`` of it.
+:func:`check_resolution` states that invariant and raises :class:`SeamError` when it is
+broken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import OwnershipError
+from .tiling import BlockGrid
+
+__all__ = [
+    "BlockNuclei",
+    "Candidates",
+    "Resolution",
+    "SeamError",
+    "classify_block_nuclei",
+    "resolve_seams",
+    "check_resolution",
+    "pack_mask",
+    "unpack_mask",
+]
+
+#: Bits of the priority key (larger = preferred).
+_WHOLE = 1 << 20
+
+
+class SeamError(OwnershipError):
+    """The seam-resolution invariant is broken (a pixel output twice or a nucleus lost)."""
+
+
+@dataclass(frozen=True)
+class BlockNuclei:
+    """How one block's instances are used (arrays aligned with the instance labels).
+
+    Attributes
+    ----------
+    exclusive, candidate : ndarray of bool, shape (N,)
+        Final nuclei of this block; nuclei kept for seam resolution.
+    cut : ndarray of bool, shape (N,)
+        Touching the window border (seen cut).
+    owner : ndarray of bool, shape (N,)
+        Centroid in the block's core.
+    priority : ndarray of int64, shape (N,)
+        Resolution priority (see the module notes); meaningful for candidates.
+    """
+
+    exclusive: np.ndarray
+    candidate: np.ndarray
+    cut: np.ndarray
+    owner: np.ndarray
+    priority: np.ndarray
+
+
+def classify_block_nuclei(
+    grid: BlockGrid,
+    row: int,
+    col: int,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    bbox: np.ndarray,
+    *,
+    distance_cap: int | None = None,
+) -> BlockNuclei:
+    """Sort the instances found in block ``(row, col)`` into exclusive, candidate and dropped.
+
+    Parameters
+    ----------
+    grid : BlockGrid
+    row, col : int
+    cx, cy : ndarray of float, shape (N,)
+        Centroids, canvas model px.
+    bbox : ndarray of int, shape (N, 4)
+        ``(y0, x0, y1, x1)`` of each instance in *canvas* model px (end exclusive).
+    distance_cap : int, optional
+        Distances to the window border beyond this count the same (default ``halo // 2``):
+        beyond it two views of a nucleus are taken to be equally good, and the owner wins.
+
+    Returns
+    -------
+    BlockNuclei
+    """
+    bbox = np.asarray(bbox, np.int64).reshape(-1, 4)
+    wx0, wy0, wx1, wy1 = grid.window_box(row, col)
+    cx0, cy0, cx1, cy1 = grid.core_box(row, col)
+    m = grid.halo
+    cap = max(1, m // 2) if distance_cap is None else max(1, int(distance_cap))
+    y0, x0, y1, x1 = bbox.T
+    d = np.minimum.reduce([y0 - wy0, x0 - wx0, wy1 - y1, wx1 - x1])  # 0: touches the border
+    cut = d <= 0
+    owner = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
+    # the part of the core no other block's window reaches (a side without a neighbour
+    # block, at the canvas edge, is not shared)
+    ex0 = cx0 + (m if col > 0 else -m)
+    ey0 = cy0 + (m if row > 0 else -m)
+    ex1 = cx1 - (m if col < grid.n_cols - 1 else -m)
+    ey1 = cy1 - (m if row < grid.n_rows - 1 else -m)
+    inside = (x0 >= ex0) & (y0 >= ey0) & (x1 <= ex1) & (y1 <= ey1)
+    exclusive = ~cut & owner & inside
+    candidate = ~exclusive & (~cut | owner)
+    priority = np.where(cut, 0, _WHOLE) + 2 * np.clip(d, 0, cap) + owner.astype(np.int64)
+    return BlockNuclei(exclusive, candidate, cut, owner, priority.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------------
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as packed bits (its shape is stored with the bounding box)."""
+    return np.packbits(np.asarray(mask, bool), axis=None).tobytes()
+
+
+def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`pack_mask`."""
+    n = int(shape[0]) * int(shape[1])
+    return np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# resolution
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Candidates:
+    """All seam candidates of a run (one entry each; any order).
+
+    Attributes
+    ----------
+    key : ndarray of int64, shape (K, 3)
+        ``(block_row, block_col, index in block)``: identifies the candidate and breaks
+        priority ties (lower first).
+    priority : ndarray of int64, shape (K,)
+    bbox : ndarray of int64, shape (K, 4)
+        ``(y0, x0, y1, x1)`` canvas model px.
+    masks : list of ndarray of bool
+        Pixel mask of each candidate over its bounding box.
+    """
+
+    key: np.ndarray
+    priority: np.ndarray
+    bbox: np.ndarray
+    masks: list
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def order(self) -> np.ndarray:
+        """Indices in resolution order: priority descending, then key ascending."""
+        k = self.key.reshape(-1, 3)
+        return np.lexsort((k[:, 2], k[:, 1], k[:, 0], -self.priority))
+
+
+@dataclass
+class Resolution:
+    """Outcome of :func:`resolve_seams`, aligned with the candidates.
+
+    Attributes
+    ----------
+    status : ndarray of int8
+        1 kept, 2 trimmed, 0 dropped.
+    masks : dict of int to ndarray
+        The trimmed mask (over the same bounding box) of each trimmed candidate.
+    covered_by : dict of int to list of int
+        For each dropped or trimmed candidate, the kept candidates it overlapped.
+    """
+
+    status: np.ndarray
+    masks: dict = field(default_factory=dict)
+    covered_by: dict = field(default_factory=dict)
+
+    @property
+    def n_kept(self) -> int:
+        return int((self.status == 1).sum())
+
+    @property
+    def n_trimmed(self) -> int:
+        return int((self.status == 2).sum())
+
+    @property
+    def n_dropped(self) -> int:
+        return int((self.status == 0).sum())
+
+
+class _Index:
+    """Selected masks in a coarse spatial hash (cells of ``cell`` px)."""
+
+    def __init__(self, cell: int = 64) -> None:
+        self.cell = cell
+        self.cells: dict[tuple[int, int], list[int]] = {}
+
+    def _cells(self, b: np.ndarray):
+        c = self.cell
+        for gy in range(int(b[0]) // c, (int(b[2]) - 1) // c + 1):
+            for gx in range(int(b[1]) // c, (int(b[3]) - 1) // c + 1):
+                yield gy, gx
+
+    def add(self, i: int, b: np.ndarray) -> None:
+        for k in self._cells(b):
+            self.cells.setdefault(k, []).append(i)
+
+    def near(self, b: np.ndarray) -> list[int]:
+        seen: set[int] = set()
+        for k in self._cells(b):
+            seen.update(self.cells.get(k, ()))
+        return sorted(seen)
+
+
+def _taken(i: int, cands: Candidates, others: list[int], final: dict[int, np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Pixels of candidate ``i`` (over its bbox) that the final masks of ``others`` cover."""
+    by0, bx0, by1, bx1 = (int(v) for v in cands.bbox[i])
+    taken = np.zeros((by1 - by0, bx1 - bx0), bool)
+    hit = []
+    for j in others:
+        jy0, jx0, jy1, jx1 = (int(v) for v in cands.bbox[j])
+        y0, x0, y1, x1 = max(by0, jy0), max(bx0, jx0), min(by1, jy1), min(bx1, jx1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        ov = final[j][y0 - jy0 : y1 - jy0, x0 - jx0 : x1 - jx0] & cands.masks[i][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        if ov.any():
+            taken[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] |= ov
+            hit.append(j)
+    return taken, hit
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def resolve_seams(cands: Candidates, *, tau: float = 0.5, min_px: int = 10) -> Resolution:
+    """Resolve all seam candidates (see the module notes); deterministic in any input order.
+
+    Parameters
+    ----------
+    cands : Candidates
+    tau : float
+        A candidate of which at least this fraction is already taken is a duplicate.
+    min_px : int
+        A trimmed remainder smaller than this is dropped.
+
+    Returns
+    -------
+    Resolution
+    """
+    n = len(cands)
+    status = np.zeros(n, np.int8)
+    out = Resolution(status)
+    final: dict[int, np.ndarray] = {}
+    index = _Index()
+    for i in cands.order().tolist():
+        mask = cands.masks[i]
+        size = int(mask.sum())
+        taken, hit = _taken(i, cands, index.near(cands.bbox[i]), final)
+        n_taken = int(taken.sum())
+        if n_taken == 0:
+            status[i] = 1
+            final[i] = mask
+        else:
+            rest = _largest_piece(mask & ~taken)
+            if n_taken < tau * size and int(rest.sum()) >= min_px:
+                status[i] = 2
+                final[i] = rest
+                out.masks[i] = rest
+            out.covered_by[i] = hit
+        if status[i]:
+            index.add(i, cands.bbox[i])
+    return out
+
+
+def check_resolution(cands: Candidates, res: Resolution, *, tau: float = 0.5, min_px: int = 10) -> None:
+    """The seam invariant; raises :class:`SeamError` when it does not hold.
+
+    1. No pixel belongs to two output candidates (kept or trimmed).
+    2. A trimmed candidate is a non-empty part of the original.
+    3. Nothing seen is lost: every dropped candidate is covered, to at least ``tau`` of its
+       pixels (or but for a remainder under ``min_px``), by output candidates that come before
+       it in the resolution order.
+    """
+    order = cands.order()
+    rank = np.empty(len(cands), np.int64)
+    rank[order] = np.arange(len(cands))
+    final = {i: (res.masks[i] if res.status[i] == 2 else cands.masks[i]) for i in np.nonzero(res.status)[0].tolist()}
+    index = _Index()
+    for i in sorted(final, key=lambda k: rank[k]):
+        if res.status[i] == 2:
+            m = res.masks[i]
+            if m.shape != cands.masks[i].shape or not m.any() or (m & ~cands.masks[i]).any():
+                raise SeamError(f"candidate {tuple(cands.key[i])}: trimmed mask is not a part of the original")
+        b = cands.bbox[i]
+        saved = cands.masks[i]
+        cands.masks[i] = final[i]
+        taken, hit = _taken(i, cands, index.near(b), final)
+        cands.masks[i] = saved
+        if taken.any():
+            j = hit[0]
+            raise SeamError(f"candidates {tuple(cands.key[i])} and {tuple(cands.key[j])} share {int(taken.sum())} pixel(s)")
+        index.add(i, b)
+    for i in np.nonzero(res.status == 0)[0].tolist():
+        before = [j for j in index.near(cands.bbox[i]) if rank[j] < rank[i]]
+        taken, _ = _taken(i, cands, before, final)
+        size = int(cands.masks[i].sum())
+        rest = _largest_piece(cands.masks[i] & ~taken)
+        if not (taken.sum() >= tau * size or rest.sum() < min_px):
+            raise SeamError(f"candidate {tuple(cands.key[i])} dropped but only {int(taken.sum())} of {size} px covered: a nucleus would be lost")
