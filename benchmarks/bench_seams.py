@@ -12,6 +12,9 @@ CMU-1-Small-Region.svs and prints one JSON document with every figure:
 * ``invariance``: the default run against one with another block size, halo and batch size;
 * ``roi``: a 1024 x 1024 level-0 crop at (1000, 1500) saved as PNG and run with
   ``--mpp <slide mpp> --tissue none``, against the slide run, in the crop's interior (60 px);
+  ``roi_grid_aligned``: a model-resolution crop whose origin lies on the patch grid;
+  ``network_shift_variance``: how much the network's foreground changes when the same image
+  is shifted by 1 or 32 px (what makes an unaligned crop differ);
 * ``passes_per_pixel`` and wall time of the default run; tissue-edge assignment counts.
 
 Usage::
@@ -130,15 +133,12 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     x0, y0, x1, y1 = box_model
     rows, cols = pg.covering(y0, y1, pg.n_rows), pg.covering(x0, x1, pg.n_cols)
     want = {(r, c) for r in rows for c in cols}
+    # the run's own batches (identical numerics), each patch once, then row-major
     batches = [b for st in plan.strips for b in st.batches if want & set(b)]
     seen: set = set()
-    todo = []
-    for b in batches:  # the run's own batches (identical numerics), each patch once, row-major
-        todo.append(b)
     blender = None
-    added = []
     outs = {}
-    for b in todo:
+    for b in batches:
         maps, layout, _, _ = infer_patches(ctx, read_patches(ctx, b))
         for p, m in zip(b, maps):
             if p in want and p not in seen:
@@ -149,7 +149,6 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
         if blender is None:
             blender = MapBlender(pg, x0, x1, outs[p].shape[0], fill_values(model, layout))
         blender.add(p, outs[p])
-        added.append(p)
     blender.finish()
     win = blender.window(box_model)
     raw, j = {}, 0
@@ -161,6 +160,31 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     m = measure_instances(res.inst, res.labels, spec.mpp)
     s = 1.0 / plan.scale
     return [shapely.Polygon((p + (x0, y0)) * s) for p in m["polygon"] if p is not None]
+
+
+def _shift_variance(slide: Path, model_name: str | None) -> dict:
+    """Foreground IoU (np >= threshold) of the blended maps of one 1024 px model-resolution
+    region and of the same region shifted by 1 and by 32 px (overlap only)."""
+    from wsi_nuclei.inference import predict_maps
+    from wsi_nuclei.models.registry import default_model_name, load_model
+    from wsi_nuclei.slide import open_slide
+
+    model = load_model(model_name or default_model_name(), device="cpu")
+    thr = model.spec.hv_params().np_threshold
+    sl = open_slide(slide)
+    s = sl.mpp / model.spec.mpp
+    x0, y0, n = 2252, 3250, 1024
+    out = {}
+    ref = None
+    for d in (0, 1, 32):
+        img = sl.read_scaled(((x0 + d) / s, (y0 + d) / s, (x0 + d + n) / s, (y0 + d + n) / s), (n, n), target_mpp=model.spec.mpp)
+        fg = predict_maps(model, img)["np"] >= thr
+        if ref is None:
+            ref = fg
+            continue
+        a, b = ref[d + 64 : n - 64, d + 64 : n - 64], fg[64 : n - 64 - d, 64 : n - 64 - d]
+        out[f"fg_iou_shift_{d}px"] = float((a & b).sum() / max(1, (a | b).sum()))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,12 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     ix0, iy0, ix1, iy1 = ((v + d) / scale for v, d in zip(box, (margin, margin, -margin, -margin)))
     inner = shapely.box(ix0, iy0, ix1, iy1)
     ref_in = [g for g in ref if inner.contains(g.centroid)]
+    # nuclei the run leaves out because they lie outside every tissue region are a separate
+    # figure (tissue_edge below): the reference is filtered by the same rule
+    from wsi_nuclei.pipeline import TISSUE_TOLERANCE_THUMB_PX
+    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.tissue import detect_tissue_on_slide, region_membership
+
+    with open_slide(slide) as s0:
+        tm = detect_tissue_on_slide(s0, mpp=s0.mpp)
+    cxy = np.array([[g.centroid.x, g.centroid.y] for g in ref_in]).reshape(-1, 2)
+    mem = region_membership(cxy[:, 0], cxy[:, 1], tm.regions, tolerance=TISSUE_TOLERANCE_THUMB_PX * max(tm.downsample_xy))
+    n_outside_ref = int((mem.primary < 0).sum())
+    ref_in = [g for g, p in zip(ref_in, mem.primary) if p >= 0]
     near = [g for g in geoms if shapely.box(*(v / scale for v in box)).intersects(g)]
     best = match_iou(ref_in, near)
     cov = coverage(ref_in, near)
     out["reference"] = {"box_model_px": list(box), "interior_margin_model_px": margin, "n_reference": len(ref_in),
                         "matched_iou_0.5": float((best >= 0.5).mean()), "matched_iou_0.9": float((best >= 0.9).mean()),
-                        "lost": int((cov < 0.5).sum())}
+                        "lost": int((cov < 0.5).sum()), "reference_outside_tissue_regions": n_outside_ref}
 
     # tiling invariance: another block size, halo and batch size
     var = _run(slide, work / "variant", model=args.model, block_size=768, halo=128, batch_size=8)
@@ -241,6 +277,28 @@ def main(argv: list[str] | None = None) -> int:
     best = match_iou(slide_in, crop_geoms)
     out["roi"] = {"crop_level0": [cx, cy, cs, cs], "margin_px": m, "n_slide_interior": len(slide_in),
                   "matched_iou_0.5": float((best >= 0.5).mean()), "matched_iou_0.9": float((best >= 0.9).mean())}
+
+    # the same with a crop on the network's patch grid: a model-resolution (0.25 um/px) crop
+    # whose origin is a multiple of the patch stride sees the very patches the slide run saw
+    stride = base["tiling"]["patch_stride"]
+    X, Y, N = 10 * stride, 15 * stride, 2048
+    png2 = work / "crop_aligned.png"
+    if not png2.is_file():
+        Image.fromarray(sl.read_scaled((X / scale, Y / scale, (X + N) / scale, (Y + N) / scale), (N, N),
+                                       target_mpp=0.25)).save(png2)
+    _run(png2, work / "crop_aligned", model=args.model, mpp=0.25, tissue="none")
+    da = _nuclei(work / "crop_aligned")
+    al_geoms = [shapely.affinity.affine_transform(g, [1 / scale, 0, 0, 1 / scale, X / scale, Y / scale]) for g in da.geometry]
+    m2 = 120  # model px
+    inner2 = shapely.box((X + m2) / scale, (Y + m2) / scale, (X + N - m2) / scale, (Y + N - m2) / scale)
+    slide_in2 = [g for g in geoms if inner2.contains(g.centroid)]
+    best2 = match_iou(slide_in2, al_geoms)
+    out["roi_grid_aligned"] = {"crop_model_px": [X, Y, N, N], "margin_model_px": m2, "n_slide_interior": len(slide_in2),
+                               "matched_iou_0.5": float((best2 >= 0.5).mean()), "matched_iou_0.9": float((best2 >= 0.9).mean())}
+
+    # why an unaligned crop differs: the network is not shift-invariant (strided convolutions
+    # alias): nucleus pixels of the same image shifted by 1 px and by 32 px
+    out["network_shift_variance"] = _shift_variance(slide, args.model)
 
     out["tissue_edge"] = {args.model or "default": {
         "removed_outside_regions": base["qc"]["nuclei_outside_regions_removed"],

@@ -365,3 +365,47 @@ def test_hv_targets_touching_discs_and_missing_ids() -> None:
     assert seam
     r, c = seam[len(seam) // 2]
     assert hv[0, r, c] > 0.9 and hv[0, r, c + 1] < -0.9
+
+
+# --------------------------------------------------------------------------------------------
+# point-labelled datasets (format 1.1, "annotation": "points")
+# --------------------------------------------------------------------------------------------
+def _write_points(root: Path, mpp: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rgb = np.full((20, 30, 3), 200, np.uint8)
+    pts = np.array([[0.0, 0.0], [29.0, 19.0], [10.0, 5.0]], np.float32)  # (x, y) pixel centres
+    Image.fromarray(rgb).save(root / "images" / "p.png")
+    np.savez_compressed(root / "labels" / "p.npz", points=pts, point_classes=np.array([2, 3, 0], np.uint8),
+                        point_allowed=np.array([2, 4, 17], np.uint8), point_source_class=np.array([2, 3, 1], np.int16))
+    meta = {"name": root.name, "format_version": 1.1, "annotation": "points", "images": {"p": {"mpp": mpp}}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return rgb, pts
+
+
+def test_point_dataset_reader_and_resampling(tmp_path: Path) -> None:
+    _, pts = _write_points(tmp_path / "pts", mpp=0.5)
+    (s,) = list(read_dataset(tmp_path / "pts", target_mpp=None))
+    assert s.annotation == "points" and s.inst is None
+    np.testing.assert_array_equal(s.points, pts)
+    assert s.classes.tolist() == [2, 3, 0] and s.allowed.tolist() == [2, 4, 17]
+    # 0.5 -> 0.25 um/px: the image doubles, pixel centres map as (p + 0.5) * 2 - 0.5
+    (s2,) = list(read_dataset(tmp_path / "pts", target_mpp=0.25))
+    assert s2.image.shape == (40, 60, 3) and s2.mpp == 0.25
+    np.testing.assert_allclose(s2.points, [[0.5, 0.5], [58.5, 38.5], [20.5, 10.5]])
+
+
+def test_point_dataset_errors(tmp_path: Path) -> None:
+    _write_points(tmp_path / "a")
+    lab = tmp_path / "a" / "labels" / "p.npz"
+    np.savez_compressed(lab, points=np.array([[50.0, 1.0]], np.float32), point_classes=np.array([2], np.uint8),
+                        point_allowed=np.array([2], np.uint8), point_source_class=np.array([2], np.int16))
+    with pytest.raises(DatasetError, match="outside the image"):
+        list(read_dataset(tmp_path / "a"))
+    np.savez_compressed(lab, points=np.zeros((2, 2), np.float32), point_classes=np.array([2], np.uint8),
+                        point_allowed=np.array([2, 2], np.uint8), point_source_class=np.array([2, 2], np.int16))
+    with pytest.raises(DatasetError, match="differ in length"):
+        list(read_dataset(tmp_path / "a"))
+    np.savez_compressed(lab, inst=np.zeros((20, 30), np.int32))
+    with pytest.raises(DatasetError, match="missing array"):
+        list(read_dataset(tmp_path / "a"))

@@ -265,3 +265,25 @@ def test_format_table_layout() -> None:
     assert "0.8333" in pq_line and "1.0000" in pq_line
     assert not any(math.isnan(float(tok)) for line in lines for tok in line.split()
                    if tok.replace(".", "", 1).isdigit())
+
+
+def test_point_records_score_detection_and_classes_only() -> None:
+    """A point-labelled image (CRCHisto): predicted centroids paired with the points within
+    the radius; segmentation metrics undefined; instance records alongside still counted."""
+    pred = np.zeros((40, 40), np.int32)
+    pred[9:12, 9:12] = 1  # centroid (10, 10): near point 0
+    pred[29:32, 9:12] = 2  # centroid (10, 30) = (x, y): near point 1
+    pred[2:4, 35:37] = 3  # far from every point: false positive
+    rec = {"name": "pts", "true_inst": None, "true_points": np.array([[10.5, 10.0], [10.0, 31.0], [30.0, 20.0]]),
+           "true_allowed": np.array([2, 4, 17]), "pred_inst": pred, "pred_class": np.array([0, 2, 3, 1]), "mpp": 0.25}
+    inst_rec = {"name": "inst", "true_inst": pred.copy(), "true_classes": np.array([0, 2, 3, 1], np.uint8),
+                "pred_inst": pred, "pred_class": np.array([0, 2, 3, 1]), "mpp": 0.25}
+    r = evaluate_predictions([rec, inst_rec], radius_px=3.0)
+    det = r["detection"]
+    # points: tp 2, fp 1 (pred 3), fn 1 (point 2); the instance record: 3 tp
+    assert (det["tp"], det["fp"], det["fn"]) == (5, 1, 1)
+    g = r["classification"]["groups"]
+    assert g["Inflammatory"]["tp"] == 2 and g["Connective"]["tp"] == 2
+    row = [x for x in r["per_image"] if x["name"] == "pts"][0]
+    assert row["pq"] is None and row["det_f1"] == pytest.approx(4 / 6)
+    assert r["segmentation"]["pq"]["mean"]["pq"] == pytest.approx(1.0)  # the instance record only

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy.special import logsumexp
 
-from wsi_nuclei.train import DatasetEntry, _load_entries, hovernet_loss, main, make_batch, partial_label_nll
+from wsi_nuclei.train import DatasetEntry, _load_entries, hovernet_loss, main, make_batch, partial_label_nll, point_label_map
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -357,3 +357,71 @@ def test_hed_jitter_strength() -> None:
     dev = [np.abs(_hed_jitter(img, np.random.default_rng(s), k).astype(int) - img).mean()
            for k in (0.05, 0.3) for s in range(5)]
     assert np.mean(dev[5:]) > 2 * np.mean(dev[:5]) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# point labels
+# --------------------------------------------------------------------------------------------
+def test_point_label_map_disks() -> None:
+    lab = point_label_map((10, 12), np.array([[2.0, 3.0], [11.0, 9.0]]), np.array([2, 17], np.uint8), 1.5)
+    # radius 1.5: the 3x3 square around each point (corners at distance sqrt(2) <= 1.5), clipped
+    want = np.zeros((10, 12), np.uint8)
+    want[2:5, 1:4] = 2
+    want[8:10, 10:12] = 17
+    np.testing.assert_array_equal(lab, want)
+    assert point_label_map((5, 5), np.zeros((0, 2)), np.zeros(0, np.uint8), 3).max() == 0
+
+
+def _write_points_dataset(root: Path) -> Path:
+    d = root / "pts"
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir()
+    rgb, inst = _make_image(7)
+    from scipy import ndimage as ndi
+
+    c = np.asarray(ndi.center_of_mass(np.ones_like(inst), inst, np.arange(1, inst.max() + 1)))[:, ::-1]
+    n = len(c)
+    Image.fromarray(rgb).save(d / "images" / "a.png")
+    np.savez_compressed(d / "labels" / "a.npz", points=c.astype(np.float32), point_classes=np.full(n, 2, np.uint8),
+                        point_allowed=np.full(n, 2, np.uint8), point_source_class=np.full(n, 2, np.int16))
+    (d / "meta.json").write_text(json.dumps({"name": "pts", "annotation": "points", "images": {"a": {"mpp": 0.25}}}))
+    return d
+
+
+def test_point_items_train_the_class_head_only(tmp_path: Path) -> None:
+    d = _write_points_dataset(tmp_path)
+    items, weights, _ = _load_entries([DatasetEntry(d, 1.0, point_radius_um=1.0)], {}, 0.25)
+    assert len(items) == 1 and not items[0].seg
+    b = make_batch(items, weights, 2, 64, np.random.default_rng(0))
+    assert float(b["mask"].sum()) == 0 and float(b["hv_on"].sum()) == 0  # no segmentation loss
+    assert float(b["cls_mask"].sum()) > 0
+    assert set(b["allowed"][b["cls_mask"].bool()].unique().tolist()) == {2}
+    torch.manual_seed(0)
+    out = {"np": torch.randn(2, 2, 64, 64, requires_grad=True), "hv": torch.randn(2, 2, 64, 64, requires_grad=True),
+           "tp": torch.randn(2, 6, 64, 64, requires_grad=True)}
+    total, parts = hovernet_loss(out, b)
+    total.backward()
+    assert float(out["np"].grad.abs().sum()) == 0 and float(out["hv"].grad.abs().sum()) == 0
+    g = out["tp"].grad.abs().sum(1)
+    assert float(g[~b["cls_mask"].bool()].sum()) == 0 and float(g[b["cls_mask"].bool()].sum()) > 0
+    assert parts["tp_nll"] > 0
+
+
+def test_training_validates_on_points(tmp_path: Path) -> None:
+    _write_dataset(tmp_path / "data", 2)
+    _write_points_dataset(tmp_path / "data")
+    (tmp_path / "split.json").write_text(json.dumps({"synth": ["img1"], "pts": ["a"]}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}, {"name": "pts", "weight": 0.5}],
+                                                   "val_split": "split.json"}))
+    out = tmp_path / "run"
+    main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", *_COMMON])
+    hist = json.loads((out / "history.json").read_text())
+    assert {"synth/bPQ", "pts/det_f1"} <= set(hist[0]) and "pts/bPQ" not in hist[0]
+
+
+def test_validation_score_weighs_segmentation_and_classes() -> None:
+    from wsi_nuclei.train import validation_score
+
+    assert validation_score({"a/bPQ": 0.5, "b/bPQ": 0.7}) == pytest.approx(0.6)
+    assert validation_score({"a/bPQ": 0.6, "a/cls_f1": 0.4, "c/cls_f1": float("nan")}) == pytest.approx(0.5)
+    assert validation_score({"p/cls_f1": 0.3}) == pytest.approx(0.3)

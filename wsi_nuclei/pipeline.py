@@ -55,7 +55,7 @@ _WORK = ".work"
 TISSUE_MARGIN_PX = 64
 #: Nuclei this close (in thumbnail pixels) to a detected tissue outline belong to it: the
 #: outline comes from a coarse thumbnail (about 8 µm/px).
-TISSUE_TOLERANCE_THUMB_PX = 2.0
+TISSUE_TOLERANCE_THUMB_PX = 4.0
 _STATS_KEY = b"wsi_nuclei_block_stats"
 
 
