@@ -426,3 +426,79 @@ def test_tta_on_a_model_without_it(small_slide: Path, tmp_path: Path, capsys: py
     assert code == 8
     assert "test-time augmentation" in _one_error_line(err)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# option ranges, device, disk full, a second run into the same folder
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt, value", [
+    ("--batch-size", "0"), ("--batch-size", "-1"), ("--batch-size", "x"), ("--max-in-flight", "0"),
+    ("--halo", "-5"), ("--halo", "2000"), ("--block-size", "10"), ("--workers", "0"), ("--workers", "-3"),
+    ("--threads", "0"), ("--mpp", "0"), ("--mpp", "-0.25"), ("--mpp", "1e6"), ("--mpp", "nan"),
+])
+def test_numeric_options_have_ranges(opt: str, value: str, small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(small_slide), "--out", str(tmp_path / "o"), opt, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and opt in err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_halo_larger_than_the_block_is_refused(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(small_slide), "--out", str(tmp_path / "o"), "--block-size", "128", "--halo", "200"])
+    assert exc.value.code == 2 and "--halo" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--device", "cuda", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "no CUDA GPU" in _one_error_line(err)
+    _no_outputs(tmp_path / "o")
+
+
+def test_full_disk_is_one_line_exit_7_and_keeps_finished_work(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from wsi_nuclei import _io
+
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("nuclei.parquet"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(_io.os, "replace", full)
+    out = tmp_path / "o"
+    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--block-size", "256",
+                             "--out", str(out), "-q"], capsys)
+    assert code == 7 and "No space left" in _one_error_line(err)
+    assert not (out / "nuclei.parquet").exists() and not list(out.glob(".*tmp*"))
+    assert len(list((out / ".work" / "blocks").glob("*.parquet"))) == 4  # every block kept: a rerun resumes
+    monkeypatch.setattr(_io.os, "replace", real)
+    code, _, _ = _run_cli(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--block-size", "256",
+                           "--out", str(out), "--overwrite", "-q"], capsys)
+    assert code == 0 and (out / "nuclei.parquet").is_file()
+
+
+def test_second_run_into_the_same_folder_is_refused(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".wsi-nuclei.lock", "a+") as fh:  # a first run holds the lock
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fh.write("pid 12345")
+        fh.flush()
+        code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys)
+    assert code == 7 and "another wsi-nuclei run" in _one_error_line(err)
+    _no_outputs(out)
+    code, _, _ = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys)
+    assert code == 0  # the lock went with the process that held it
+    assert not (out / ".wsi-nuclei.lock").exists()

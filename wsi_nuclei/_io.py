@@ -4,6 +4,7 @@ strict-JSON conversion."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -13,21 +14,35 @@ from typing import Any
 import numpy as np
 
 
+#: errno values that mean "the disk cannot take this file" (reported as OutputError, exit 7)
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` only on success.
 
     The temporary file lives in the same directory (so the rename is atomic) and is removed
-    if the body raises, so a reader never sees a half-written file under its final name.
+    if the body raises, so a reader never sees a half-written file under its final name. A full
+    or read-only disk becomes one :class:`~wsi_nuclei.errors.OutputError` (exit 7); whatever
+    was complete before stays as it was.
     """
+    from .errors import OutputError
+
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
+            raise OutputError(f"{final.parent}: cannot write {final.name} ({exc.strerror or exc}); "
+                              "finished work is kept, free space and rerun to resume") from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def json_ready(value: Any) -> Any:

@@ -17,13 +17,13 @@ from .errors import OwnershipError, WsiNucleiError
 EXIT_CODES = """\
 exit codes:
   0  success
-  1  other input/environment problem (e.g. Dask scheduler unreachable)
+  1  other input/environment problem (e.g. Dask scheduler unreachable, --device cuda without a GPU)
   2  input file not found
   3  unreadable, unsupported, truncated or corrupt slide
   4  slide has no usable microns-per-pixel and --mpp was not given
   5  no tissue found (or none inside --regions)
   6  malformed --regions file
-  7  output not writable, or results exist and --overwrite was not given
+  7  output not writable or disk full, results exist without --overwrite, or another run holds --out
   8  unknown model, missing or mismatching weights, failed fetch
   9  malformed training/evaluation dataset
   130 interrupted (Ctrl-C); a rerun resumes from the finished batches
@@ -42,6 +42,36 @@ resolution policy:
 """
 
 
+def int_range(lo: int, hi: int):
+    """An argparse type: an integer in ``[lo, hi]`` (otherwise argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range ({lo} to {hi})")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_range(lo: float, hi: float, *, lo_open: bool = False):
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (v == v and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({'above ' if lo_open else ''}{lo:g} to {hi:g})")
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("slide", help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp")
     p.add_argument("--out", "-o", help="output folder (default: ./wsi-nuclei-out/<slide stem>/)")
@@ -51,19 +81,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the network maps over 4 flips of each tile (about 4x slower, slightly more accurate; network models only)")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "dicom", "image"],
                    help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
-    p.add_argument("--mpp", type=float, help="microns per pixel at level 0; overrides the file's value (required when the file has none)")
+    p.add_argument("--mpp", type=float_range(0.05, 20.0), help="microns per pixel at level 0, 0.05 to 20; overrides the file's value (required when the file has none)")
     p.add_argument("--regions", help="QuPath GeoJSON annotations (export): process only inside them and summarise per annotation")
     p.add_argument("--tissue", default="auto", choices=["auto", "none"],
                    help="auto: detect tissue on a thumbnail and skip tiles without tissue; none: process the whole image as one region (default: auto)")
-    p.add_argument("--block-size", type=int, default=1024, help="post-processing block size in model px: the blended network maps are "
+    p.add_argument("--block-size", type=int_range(64, 16384), default=1024, help="post-processing block size in model px: the blended network maps are "
                    "post-processed in blocks of this size, each read with --halo around it (default: %(default)s)")
-    p.add_argument("--halo", type=int, help="block halo in model px: must exceed the largest nucleus radius plus the post-processing's "
+    p.add_argument("--halo", type=int_range(0, 1024), help="block halo in model px: must exceed the largest nucleus radius plus the post-processing's "
                    "reach (default: the model's, 96)")
-    p.add_argument("--batch-size", type=int, default=16, help="network patches per inference batch (default: 16)")
-    p.add_argument("--max-in-flight", type=int, default=4, help="batches in flight at once; bounds memory (default: 4)")
+    p.add_argument("--batch-size", type=int_range(1, 1024), default=16, help="network patches per inference batch, 1 to 1024 (default: 16)")
+    p.add_argument("--max-in-flight", type=int_range(1, 64), default=4, help="batches in flight at once, 1 to 64; bounds memory (default: 4)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
-    p.add_argument("--workers", type=int, default=1, help="local Dask worker processes; 1 = in-process threads (default: 1)")
-    p.add_argument("--threads", type=int, default=2, help="threads per local worker (default: 2)")
+    p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
+    p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
@@ -243,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models" and args.action == "fetch" and not args.name:
         parser.error("models fetch needs a model name")
+    if args.command == "run" and args.halo is not None and args.halo > args.block_size:
+        parser.error(f"argument --halo: {args.halo} is larger than --block-size {args.block_size}")
     try:
         return int(args.func(args) or 0)
     except WsiNucleiError as exc:

@@ -14,6 +14,12 @@ class WsiNucleiError(Exception):
     exit_code = 1
 
 
+class DeviceError(WsiNucleiError):
+    """The requested device (``--device cuda``) is not available here (exit 1)."""
+
+    exit_code = 1
+
+
 class InputNotFoundError(WsiNucleiError):
     """The input file does not exist (exit 2)."""
 

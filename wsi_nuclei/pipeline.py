@@ -21,6 +21,7 @@ slide size: no slide-sized array is built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -158,6 +159,41 @@ def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"{out}: output folder not writable ({exc.strerror or exc})") from None
+
+
+_LOCK = ".wsi-nuclei.lock"
+
+
+class _Lock:
+    """An exclusive lock on ``<out>/.wsi-nuclei.lock`` held for the whole run (flock: released
+    by the kernel if the process dies, so a crash never leaves the folder locked)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.owned, self.closed = fh, True, False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.fh.close()
+            self.closed = True
+
+
+def _lock(out: Path) -> _Lock:
+    import fcntl
+
+    path = out / _LOCK
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        who = fh.read().strip() or "another process"
+        fh.close()
+        raise OutputError(f"{out}: another wsi-nuclei run ({who}) is writing into this folder; wait for it or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return _Lock(fh)
 
 
 def _open(cfg: RunConfig) -> tuple[Any, Any]:
@@ -407,6 +443,7 @@ def run(cfg: RunConfig) -> RunResult:
     names = [geojson_name, *OUTPUT_NAMES]
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
+    lock = _lock(out)
     try:
         plan, setup = make_plan(cfg, spec, slide, source, slide_name, weights_path, device, user_regions)
         return _execute_and_write(cfg, plan, setup, out, names, t0)
@@ -415,9 +452,16 @@ def run(cfg: RunConfig) -> RunResult:
         # is removed: bad input leaves no trace
         parts = out / _WORK / "blocks"
         finished = list(parts.glob("*.parquet")) if parts.is_dir() else []
-        if created and out.is_dir() and not finished and not any(p for p in out.iterdir() if p.name != _WORK):
+        lock.close()
+        if created and out.is_dir() and not finished and not any(p for p in out.iterdir() if p.name not in (_WORK, _LOCK)):
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        if not lock.closed:
+            lock.close()
+        if lock.owned:
+            with contextlib.suppress(OSError):
+                (out / _LOCK).unlink()
 
 
 def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, names: list[str], t0: float) -> RunResult:

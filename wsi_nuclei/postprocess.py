@@ -50,6 +50,9 @@ class HVParams:
     #: multipliers of the class probabilities (classes 1..C-1) before the vote: a prior
     #: correction for a class head trained on skewed class frequencies; None = 1 for all
     class_prior: tuple[float, ...] | None = None
+    #: temperature of the class head (fitted on the validation split): the per-pixel class
+    #: probabilities become softmax(log p / T); 1 leaves them as they are
+    class_temperature: float = 1.0
 
 
 @lru_cache(maxsize=8)
@@ -155,7 +158,8 @@ def hv_to_instances(
     if tp_prob is None:
         prob = _mean_per_label(np_prob, inst, len(labels))
         return InstanceResult(inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None)
-    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels), prior=params.class_prior)
+    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels), prior=params.class_prior,
+                                                           temperature=params.class_temperature)
     return InstanceResult(inst, labels, class_id, class_prob, class_probs)
 
 
@@ -178,7 +182,8 @@ def _mean_per_label(values: np.ndarray, inst: np.ndarray, n: int) -> np.ndarray:
 
 
 def classify_instances(
-    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None, prior: tuple[float, ...] | None = None
+    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None, prior: tuple[float, ...] | None = None,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class of each instance: majority vote of its pixels' arg-max class (background excluded).
 
@@ -193,6 +198,10 @@ def classify_instances(
     prior : tuple of float, optional
         One multiplier per class 1..C-1 applied to the probabilities before renormalising and
         voting (prior correction); ``None`` leaves them as they are.
+    temperature : float
+        Class probabilities are first raised to ``1 / temperature`` and renormalised, i.e.
+        ``softmax(logits / T)`` (temperature scaling); the vote does not change, the
+        probabilities become calibrated when ``T`` is fitted on held-out data.
 
     Returns
     -------
@@ -209,6 +218,8 @@ def classify_instances(
     if n == 0:
         return np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros((0, c), np.float32)
     fg = tp_prob[1:]
+    if temperature != 1.0:
+        fg = np.power(np.maximum(fg, 1e-12), 1.0 / float(temperature))
     if prior is not None:
         if len(prior) != c:
             raise ValueError(f"class prior has {len(prior)} values for {c} classes")

@@ -134,7 +134,10 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda requested but no CUDA GPU is available (use --device cpu or auto)")
+        from ..errors import DeviceError
+
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        raise DeviceError(f"--device cuda: no CUDA GPU is usable here ({build}); use --device cpu or auto")
     if device not in ("cpu", "cuda"):
         raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
     return device
