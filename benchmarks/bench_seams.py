@@ -139,7 +139,7 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     blender = None
     outs = {}
     for b in batches:
-        maps, layout, _, _ = infer_patches(ctx, read_patches(ctx, b))
+        maps, layout, _, _, _ = infer_patches(ctx, read_patches(ctx, b))
         for p, m in zip(b, maps):
             if p in want and p not in seen:
                 outs[p] = m

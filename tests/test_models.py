@@ -73,7 +73,9 @@ def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="cuda"):
+        from wsi_nuclei.errors import DeviceError
+
+        with pytest.raises(DeviceError, match="cuda"):
             resolve_device("cuda")
         assert resolve_device("auto") == "cpu"
 

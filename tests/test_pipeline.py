@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import geopandas as gpd
@@ -632,3 +633,79 @@ def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, 
     b = df.sort_values("id").reset_index(drop=True)
     assert len(a) == len(df) and (a["id"] == b["id"]).all()
     np.testing.assert_allclose(a["area_um2"], b["area_um2"])
+
+
+# --------------------------------------------------------------------------------------------
+# accelerator out of memory, a worker process that dies
+# --------------------------------------------------------------------------------------------
+def test_out_of_memory_halves_the_batch_and_completes(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from wsi_nuclei.models.classic import ClassicModel
+
+    real = ClassicModel.infer
+    calls = []
+
+    def oom(self, batch):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(ClassicModel, "infer", oom)
+    out = synth["dir"] / "oom"
+    res = _run(synth["s25"], out, batch_size=8, block_size=256)
+    assert res.manifest["qc"]["oom_batch_splits"] > 0 and max(calls) == 8 and 2 in calls
+    _same_outputs(base, out)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for k in kids.get(p, []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+@pytest.mark.slow
+def test_a_dead_worker_process_does_not_change_the_result(synth: dict, base: Path, tmp_path: Path) -> None:
+    """--workers 2: one worker process is killed mid-run; Dask reruns its tasks elsewhere, the
+    coordinator resubmits any block whose window was on it, and the output is the same."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(sys.executable).parent / "wsi-nuclei"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "wsi_nuclei.cli"]
+    out = tmp_path / "dead"
+    proc = subprocess.Popen([*cmd, "run", str(synth["s25"]), "--model", "classic", "--tissue", "none", "--block-size", "256",
+                             "--batch-size", "2", "--workers", "2", "--threads", "1", "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        workers = [p for p in _descendants(proc.pid)
+                   if "distributed" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")
+                   or "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
+        blocks = list((out / ".work" / "blocks").glob("*.parquet")) if (out / ".work" / "blocks").is_dir() else []
+        if len(workers) >= 2 and len(blocks) >= 2:
+            killed = workers[-1]
+            os.kill(killed, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert killed is not None, "no worker process to kill"
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    _same_outputs(base, out)

@@ -502,3 +502,31 @@ def test_copy_keeps_fingerprint(tmp_path: Path, wsi_dir: Path) -> None:
     shutil.copyfile(wsi_dir / CMU, copy)
     with open_slide(copy) as a, open_slide(wsi_dir / CMU) as b:
         assert a.fingerprint == b.fingerprint
+
+
+def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Path) -> None:
+    """MIRAX keeps its pixels in a folder beside the .mrxs index: changing a byte there (or a
+    block in the middle of a big single file) changes the fingerprint; a copy does not."""
+    import shutil
+
+    from wsi_nuclei.slide import _fingerprint, pixel_files
+
+    idx = tmp_path / "s.mrxs"
+    idx.write_bytes(b"index" * 10)
+    data = tmp_path / "s"
+    data.mkdir()
+    (data / "Data0000.dat").write_bytes(bytes(5 * 2**20))
+    (data / "Slidedat.ini").write_text("[GENERAL]")
+    assert [p.name for p in pixel_files(idx)] == ["s.mrxs", "Data0000.dat", "Slidedat.ini"]
+    a = _fingerprint(idx, (100, 100))
+    with open(data / "Data0000.dat", "r+b") as fh:  # a byte in a sampled middle block
+        fh.seek(5 * 2**20 * 4 // 9)
+        fh.write(b"\x01")
+    b = _fingerprint(idx, (100, 100))
+    assert a != b
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(idx, copy / "s.mrxs")
+    shutil.copytree(data, copy / "s")
+    assert _fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
+    assert _fingerprint(copy / "s.mrxs", (100, 101)) != b

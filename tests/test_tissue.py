@@ -619,3 +619,58 @@ def test_region_is_frozen() -> None:
     assert r.area_px == 6.0
     with pytest.raises(AttributeError):
         r.id = 2  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# fuzzing the regions parser: any JSON is either regions or one RegionsFileError
+# --------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_fz_num = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.text(max_size=3))
+_fz_coord = st.lists(_fz_num, min_size=0, max_size=3)
+_fz_ring = st.lists(_fz_coord, min_size=0, max_size=8)
+_fz_geom = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "LineString", "GeometryCollection", "Bogus", 7]),
+                           "coordinates": st.one_of(st.lists(_fz_ring, max_size=3), st.lists(st.lists(_fz_ring, max_size=2), max_size=2), _fz_num)}),
+    _fz_num, st.lists(_fz_num, max_size=3),
+)
+_fz_props = st.one_of(st.none(), _fz_num, st.fixed_dictionaries({}, optional={
+    "objectType": st.one_of(st.sampled_from(["annotation", "detection", "cell", "tile"]), _fz_num),
+    "name": st.one_of(st.text(max_size=10), _fz_num),
+    "classification": st.one_of(st.fixed_dictionaries({}, optional={"name": st.one_of(st.text(max_size=5), _fz_num),
+                                                                   "color": st.one_of(st.lists(_fz_num, max_size=4), _fz_num)}), _fz_num),
+    "isLocked": st.booleans()}))
+_fz_feature = st.one_of(st.fixed_dictionaries({"type": st.just("Feature")}, optional={"geometry": _fz_geom, "properties": _fz_props,
+                                                                                  "id": st.one_of(st.text(max_size=8), _fz_num)}), _fz_num, _fz_geom)
+_fz_doc = st.one_of(_fz_feature, st.lists(_fz_feature, max_size=4),
+                 st.fixed_dictionaries({"type": st.sampled_from(["FeatureCollection", "Feature", "Nope"])},
+                                       optional={"features": st.one_of(st.lists(_fz_feature, max_size=4), _fz_num)}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fz_doc)
+def test_regions_parser_never_raises_anything_else(doc) -> None:
+    from wsi_nuclei.errors import RegionsFileError
+    from wsi_nuclei.tissue import Region, regions_from_geojson
+
+    try:
+        out = regions_from_geojson(doc)
+    except RegionsFileError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert out and all(isinstance(r, Region) and r.geometry.is_valid and not r.geometry.is_empty for r in out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300))
+def test_regions_file_of_random_bytes(tmp_path_factory, data: bytes) -> None:
+    from wsi_nuclei.errors import RegionsFileError
+    from wsi_nuclei.tissue import load_regions
+
+    p = tmp_path_factory.mktemp("fz") / "r.geojson"
+    p.write_bytes(data)
+    try:
+        load_regions(p)
+    except RegionsFileError:
+        pass

@@ -186,6 +186,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"    licence:    {spec.licence}")
         print(f"    resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px")
         print(f"    classes:    {classes}")
+        if spec.class_support:
+            print("    trained:    " + ", ".join(f"{c} {v}" for c, v in spec.class_support.items()))
         print(f"    weights:    {weights_status(spec)}" + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else ""))
     return 0
 
@@ -266,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wsi-nuclei`` console script."""
+    import logging
+
+    # the slide readers' own warnings about damaged files (e.g. tifffile's "incorrect
+    # StripOffsets count") would add lines to the one-line error the user gets
+    for name in ("tifffile", "tiffslide"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -215,15 +215,17 @@ def read_patches(ctx: EngineContext, patches: tuple[tuple[int, int], ...]) -> tu
     return out, time.perf_counter() - t
 
 
-def infer_patches(ctx: EngineContext, read: tuple[np.ndarray, float]) -> tuple[np.ndarray, tuple, float, float]:
-    """Run the model on a batch: ``(maps (B, C, N, N) float16, layout, t_read, t_infer)``.
+def infer_patches(ctx: EngineContext, read: tuple[np.ndarray, float]) -> tuple[np.ndarray, tuple, float, float, int]:
+    """Run the model on a batch: ``(maps (B, C, N, N) float16, layout, t_read, t_infer, splits)``.
 
     ``layout`` lists ``(name, channels, shape_kind)`` so that a window of the blended array can
-    be split back into the model's map dict.
+    be split back into the model's map dict; ``splits`` counts the halvings of the batch after
+    out-of-memory errors on the accelerator.
     """
     images, t_read = read
     t = time.perf_counter()
-    raws = model_of(ctx).infer(images)
+    model = model_of(ctx)
+    raws, n_split = _infer_halving(model, images)
     layout = _layout(raws[0]) if raws else ()
     n = ctx.patches.output_size
     c = sum(k for _, k, _ in layout)
@@ -234,7 +236,39 @@ def infer_patches(ctx: EngineContext, read: tuple[np.ndarray, float]) -> tuple[n
             a = raw[name]
             maps[i, j : j + k] = a if kind == 3 else a[None]
             j += k
-    return maps, layout, t_read, time.perf_counter() - t
+    return maps, layout, t_read, time.perf_counter() - t, n_split
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _infer_halving(model: Any, images: np.ndarray) -> tuple[list, int]:
+    """``model.infer(images)``; on an accelerator out-of-memory error the batch is halved and
+    retried (recursively, down to one patch). Returns the outputs and the number of splits."""
+    try:
+        return list(model.infer(images)), 0
+    except Exception as exc:
+        if not _is_oom(exc) or len(images) <= 1:
+            raise
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+        h = len(images) // 2
+        a, na = _infer_halving(model, images[:h])
+        b, nb = _infer_halving(model, images[h:])
+        return a + b, 1 + na + nb
 
 
 def _layout(raw: dict) -> tuple[tuple[str, int, int], ...]:
@@ -560,12 +594,21 @@ class DaskExecutor:
         from distributed import wait
 
         if futures:
-            wait(futures, return_when="FIRST_COMPLETED")
+            try:
+                wait(futures, return_when="FIRST_COMPLETED")
+            except Exception:  # e.g. futures cancelled with a lost worker: the caller sees them as done
+                pass
 
 
 # --------------------------------------------------------------------------------------------
 # coordinator
 # --------------------------------------------------------------------------------------------
+def _lost_work(exc: BaseException) -> bool:
+    """An error that means "the worker (or its data) went away", not "the task failed"."""
+    names = {t.__name__ for t in type(exc).__mro__}
+    return bool(names & {"KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError", "FutureLostError"})
+
+
 def run_strip(
     ctx: EngineContext,
     strip: Strip,
@@ -604,7 +647,8 @@ def run_strip(
             rows, cols = patches_for_window(pg, bg.window_box(r, c))
             need.update((pr, pc) for pr in rows for pc in cols)
         run_batches = [i for i, b in enumerate(strip.batches) if any(p in need for p in b)]
-    stats = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0}
+    stats = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "oom_batch_splits": 0,
+             "post_retries": 0}
     if not blocks:
         return stats
     blender: MapBlender | None = None
@@ -612,7 +656,7 @@ def run_strip(
     infer_q: deque = deque()
     nxt = 0
     pending = deque(blocks)  # not yet submitted, row-major (window bottoms non-decreasing)
-    posts: dict[Any, tuple[int, int]] = {}
+    posts: dict[Any, tuple[tuple[int, int], Any, int]] = {}
     model = model_of(ctx)
 
     def ensure_blender(n_channels: int) -> MapBlender:
@@ -634,7 +678,8 @@ def run_strip(
             progressed = False
             if infer_q and infer_q[0][1].done():
                 bi, fut = infer_q.popleft()
-                maps, lay, t_read, t_inf = fut.result()
+                maps, lay, t_read, t_inf, n_split = fut.result()
+                stats["oom_batch_splits"] += n_split
                 fut.release()
                 if blender is None:
                     layout = lay
@@ -655,12 +700,23 @@ def run_strip(
                     b = pending.popleft()
                     win = blender.window(bg.window_box(*b)) if blender.c else None
                     fut = ex.submit(process_block, ctx, b, ex.put(win) if win is not None else None, layout)
-                    posts[fut] = b
+                    posts[fut] = (b, win, 0)
                     progressed = True
                 blender.drop_before(min((bg.window_box(*b)[1] for b in pending), default=1 << 60))
             for fut in [f for f in posts if f.done()]:
-                b = posts.pop(fut)
-                frame, st = fut.result()
+                b, win, tries = posts.pop(fut)
+                try:
+                    frame, st = fut.result()
+                except Exception as exc:
+                    # a worker died with the block's window (scattered data is not recomputed):
+                    # the coordinator still holds the window, so the block is simply resubmitted
+                    if not _lost_work(exc) or tries >= 3:
+                        raise
+                    fut2 = ex.submit(process_block, ctx, b, ex.put(win) if win is not None else None, layout)
+                    posts[fut2] = (b, win, tries + 1)
+                    stats["post_retries"] += 1
+                    progressed = True
+                    continue
                 fut.release()
                 stats["t_post"] += st.get("t_post", 0.0)
                 on_block(b, frame, st)
@@ -718,9 +774,9 @@ def remeasure(ctx: EngineContext, row: Any, mask: np.ndarray, bbox: np.ndarray, 
 def apply_resolution(ctx: EngineContext, block: tuple[int, int], frame: Any, decisions: dict[int, tuple[int, Any]]) -> tuple[Any, int]:
     """The final nuclei of one block: its exclusive ones and the candidates kept or trimmed.
 
-    ``decisions`` maps a candidate's ``_idx`` to ``(status, trimmed mask or None)``. Returns
-    the table (internal columns dropped unless ``ctx.all_masks``) and the number of rows
-    trimmed.
+    ``decisions`` maps a candidate's ``_idx`` to ``(status, pieces or None)``; each remaining
+    piece of a trimmed candidate becomes a nucleus of its own (re-measured). Returns the table
+    (internal columns dropped unless ``ctx.all_masks``) and the number of trimmed candidates.
     """
     import pandas as pd
 
@@ -731,21 +787,25 @@ def apply_resolution(ctx: EngineContext, block: tuple[int, int], frame: Any, dec
     keep = ~seam.copy()
     trimmed = []
     for pos in np.nonzero(seam)[0].tolist():
-        status, mask = decisions.get(int(idx[pos]), (0, None))
-        if status:
+        status, pieces = decisions.get(int(idx[pos]), (0, None))
+        if status == 1:
             keep[pos] = True
-        if status == 2:
-            trimmed.append((pos, mask))
-    if trimmed:
-        frame = frame.copy()
-        for pos, mask in trimmed:
-            row = frame.iloc[pos]
-            bbox = row[["_by0", "_bx0"]].to_numpy(np.int64)
+        elif status == 2:
+            trimmed.append((pos, pieces))
+    rows = [frame.loc[keep]]
+    for pos, pieces in trimmed:
+        row = frame.iloc[pos]
+        bbox = row[["_by0", "_bx0"]].to_numpy(np.int64)
+        extra = []
+        for mask in pieces:
             new = remeasure(ctx, row, mask, bbox, block)
             new["_mask"] = np.packbits(mask, axis=None).tobytes()
+            r = row.copy()
             for k, v in new.items():
-                frame.iat[pos, frame.columns.get_loc(k)] = v
-    out = frame.loc[keep]
+                r[k] = v
+            extra.append(r)
+        rows.append(pd.DataFrame(extra, columns=frame.columns).astype(frame.dtypes.to_dict()))
+    out = pd.concat(rows, ignore_index=True) if len(rows) > 1 else rows[0]
     # the block's nuclei in a fixed order (centroid y, then x): deterministic output
     out = out.iloc[np.lexsort((out["centroid_x"].to_numpy(), out["centroid_y"].to_numpy()))].reset_index(drop=True)
     if not ctx.all_masks:

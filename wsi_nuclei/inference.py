@@ -83,7 +83,7 @@ def predict_maps(model: Any, image: np.ndarray, *, batch: int = 8) -> dict[str, 
     layout: tuple = ()
     for i in range(0, len(patches), batch):
         b = tuple(patches[i : i + batch])
-        maps, layout, _, _ = infer_patches(ctx, read_patches(ctx, b))
+        maps, layout, _, _, _ = infer_patches(ctx, read_patches(ctx, b))
         if blender is None:
             blender = MapBlender(pg, 0, w, maps.shape[1], fill_values(model, layout))
         for p, m in zip(b, maps):

@@ -126,6 +126,7 @@ class RunPlan:
     tissue: str
     regions_hash: str
     strict: bool
+    source_stat: str = ""  # sizes and modification times of the slide's pixel files (resume only)
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -150,7 +151,10 @@ def default_out_dir(slide_path: str | Path) -> Path:
 
 def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
     existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
+    # outputs of a run that was interrupted while writing them (its work folder is there and
+    # run.json, written last, is not) are not results: rerunning the same command replaces them
+    interrupted = (out / _WORK).is_dir() and not (out / "run.json").exists()
+    if existing and not overwrite and not interrupted:
         raise OutputError(f"{out}: results already exist ({', '.join(existing)}); use --overwrite to replace them")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +200,16 @@ def _lock(out: Path) -> _Lock:
     return _Lock(fh)
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a run that was killed mid-write (we hold the folder's lock: no other
+    run is writing them)."""
+    for folder in (out, out / _WORK, out / _WORK / "blocks", out / _WORK / "final"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
 def _open(cfg: RunConfig) -> tuple[Any, Any]:
     if isinstance(cfg.slide, (str, Path)):
         from .slide import open_slide
@@ -226,6 +240,11 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
             raise WsiNucleiError(f"cannot connect to the Dask scheduler {scheduler} ({exc})") from None
     # dashboard_address=None still binds the HTTP server to :8787 and warns when it is taken
     # (another run, a notebook cluster): a random port and no dashboard instead
+    if workers > 1:  # worker processes log on their own (inherited stderr): quiet there too
+        import dask
+
+        dask.config.set({"logging": {"distributed": "critical", "distributed.worker": "critical",
+                                     "distributed.nanny": "critical", "distributed.worker.state_machine": "critical"}})
     return Client(processes=workers > 1, n_workers=max(1, workers), threads_per_worker=max(1, threads),
                   dashboard_address=":0", scheduler_kwargs={"dashboard": False})
 
@@ -344,7 +363,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         precision="fp16-autocast" if device == "cuda" else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
-        regions_hash=regions_hash, strict=bool(cfg.strict_ownership),
+        regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]
@@ -356,6 +375,20 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
                    overlapping_regions(regions) if user_regions is not None else [], time.perf_counter() - t,
                    area0 * scale * scale)
     return plan, setup
+
+
+def _source_stat(source: Any) -> str:
+    """Hash of (name, size, mtime) of every pixel file of a slide given by path: a slide
+    rewritten in place never resumes from parts made before."""
+    if not (isinstance(source, tuple) and source and source[0] == "path"):
+        return ""
+    from .slide import pixel_files
+
+    h = hashlib.sha256()
+    for f in pixel_files(Path(source[1])):
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:32]
 
 
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
@@ -444,6 +477,7 @@ def run(cfg: RunConfig) -> RunResult:
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
+    _remove_stale_temporaries(out)
     try:
         plan, setup = make_plan(cfg, spec, slide, source, slide_name, weights_path, device, user_regions)
         return _execute_and_write(cfg, plan, setup, out, names, t0)
@@ -509,7 +543,8 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
 
     from .engine import DaskExecutor, patches_for_window, run_strip
 
-    totals = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "blocks": 0}
+    totals = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "blocks": 0,
+              "oom_batch_splits": 0, "post_retries": 0}
     if not todo:
         return totals
     # patches this session will infer (for the progress bar)
@@ -535,7 +570,7 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
         for st in plan.strips:
             s = run_strip(ctx, st, ex, todo=todo, on_block=on_block, on_batch=lambda n, _: bar.update(n),
                           max_in_flight=cfg.max_in_flight, max_post=max(2, cfg.workers * 2))
-            for k in ("t_read", "t_infer", "t_post", "n_patches"):
+            for k in ("t_read", "t_infer", "t_post", "n_patches", "oom_batch_splits", "post_retries"):
                 totals[k] += s[k]
             totals["peak_band_bytes"] = max(totals["peak_band_bytes"], s["peak_band_bytes"])
     finally:
@@ -650,6 +685,8 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         "nuclei_near_region_edge_assigned": st["nuclei_near_region_edge_assigned"],
         "regions_overlapping": [list(p) for p in setup.overlaps],
         "peak_band_mb": round(engine_stats["peak_band_bytes"] / 2**20, 1),
+        "oom_batch_splits": int(engine_stats.get("oom_batch_splits", 0)),
+        "blocks_resubmitted_after_worker_loss": int(engine_stats.get("post_retries", 0)),
         **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
         **{f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3) for k in ("read", "infer", "post")},
     }

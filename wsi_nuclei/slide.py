@@ -1246,16 +1246,43 @@ def _tiff_structure_problem(path: Path) -> str | None:
     return None
 
 
+def pixel_files(path: Path) -> list[Path]:
+    """The files that hold a slide's pixel data: the file itself, plus for multi-file formats
+    the data files beside it (MIRAX: the folder named like the ``.mrxs``; a folder given as the
+    slide: every file in it)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path]
+    if path.suffix.lower() == ".mrxs":
+        data = path.with_suffix("")
+        if data.is_dir():
+            files += sorted(p for p in data.rglob("*") if p.is_file())
+    return files
+
+
 def _fingerprint(path: Path, dimensions: tuple[int, int]) -> str:
-    """sha256 of file size, first and last MiB, and dimensions (hex)."""
-    size = path.stat().st_size
+    """sha256 of the dimensions and, for every file holding pixel data (:func:`pixel_files`),
+    its name, size, first and last MiB and 8 evenly spaced 64 KiB blocks (hex).
+
+    Content only (no modification times), so a copied slide keeps its nucleus ids; cheap on
+    any size (at most ~2.5 MiB read per file).
+    """
     h = hashlib.sha256()
-    h.update(f"{size}:{dimensions[0]}x{dimensions[1]}:".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(_MIB))
-        if size > _MIB:
-            fh.seek(max(size - _MIB, _MIB))
+    h.update(f"{dimensions[0]}x{dimensions[1]}:".encode())
+    root = path if path.is_dir() else path.parent
+    for f in pixel_files(path):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix() if f != path else ''}:{size}:".encode())
+        with open(f, "rb") as fh:
             h.update(fh.read(_MIB))
+            if size > 2 * _MIB:
+                for k in range(1, 9):
+                    fh.seek(size * k // 9)
+                    h.update(fh.read(64 * 1024))
+            if size > _MIB:
+                fh.seek(max(size - _MIB, _MIB))
+                h.update(fh.read(_MIB))
     return h.hexdigest()
 
 

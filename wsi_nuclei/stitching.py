@@ -17,16 +17,17 @@ the nucleus to its window border, capped: the view with the most context; then t
 whose core holds the centroid; then a fixed block order), each candidate is
 
 * **kept** if it shares no pixel with a candidate kept before it,
-* **trimmed** to its largest remaining piece if less than ``tau`` of it is taken and that
-  piece is large enough,
-* **dropped** as a duplicate otherwise (counted).
+* **trimmed** to what remains otherwise: each remaining connected piece that is a nucleus of
+  its own (at least ``min_px`` pixels that survive an opening by a 3 x 3 square, i.e. not a
+  rim or a sliver left by a slightly different outline) becomes a nucleus,
+* **dropped** as a duplicate when nothing but such slivers remains (counted).
 
 The order is a total order on candidates, so the result does not depend on the order in
 which blocks finished. When all blocks agree (a nucleus segmented identically in two
 overlapping windows) the rule reduces to StarDist's: the block that sees it whole and owns
 its centroid keeps it. When they do not agree (a nucleus merged with a neighbour in one
 window, split in the other), no pixel is output twice and no nucleus seen whole by any block
-disappears without a kept candidate covering at least ``tau`` of it.
+disappears: what no earlier output covers is output unless it is only slivers.
 :func:`check_resolution` states that invariant and raises :class:`SeamError` when it is
 broken.
 """
@@ -189,8 +190,8 @@ class Resolution:
     ----------
     status : ndarray of int8
         1 kept, 2 trimmed, 0 dropped.
-    masks : dict of int to ndarray
-        The trimmed mask (over the same bounding box) of each trimmed candidate.
+    masks : dict of int to list of ndarray
+        The remaining pieces (each over the same bounding box) of each trimmed candidate.
     covered_by : dict of int to list of int
         For each dropped or trimmed candidate, the kept candidates it overlapped.
     """
@@ -253,25 +254,31 @@ def _taken(i: int, cands: Candidates, others: list[int], final: dict[int, np.nda
     return taken, hit
 
 
-def _largest_piece(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
+_SQUARE = np.ones((3, 3), bool)
 
 
-def resolve_seams(cands: Candidates, *, tau: float = 0.5, min_px: int = 10) -> Resolution:
+def _pieces(mask: np.ndarray, min_px: int) -> list[np.ndarray]:
+    """The 8-connected pieces of ``mask`` that are nuclei of their own, largest first: at least
+    ``min_px`` of their pixels survive an opening by a 3 x 3 square (rims and slivers do not)."""
+    lab, n = ndi.label(mask, structure=_SQUARE)
+    if n == 0:
+        return []
+    core = ndi.binary_opening(np.pad(mask, 1), structure=_SQUARE)[1:-1, 1:-1]
+    solid = np.bincount(lab[core].ravel(), minlength=n + 1)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    order = [k for k in np.argsort(-sizes[1:], kind="stable") + 1 if solid[k] >= min_px]
+    return [lab == k for k in order]
+
+
+def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
     """Resolve all seam candidates (see the module notes); deterministic in any input order.
 
     Parameters
     ----------
     cands : Candidates
-    tau : float
-        A candidate of which at least this fraction is already taken is a duplicate.
     min_px : int
-        A trimmed remainder smaller than this is dropped.
+        A remaining piece is a nucleus when at least this many of its pixels survive an
+        opening by a 3 x 3 square.
 
     Returns
     -------
@@ -284,43 +291,46 @@ def resolve_seams(cands: Candidates, *, tau: float = 0.5, min_px: int = 10) -> R
     index = _Index()
     for i in cands.order().tolist():
         mask = cands.masks[i]
-        size = int(mask.sum())
         taken, hit = _taken(i, cands, index.near(cands.bbox[i]), final)
         n_taken = int(taken.sum())
         if n_taken == 0:
             status[i] = 1
             final[i] = mask
         else:
-            rest = _largest_piece(mask & ~taken)
-            if n_taken < tau * size and int(rest.sum()) >= min_px:
+            pieces = _pieces(mask & ~taken, min_px)
+            if pieces:
                 status[i] = 2
-                final[i] = rest
-                out.masks[i] = rest
+                final[i] = np.logical_or.reduce(pieces)
+                out.masks[i] = pieces
             out.covered_by[i] = hit
         if status[i]:
             index.add(i, cands.bbox[i])
     return out
 
 
-def check_resolution(cands: Candidates, res: Resolution, *, tau: float = 0.5, min_px: int = 10) -> None:
+def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) -> None:
     """The seam invariant; raises :class:`SeamError` when it does not hold.
 
     1. No pixel belongs to two output candidates (kept or trimmed).
-    2. A trimmed candidate is a non-empty part of the original.
-    3. Nothing seen is lost: every dropped candidate is covered, to at least ``tau`` of its
-       pixels (or but for a remainder under ``min_px``), by output candidates that come before
-       it in the resolution order.
+    2. A trimmed candidate is made of non-empty, disjoint parts of the original.
+    3. Nothing seen is lost: what output candidates before it in the resolution order leave
+       of a dropped candidate is only slivers (no piece that :func:`resolve_seams` would keep).
     """
     order = cands.order()
     rank = np.empty(len(cands), np.int64)
     rank[order] = np.arange(len(cands))
-    final = {i: (res.masks[i] if res.status[i] == 2 else cands.masks[i]) for i in np.nonzero(res.status)[0].tolist()}
+    final = {}
+    for i in np.nonzero(res.status)[0].tolist():
+        if res.status[i] == 2:
+            parts = list(res.masks.get(i, []))
+            if not parts or any(m.shape != cands.masks[i].shape or not m.any() or (m & ~cands.masks[i]).any() for m in parts) \
+                    or sum(int(m.sum()) for m in parts) != int(np.logical_or.reduce(parts).sum()):
+                raise SeamError(f"candidate {tuple(cands.key[i])}: trimmed mask is not a part of the original")
+            final[i] = np.logical_or.reduce(parts)
+        else:
+            final[i] = cands.masks[i]
     index = _Index()
     for i in sorted(final, key=lambda k: rank[k]):
-        if res.status[i] == 2:
-            m = res.masks[i]
-            if m.shape != cands.masks[i].shape or not m.any() or (m & ~cands.masks[i]).any():
-                raise SeamError(f"candidate {tuple(cands.key[i])}: trimmed mask is not a part of the original")
         b = cands.bbox[i]
         saved = cands.masks[i]
         cands.masks[i] = final[i]
@@ -334,6 +344,7 @@ def check_resolution(cands: Candidates, res: Resolution, *, tau: float = 0.5, mi
         before = [j for j in index.near(cands.bbox[i]) if rank[j] < rank[i]]
         taken, _ = _taken(i, cands, before, final)
         size = int(cands.masks[i].sum())
-        rest = _largest_piece(cands.masks[i] & ~taken)
-        if not (taken.sum() >= tau * size or rest.sum() < min_px):
-            raise SeamError(f"candidate {tuple(cands.key[i])} dropped but only {int(taken.sum())} of {size} px covered: a nucleus would be lost")
+        rest = _pieces(cands.masks[i] & ~taken, min_px)
+        if rest:
+            raise SeamError(f"candidate {tuple(cands.key[i])} dropped but {int(rest[0].sum())} of its {size} px are covered by "
+                            "no output: a nucleus would be lost")

@@ -479,7 +479,8 @@ def load_official_checkpoint(
         with warnings.catch_warnings():
             # The official file uses torch's legacy (non-zip) format, for which the
             # weights-only unpickler warns about an unusual "pickle protocol"; it loads fine.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # Any other warning would add lines to the one-line error of a bad file.
+            warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         # torch's own message spans paragraphs and is mostly advice about weights_only.

@@ -48,6 +48,12 @@ class ModelSpec:
     #: post-processing halo (model px): larger than the largest nucleus radius plus the reach
     #: of the post-processing, so that a nucleus near a block border is seen whole by a block
     halo: int = 96
+    #: per class name, how well the model was trained to produce it: "trained" (many exact
+    #: labels), "weak" (few exact labels, or only as part of a set such as Neoplastic|Epithelial)
+    #: or "none" (no labels: the model cannot be trusted to ever predict it); empty = unknown
+    class_support: dict[str, str] = field(default_factory=dict)
+    #: the evidence behind ``class_support``, in words (training labels per class)
+    class_evidence: str = ""
 
     @property
     def stride(self) -> int:
@@ -102,6 +108,8 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
 def find_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path | None:
     """Where the weights of ``spec`` are: ``weights`` if given, else bundled, else the cache."""
     if not spec.needs_weights:
+        if weights is not None:
+            raise ModelError(f"model {spec.name!r} has no weights; drop --weights {weights}")
         return None
     if weights is not None:
         p = Path(weights)

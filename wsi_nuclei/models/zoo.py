@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def _build_lite0(spec: ModelSpec, weights: Path | None, device: str) -> Any:
 
     net = EffUNet(n_types=6)
     try:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles would add lines to the one-line error
+            warnings.simplefilter("ignore")
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
         sd = sd.get("model", sd)
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except (RuntimeError, KeyError, AttributeError, EOFError, IndexError, ValueError, pickle.UnpicklingError) as exc:
@@ -60,6 +63,12 @@ register(ModelSpec(
     postprocess={"np_threshold": 0.4, "edge_threshold": 0.35, "sobel_ksize": 7, "min_marker_px": 40, "min_nucleus_px": 40,
                  "grad_offset": 0.3},
     output_border=32,
+    class_support={"Neoplastic": "weak", "Inflammatory": "trained", "Connective": "trained", "Dead": "none",
+                   "Epithelial": "weak"},
+    class_evidence=("exact training labels: Inflammatory 4,507 CoNSeP + 6,970 CRCHisto points; Connective 6,668 CoNSeP "
+                    "spindle + 5,712 CRCHisto fibroblast points; Neoplastic only 454 (NuCLS tumour, PanNuke-25); "
+                    "Epithelial none exact (CoNSeP and CRCHisto epithelium is 'Neoplastic or Epithelial', 14,330 nuclei); "
+                    "Dead none"),
 ))
 
 register(ModelSpec(

@@ -1,0 +1,113 @@
+"""Kill ``wsi-nuclei run`` with SIGKILL at random moments, rerun it, compare with a clean run.
+
+For each kill point the same command is started in a fresh output folder, killed with
+SIGKILL after a random fraction of the uninterrupted run's wall time (spread over the whole
+run: while blocks are inferred, while seams are resolved, while each output file is written),
+then run again to completion; ``nuclei.parquet`` and the GeoJSON must be byte-identical to the
+uninterrupted run's. Prints one JSON line per kill and a summary.
+
+Usage::
+
+    python benchmarks/crash_resume.py [--slide PATH] [--kills 10] [--seed 0] [-- extra run options]
+
+Default slide: ../shared/data/wsi/CMU-1-Small-Region.svs with the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "wsi-nuclei"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "wsi_nuclei.cli"]
+
+
+def _stage(out: Path) -> str:
+    """Where the killed run was, from what it left behind."""
+    work = out / ".work"
+    done = [n for n in ("nuclei.geojson.gz", "nuclei.geojson", "nuclei.parquet", "summary.json", "tissue.geojson", "run.json")
+            if (out / n).exists()]
+    if done:
+        return "writing outputs (" + ", ".join(done) + " done)"
+    if (work / "final").is_dir():
+        return f"stitching ({len(list((work / 'final').glob('*.parquet')))} final parts)"
+    n = len(list((work / "blocks").glob("*.parquet"))) if (work / "blocks").is_dir() else 0
+    return f"blocks ({n} finished)"
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("nuclei.*"))}
+
+
+def crash_resume(run_args: list[str], fractions: list[float], work: Path, timeout: float = 3600) -> dict:
+    """Reference run, then one kill + resume per fraction of its wall time; see the module notes."""
+    ref = work / "reference"
+    t = time.perf_counter()
+    subprocess.run([*_cli(), "run", *run_args, "--out", str(ref), "-q"], check=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    want = _outputs(ref)
+    rows = []
+    for k, f in enumerate(fractions):
+        out = work / f"kill{k}"
+        proc = subprocess.Popen([*_cli(), "run", *run_args, "--out", str(out), "-q"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(f * wall)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and any worker process it started
+        proc.wait()
+        stage = _stage(out) if killed else "finished before the kill"
+        if killed:  # the same command again, as a user would
+            res = subprocess.run([*_cli(), "run", *run_args, "--out", str(out), "-q"], capture_output=True, text=True,
+                                 timeout=timeout)
+            code, err = res.returncode, res.stderr.strip()[-300:]
+            if code == 7 and "already exist" in err and (out / "run.json").is_file():
+                code = 0  # killed after run.json, the last output: the results were complete
+                stage += "; complete (run.json written), rerun refuses to overwrite"
+        else:
+            code, err = proc.returncode, ""
+        got = _outputs(out) if code == 0 else {}
+        rows.append({"kill": k, "after_s": round(f * wall, 2), "killed": killed, "stage": stage,
+                     "rerun_exit": code, "rerun_stderr": err, "identical": got == want and bool(want)})
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"reference_wall_s": round(wall, 2), "kills": len(rows), "killed": sum(r["killed"] for r in rows),
+            "identical": sum(r["identical"] for r in rows), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slide", default=str(DEFAULT_SLIDE))
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None)
+    a = p.parse_args(argv)
+    rng = np.random.default_rng(a.seed)
+    # stratified over the run: one kill in each of `kills` equal slices of its duration
+    fractions = [(k + rng.uniform(0.1, 0.9)) / a.kills for k in range(a.kills)]
+    work = Path(a.work or tempfile.mkdtemp(prefix="crash-resume-"))
+    summary = crash_resume([a.slide, *extra], fractions, work)
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+    return 0 if summary["identical"] == summary["kills"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
