@@ -588,7 +588,15 @@ class DaskExecutor:
         return self.client.submit(fn, *args, pure=False)
 
     def put(self, obj: Any) -> Any:
-        return self.client.scatter(obj, direct=True)
+        # a worker that just died may still be chosen: try again (the scheduler drops it)
+        for attempt in range(6):
+            try:
+                return self.client.scatter(obj, direct=True)
+            except Exception as exc:
+                if attempt == 5 or not (_lost_work(exc) or isinstance(exc, OSError)):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def wait_any(self, futures: list) -> None:
         from distributed import wait
