@@ -425,3 +425,25 @@ def test_validation_score_weighs_segmentation_and_classes() -> None:
     assert validation_score({"a/bPQ": 0.5, "b/bPQ": 0.7}) == pytest.approx(0.6)
     assert validation_score({"a/bPQ": 0.6, "a/cls_f1": 0.4, "c/cls_f1": float("nan")}) == pytest.approx(0.5)
     assert validation_score({"p/cls_f1": 0.3}) == pytest.approx(0.3)
+
+
+def test_shift_pairs_are_two_views_of_one_region(tmp_path: Path) -> None:
+    from wsi_nuclei.train import SHIFT_MAX, shift_consistency_loss
+
+    d = _write_dataset(tmp_path, 1)
+    items, weights, _ = _load_entries([DatasetEntry(d, 1.0)], {}, 0.25)
+    b = make_batch(items, weights, 3, 48, np.random.default_rng(1), shift_pairs=True)
+    assert tuple(b["x"].shape) == (6, 3, 48, 48) and tuple(b["pair_shift"].shape) == (3, 2)
+    for k, (dy, dx) in enumerate(b["pair_shift"].tolist()):
+        assert 1 <= dy <= SHIFT_MAX and 1 <= dx <= SHIFT_MAX
+        a, v = b["x"][2 * k], b["x"][2 * k + 1]
+        torch.testing.assert_close(a[:, dy:, dx:], v[:, : 48 - dy, : 48 - dx])  # same pixels, shifted
+        torch.testing.assert_close(b["np"][2 * k][dy:, dx:], b["np"][2 * k + 1][: 48 - dy, : 48 - dx])
+    # maps that follow the shift exactly cost nothing; others do
+    x = b["x"].mean(1, keepdim=True) / 255
+    out = {"np": torch.cat([-x, x], 1), "hv": torch.cat([x, x], 1), "tp": torch.cat([x] * 6, 1)}
+    assert float(shift_consistency_loss(out, b["pair_shift"])) == pytest.approx(0.0, abs=1e-7)
+    out["np"] = out["np"] + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1) * torch.linspace(0, 3, 48).view(1, 1, 1, -1)  # position-dependent
+    assert float(shift_consistency_loss(out, b["pair_shift"])) > 1e-4
+    total, parts = hovernet_loss({"np": out["np"], "hv": out["hv"], "tp": out["tp"]}, b, 1.0, 20.0)
+    assert "shift_cons" in parts and np.isfinite(float(total))

@@ -47,7 +47,7 @@ _TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp", "stages"}
 #: options a config stage may set (they replace the command-line values for that stage);
 #: "datasets" replaces the config's dataset list for that stage
 _STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "stain_jitter", "init",
-               "datasets"}
+               "datasets", "shift_consistency"}
 _DATASET_KEYS = {"name", "weight", "hv", "sparse", "point_radius_um"}
 
 
@@ -162,16 +162,39 @@ def _random_crop(item: _Item, size: int, rng: np.random.Generator):
     return img, inst, allowed
 
 
+#: largest shift (px) between the two views of a shift-consistency pair
+SHIFT_MAX = 32
+
+
+def _views(it: _Item, size: int, rng: np.random.Generator, stain_jitter: float, pairs: bool):
+    """One augmented crop, or (with ``pairs``) two crops of the same augmented region shifted by
+    1..SHIFT_MAX px in each direction, and their shift."""
+    if not pairs:
+        return [_augment(*_random_crop(it, size, rng), rng, stain_jitter)], (0, 0)
+    img, inst, allowed = _augment(*_random_crop(it, size + SHIFT_MAX, rng), rng, stain_jitter)
+    dy, dx = (int(v) for v in rng.integers(1, SHIFT_MAX + 1, 2))
+    views = [(img[:size, :size], inst[:size, :size], allowed[:size, :size]),
+             (img[dy : dy + size, dx : dx + size], inst[dy : dy + size, dx : dx + size], allowed[dy : dy + size, dx : dx + size])]
+    return [tuple(np.ascontiguousarray(a) for a in v) for v in views], (dy, dx)
+
+
 def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, rng: np.random.Generator,
-               stain_jitter: float = 0.05):
+               stain_jitter: float = 0.05, shift_pairs: bool = False):
     """Sample, crop, augment and build the target tensors of one training batch.
 
-    ``stain_jitter`` is the HED jitter strength (optical densities scaled by 1 ± it).
+    ``stain_jitter`` is the HED jitter strength (optical densities scaled by 1 ± it). With
+    ``shift_pairs`` each of the ``batch`` samples gives two views of one region shifted by a
+    few pixels (images ``2k`` and ``2k + 1``; their shift in ``"pair_shift"``) for the
+    shift-consistency loss.
     """
-    imgs, nps, hvs, allows, masks, cls_masks, hvmask = [], [], [], [], [], [], []
+    imgs, nps, hvs, allows, masks, cls_masks, hvmask, shifts = [], [], [], [], [], [], [], []
+    views = []
     for _ in range(batch):
         it = items[int(rng.choice(len(items), p=weights))]
-        img, inst, allowed = _augment(*_random_crop(it, size, rng), rng, stain_jitter)
+        vs, shift = _views(it, size, rng, stain_jitter, shift_pairs)
+        views.extend((it, v) for v in vs)
+        shifts.append(shift)
+    for it, (img, inst, allowed) in views:
         imgs.append(img)
         nps.append(inst > 0)
         hvs.append(hv_targets(inst))
@@ -198,6 +221,7 @@ def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, r
         "mask": torch.from_numpy(np.stack(masks)).float(),
         "cls_mask": torch.from_numpy(np.stack(cls_masks)).float(),
         "hv_on": torch.tensor(hvmask, dtype=torch.float32),
+        **({"pair_shift": torch.tensor(shifts, dtype=torch.long)} if shift_pairs else {}),
     }
 
 
@@ -240,8 +264,21 @@ def _labelled_px(allowed_px: torch.Tensor) -> torch.Tensor:
     return (a > 0) & (bits <= 2)
 
 
+def shift_consistency_loss(out: dict[str, torch.Tensor], shifts: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the predicted maps (nucleus and class probabilities, tanh
+    distance maps) of each shifted pair of views, over the pixels both views see."""
+    parts = [torch.softmax(out["np"].float(), 1)[:, 1:2], torch.tanh(out["hv"].float())]
+    if "tp" in out:
+        parts.append(torch.softmax(out["tp"].float(), 1))
+    p = torch.cat(parts, 1)
+    a, b = p[0::2], p[1::2]
+    n = p.shape[-1]
+    terms = [((a[k, :, dy:, dx:] - b[k, :, : n - dy, : n - dx]) ** 2).mean() for k, (dy, dx) in enumerate(shifts.tolist())]
+    return torch.stack(terms).mean()
+
+
 def hovernet_loss(
-    out: dict[str, torch.Tensor], b: dict[str, torch.Tensor], class_weight: float = 1.0
+    out: dict[str, torch.Tensor], b: dict[str, torch.Tensor], class_weight: float = 1.0, shift_consistency: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code).
 
@@ -272,6 +309,11 @@ def hovernet_loss(
         w = cmask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float()) if class_weight != 1 else cmask
         parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], w)
     total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
+    if shift_consistency and "pair_shift" in b:
+        # the network aliases (strided convolutions): the same tissue shifted by a pixel gave
+        # other nuclei; this term asks for the same maps whatever the shift
+        parts["shift_cons"] = shift_consistency_loss(out, b["pair_shift"])
+        total = total + shift_consistency * parts["shift_cons"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -529,11 +571,12 @@ def _train_stage(args: argparse.Namespace) -> Path:
     t_epoch = time.time()
     while step < total_steps:
         model.train()
-        b = make_batch(items, weights, args.batch, args.crop, rng, args.stain_jitter)
+        b = make_batch(items, weights, args.batch, args.crop, rng, args.stain_jitter,
+                       shift_pairs=getattr(args, "shift_consistency", 0.0) > 0)
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             o = model(b["x"])
-        loss, parts = hovernet_loss(o, b, args.class_weight)
+        loss, parts = hovernet_loss(o, b, args.class_weight, getattr(args, "shift_consistency", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -586,6 +629,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights")
     p.add_argument("--init-weights", help="start from these network weights (e.g. the bundled model, to fine-tune on PanNuke) instead of ImageNet")
     p.add_argument("--class-weight", type=float, default=1.0, help="class-loss weight of nucleus pixels whose class is known to within two classes, relative to other pixels (default: %(default)s)")
+    p.add_argument("--shift-consistency", type=float, default=0.0, help="weight of the shift-consistency loss: each sample gives two views "
+                   "shifted by 1-32 px whose maps should agree (the batch then holds 2 x --batch images; 0 = off, default)")
     p.add_argument("--stain-jitter", type=float, default=0.05, help="HED stain jitter strength: haematoxylin/eosin optical densities scaled by 1 +- this, on half of the crops (default: %(default)s)")
     p.add_argument("--val-max", type=int, default=0, help="validate on at most this many images (0 = all)")
     p.add_argument("--quiet", action="store_true", help="only the per-epoch validation lines")
