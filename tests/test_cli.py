@@ -502,3 +502,20 @@ def test_second_run_into_the_same_folder_is_refused(small_slide: Path, tmp_path:
     code, _, _ = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys)
     assert code == 0  # the lock went with the process that held it
     assert not (out / ".wsi-nuclei.lock").exists()
+
+
+def test_help_models_and_summarize_do_not_import_torch() -> None:
+    """`wsi-nuclei --help` answers at once: torch (seconds to import) is loaded only by the
+    commands that run a network."""
+    code = ("import sys, contextlib, io\n"
+            "from wsi_nuclei.cli import main\n"
+            "for argv in (['--help'], ['run', '--help'], ['train', '--help'], ['models']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
