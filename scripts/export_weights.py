@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/export_weights.py runs/default/stage2/best.pt wsi_nuclei/models/weights/wsi-nuclei-lite0-v2.pt
+    python scripts/export_weights.py runs/v3/stage3/best.pt wsi_nuclei/models/weights/wsi-nuclei-lite0-v3.pt
 
 Then record the printed sha256 as DEFAULT_WEIGHTS_SHA256 in wsi_nuclei/models/zoo.py.
 """

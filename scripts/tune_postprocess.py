@@ -22,7 +22,7 @@ Prints one line per setting and the best ones; ``--json`` writes the table.
 
 Usage::
 
-    python scripts/tune_postprocess.py --weights wsi_nuclei/models/weights/wsi-nuclei-lite0-v2.pt \\
+    python scripts/tune_postprocess.py --weights wsi_nuclei/models/weights/wsi-nuclei-lite0-v3.pt \\
         --cache /tmp/tune-cache [--tta] [--json tune.json]
 """
 

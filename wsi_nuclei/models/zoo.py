@@ -11,8 +11,8 @@ from .fetch import HOVERNET_PANNUKE_URL
 from .registry import PANNUKE_CLASSES, ModelSpec, register
 
 #: sha256 of the bundled default weights (fp16 state dict), checked before loading.
-DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v2.pt"
-DEFAULT_WEIGHTS_SHA256 = "c2d7de4609f6bda9f1f27b683f166e2c9fcaee2506ac483748a75f942c28c798"
+DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v3.pt"
+DEFAULT_WEIGHTS_SHA256 = "514e18fe30165c963dc9c2f0ddbd53c7da35de9e4fc25f9551bf1e3493470a47"
 
 
 def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> Any:
@@ -60,8 +60,8 @@ register(ModelSpec(
     mpp=0.25, input_size=256, output_size=256, class_names=dict(PANNUKE_CLASSES),
     builder=_build_lite0, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True, tta=True,
     # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
-    postprocess={"np_threshold": 0.4, "edge_threshold": 0.35, "sobel_ksize": 7, "min_marker_px": 40, "min_nucleus_px": 40,
-                 "grad_offset": 0.3},
+    postprocess={"np_threshold": 0.45, "edge_threshold": 0.35, "sobel_ksize": 15, "min_marker_px": 40, "min_nucleus_px": 40,
+                 "grad_offset": 0.3, "class_temperature": 1.1},
     output_border=32,
     class_support={"Neoplastic": "weak", "Inflammatory": "trained", "Connective": "trained", "Dead": "none",
                    "Epithelial": "weak"},
