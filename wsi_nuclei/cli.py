@@ -97,6 +97,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
+    p.add_argument("--min-class-prob", type=float_range(0.0, 1.0), default=None,
+                   help="nuclei whose class probability is below this are written without a class (\"Nucleus\"), 0 to 1; "
+                        "0 keeps every class (default: the model's threshold, calibrated on the validation split: below it "
+                        "classes were more often wrong than right; 'wsi-nuclei models' shows it)")
     p.add_argument("--keep-work", action="store_true", help="keep the per-batch part files (<out>/.work) after success")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report")
 
@@ -114,12 +118,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
-        quiet=args.quiet, keep_work=args.keep_work,
+        quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob,
     )
     res = run(cfg)
     if not args.quiet:
         _report(res)
     return 0
+
+
+def _density(n: int, area_mm2: float | None) -> str:
+    return f"  {n / area_mm2:9.0f} per mm2" if area_mm2 else ""
 
 
 def _report(res) -> None:  # type: ignore[no-untyped-def]
@@ -134,11 +142,17 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
         f"{m['qc']['blocks_processed']} blocks",
         f"  seams       {m['qc']['seam_candidates']} candidates: {m['qc']['seam_duplicates_removed']} duplicates removed, "
         f"{m['qc']['seam_trimmed']} trimmed",
-        f"  nuclei      {res.n_nuclei}",
+        f"  tissue      {m['qc'].get('tissue_area_mm2', 0):.3f} mm2 analysed",
+        f"  nuclei      {res.n_nuclei}" + _density(res.n_nuclei, m["qc"].get("tissue_area_mm2")),
     ]
-    for name, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+    for name, n in sorted(res.counts.items(), key=lambda kv: (-kv[1], kv[0])):
         pct = 100 * n / max(1, res.n_nuclei)
-        lines.append(f"    {name:<14}{n:>9}  {pct:5.1f}%")
+        label = "no class" if name == "Nucleus" and m.get("classes", {}).get("support") else name
+        lines.append(f"    {label:<14}{n:>9}  {pct:5.1f}%" + _density(n, m["qc"].get("tissue_area_mm2")))
+    for name in m.get("classes", {}).get("not_measured", []):
+        lines.append(f"    {name:<14}{'-':>9}  not measured (the model was never trained to produce it)")
+    if m.get("reliability_note"):
+        lines.extend(textwrap.wrap(m["reliability_note"], 96, initial_indent="  classes     ", subsequent_indent="              "))
     lines.append(f"  time        {res.seconds['total']:.1f} s (inference and post-processing {res.seconds['execute']:.1f} s)")
     for w in m.get("warnings", []):
         lines.append(f"  warning     {w}")
@@ -173,6 +187,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if not spec.needs_weights:
             print(f"{spec.name}: needs no weights")
             return 0
+        if spec.bundled and weights_status(spec).startswith("bundled"):
+            print(f"{spec.name}: weights are bundled with the package; nothing to fetch")
+            return 0
         if not spec.url:
             raise ModelError(f"{spec.name}: no public download location is recorded; place {spec.weights_file} in {default_cache_dir()} or pass --weights PATH")
         dest = default_cache_dir() / spec.weights_file  # type: ignore[operator]
@@ -188,6 +205,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"    classes:    {classes}")
         if spec.class_support:
             print("    trained:    " + ", ".join(f"{c} {v}" for c, v in spec.class_support.items()))
+        if spec.min_class_prob:
+            print(f"    min class probability: {spec.min_class_prob:g} (calibrated; below it nuclei get no class)")
         print(f"    weights:    {weights_status(spec)}" + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else ""))
     return 0
 

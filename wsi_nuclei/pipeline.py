@@ -41,7 +41,7 @@ from . import __version__
 from ._io import atomic_path
 from .engine import EngineContext, Strip, plan_strips
 from .errors import MissingMppError, NoTissueError, OutputError, WsiNucleiError
-from .schema import CLASS_NAMES
+from .schema import CLASS_NAMES, UNCLASSIFIED
 from .tiling import BlockGrid, PatchGrid, passes_per_pixel
 
 __all__ = ["RunConfig", "RunPlan", "RunResult", "run", "make_plan", "OUTPUT_NAMES"]
@@ -87,6 +87,7 @@ class RunConfig:
     strict_ownership: bool = False
     quiet: bool = False
     keep_work: bool = False
+    min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class RunPlan:
     regions_hash: str
     strict: bool
     source_stat: str = ""  # sizes and modification times of the slide's pixel files (resume only)
+    postprocess: str = ""  # the model's post-processing parameters (JSON): parts depend on them
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -364,6 +366,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
+        postprocess=json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "",
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]
@@ -631,6 +634,34 @@ def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final
     return stats
 
 
+def effective_min_class_prob(cfg: RunConfig, spec: Any) -> float:
+    """The class-probability threshold of a run: ``--min-class-prob`` or the model's calibrated one."""
+    if not spec.class_names:
+        return 0.0
+    return float(spec.min_class_prob if cfg.min_class_prob is None else cfg.min_class_prob)
+
+
+def unclassify_below(frame: pd.DataFrame, min_prob: float) -> pd.DataFrame:
+    """Nuclei whose class probability is below ``min_prob`` lose their class (class 0,
+    ``"Nucleus"``); their per-class probabilities stay, so a user can re-threshold."""
+    if min_prob <= 0 or not len(frame) or "class_prob" not in frame:
+        return frame
+    low = (frame["class_prob"].to_numpy() < min_prob) & (frame["class_id"].to_numpy() > 0)
+    if not low.any():
+        return frame
+    frame = frame.copy()
+    frame.loc[low, "class_id"] = np.int8(0)
+    frame.loc[low, "class_name"] = UNCLASSIFIED
+    return frame
+
+
+def reliability_note(spec: Any, min_prob: float) -> str:
+    """The plain-words note on the model's classes for this run (empty when unknown)."""
+    from dataclasses import replace
+
+    return replace(spec, min_class_prob=min_prob).reliability_note() if spec.class_names else ""
+
+
 def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
            engine_stats: dict, seconds: dict[str, float], t0: float, done: set) -> RunResult:
     from .export import write_nuclei_geojson, write_nuclei_parquet, write_regions_geojson
@@ -638,12 +669,13 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
 
     geojson_name = names[0]
     n_parts = st["n_final_parts"]
+    min_prob = effective_min_class_prob(cfg, setup.spec)
 
     def frames() -> Iterator[pd.DataFrame]:
         for i in range(n_parts):
             f, _ = load_part(final_dir / f"b{i:06d}.parquet")
             if len(f):
-                yield f
+                yield unclassify_below(f, min_prob)
 
     slide = setup.slide
     t = time.perf_counter()
@@ -656,15 +688,20 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     seconds["write_parquet"] = time.perf_counter() - t
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
-    summ = RegionSummarizer(setup.regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name)
+    not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]
+    summ = RegionSummarizer(setup.regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
+                            not_measured=not_measured)
     counts: dict[str, int] = {}
+    unclassified = [0]
     n_total = 0
     for i in range(n_parts):
         f, meta_i = load_part(final_dir / f"b{i:06d}.parquet")
         if not len(f):
             continue
+        f = unclassify_below(f, min_prob)
         summ.add(f, (np.asarray(meta_i["member_rows"], np.int64), np.asarray(meta_i["member_ids"], np.int64)))
         n_total += len(f)
+        unclassified[0] += int((f["class_id"].to_numpy() == 0).sum()) if setup.spec.class_names else 0
         for k, v in f["class_name"].value_counts().items():
             counts[k] = counts.get(k, 0) + int(v)
     seconds["summaries"] = time.perf_counter() - t
@@ -690,6 +727,8 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
         **{f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3) for k in ("read", "infer", "post")},
     }
+    qc["min_class_prob"] = min_prob
+    qc["nuclei_unclassified_low_prob"] = int(unclassified[0])
     warnings = []
     if setup.overlaps:
         warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
@@ -720,6 +759,9 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
                     "count": len(setup.regions), "tolerance_level0_px": setup.tolerance_px},
         "device": plan.device, "scheduler": cfg.scheduler or "local in-process (dask.distributed, threads)",
         "qc": qc, "warnings": warnings, "n_nuclei": n_total, "counts": counts, "geojson": gstats,
+        "classes": {"support": dict(spec.class_support), "not_measured": not_measured, "min_class_prob": min_prob,
+                    "evidence": spec.class_evidence},
+        "reliability_note": reliability_note(spec, min_prob),
     }
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
