@@ -498,14 +498,14 @@ def _colorbar_svg(vmax: float, cell_um: float) -> str:
     ticks = []
     for i in range(5):
         v = vmax * i / 4
-        x = 10 + 300 * i / 4
+        x = 24 + 300 * i / 4
         ticks.append(f'<line x1="{x:.1f}" y1="32" x2="{x:.1f}" y2="37" stroke="#333"/>'
                      f'<text x="{x:.1f}" y="50" text-anchor="middle">{v:,.0f}</text>')
-    return (f'<svg class="colorbar" width="320" height="76" viewBox="0 0 320 76" role="img" '
+    return (f'<svg class="colorbar" width="350" height="76" viewBox="0 0 350 76" role="img" '
             f'aria-label="colour bar: nuclei per mm²">'
             f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>'
-            f'<rect x="10" y="12" width="300" height="20" fill="url(#cbar)" stroke="#333" stroke-width="0.5"/>'
-            f'{"".join(ticks)}<text x="160" y="70" text-anchor="middle">nuclei per mm² '
+            f'<rect x="24" y="12" width="300" height="20" fill="url(#cbar)" stroke="#333" stroke-width="0.5"/>'
+            f'{"".join(ticks)}<text x="174" y="70" text-anchor="middle">nuclei per mm² '
             f'(grid cells of {cell_um:g} x {cell_um:g} µm)</text></svg>')
 
 
