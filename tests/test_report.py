@@ -24,7 +24,6 @@ import pytest
 import shapely
 from PIL import Image
 
-from conftest import WSI_DIR
 from wsi_nuclei import pipeline, report
 from wsi_nuclei.cli import main
 from wsi_nuclei.pipeline import RunConfig, run
@@ -408,8 +407,8 @@ def test_report_in_a_headless_browser(synth: dict, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.shared
 @pytest.mark.slow
-def test_report_on_a_real_slide(tmp_path: Path) -> None:
-    path = WSI_DIR / "CMU-1-Small-Region.svs"
+def test_report_on_a_real_slide(wsi_dir: Path, tmp_path: Path) -> None:
+    path = wsi_dir / "CMU-1-Small-Region.svs"
     if not path.is_file():
         pytest.skip(f"real slide not available: {path}")
     res = run(RunConfig(slide=path, out=tmp_path / "cmu", model="classic", quiet=True))
