@@ -1,4 +1,4 @@
-"""Command-line interface: ``wsi-nuclei run | demo | summarize | models | train | evaluate``.
+"""Command-line interface: ``wsi-nuclei run | report | overlay | demo | summarize | models | train | evaluate``.
 
 Every user error ends with one line ``wsi-nuclei: error: ...`` on stderr and the exit code of
 its :class:`~wsi_nuclei.errors.WsiNucleiError` class (see ``wsi-nuclei --help``).
@@ -102,6 +102,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "0 keeps every class (default: the model's threshold, calibrated on the validation split: below it "
                         "classes were more often wrong than right; 'wsi-nuclei models' shows it)")
     p.add_argument("--keep-work", action="store_true", help="keep the per-batch part files (<out>/.work) after success")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report.html (the visual QC page: thumbnail with regions, density map, overlay crops, "
+                   "per-region charts, QC figures; it takes a few seconds). 'wsi-nuclei report OUT' writes it later")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report")
 
 
@@ -118,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
-        quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob,
+        quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob, report=not args.no_report,
     )
     res = run(cfg)
     if not args.quiet:
@@ -173,6 +176,23 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
     table = summarize_runs([Path(d) for d in args.dirs], Path(args.output))
     print(f"{len(table)} rows ({table['slide_name'].nunique()} slides) -> {args.output}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir, slide_path=args.slide, n_random=args.crops, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    from .report import write_overlay
+
+    w, h = (args.size[0], args.size[-1])
+    path = write_overlay(args.run_dir, args.x, args.y, w, h, args.output, slide_path=args.slide, line_width=args.line_width)
+    print(path)
     return 0
 
 
@@ -239,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("run", formatter_class=fmt, help="process one slide",
                         description="Process one slide: tissue detection, tiling at the model's resolution, inference, "
-                        "exact stitching, and the outputs nuclei.geojson.gz, nuclei.parquet, tissue.geojson, summary.csv/json, run.json.",
+                        "exact stitching, and the outputs nuclei.geojson.gz, nuclei.parquet, tissue.geojson, summary.csv/json, run.json "
+                        "and report.html (visual QC; --no-report skips it).",
                         epilog=RESOLUTION_POLICY + "\n" + EXIT_CODES)
     _add_run_args(pr)
     pr.set_defaults(func=_cmd_run)
@@ -259,6 +280,35 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("dirs", nargs="+", help="run output folders (each with summary.json)")
     ps.add_argument("--output", "-o", default="cohort.csv", help="cohort CSV to write (default: %(default)s)")
     ps.set_defaults(func=_cmd_summarize)
+
+    prp = sub.add_parser("report", help="(re)write report.html, the visual QC page of a finished run",
+                         description="Render report.html into a finished run folder: slide thumbnail with the regions, "
+                         "nucleus-density heat map, overlay crops at full resolution (the densest place and random places), "
+                         "per-region charts of counts, fractions and densities per class, nucleus-size distributions, the QC "
+                         "figures and every warning. One self-contained file (no network needed to view it); 'run' writes it "
+                         "unless --no-report is given. Without the slide the page has no pictures.")
+    prp.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (run.json, summary.json, nuclei.parquet)")
+    prp.add_argument("--slide", help="the slide file, when it is no longer where run.json says")
+    prp.add_argument("--crops", type=int_range(0, 12), default=3, help="random overlay crops besides the densest, 0 to 12 (default: %(default)s)")
+    prp.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of the random crop places (default: %(default)s)")
+    prp.set_defaults(func=_cmd_report)
+
+    po = sub.add_parser("overlay", usage="wsi-nuclei overlay RUN_DIR --x X --y Y --size W [H] [-o PNG] [--slide SLIDE] [--line-width PX]",
+                        help="draw the nuclei of a run over any region of its slide (PNG)",
+                        description="Render a level-0 region of the slide with the run's nuclei outlined in their class colours "
+                        "(the colours of the QuPath files: Neoplastic red, Inflammatory green, Connective blue, Dead yellow, "
+                        "Epithelial orange, unclassified grey). Coordinates are level-0 pixels in the QuPath frame "
+                        "(OpenSlide bounds subtracted), as in nuclei.parquet and the GeoJSON. The slide is the one recorded "
+                        "in RUN_DIR/run.json (or --slide).")
+    po.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (run.json, summary.json, nuclei.parquet)")
+    po.add_argument("--x", type=int_range(0, 10**9), required=True, help="left edge of the region, level-0 px")
+    po.add_argument("--y", type=int_range(0, 10**9), required=True, help="top edge of the region, level-0 px")
+    po.add_argument("--size", type=int_range(1, 100_000), nargs="+", required=True, metavar=("W", "H"),
+                    help="width and height of the region in level-0 px (one number: a square); the region must lie inside the slide")
+    po.add_argument("--output", "-o", metavar="PNG", help="PNG to write (default: RUN_DIR/overlay_x<X>_y<Y>_<W>x<H>.png)")
+    po.add_argument("--slide", help="the slide file, when it is no longer where run.json says")
+    po.add_argument("--line-width", type=int_range(1, 16), default=2, metavar="PX", help="outline width in px, 1 to 16 (default: %(default)s)")
+    po.set_defaults(func=_cmd_overlay)
 
     pm = sub.add_parser("models", help="list models (licence, resolution, classes, weights) or fetch weights",
                         description="'wsi-nuclei models' lists every model; 'wsi-nuclei models fetch NAME' downloads its weights "
@@ -300,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models" and args.action == "fetch" and not args.name:
         parser.error("models fetch needs a model name")
+    if args.command == "overlay" and len(args.size) > 2:
+        parser.error(f"argument --size: give W or W H, not {len(args.size)} numbers")
     if args.command == "run" and args.halo is not None and args.halo > args.block_size:
         parser.error(f"argument --halo: {args.halo} is larger than --block-size {args.block_size}")
     try:

@@ -13,7 +13,8 @@
               complete), so a crashed or interrupted run resumes where it stopped
     stitch    seam candidates of all blocks resolved (wsi_nuclei.stitching; deterministic,
               independent of completion order, invariant checked), region membership
-    write     streaming writers (GeoJSON, GeoParquet, summaries, run.json), each atomic
+    write     streaming writers (GeoJSON, GeoParquet, summaries, run.json), each atomic; then
+              report.html (wsi_nuclei.report; a failure there is one warning, not a failed run)
 
 Memory is bounded by configuration (block size, strip width, batches in flight), never by the
 slide size: no slide-sized array is built.
@@ -88,6 +89,7 @@ class RunConfig:
     quiet: bool = False
     keep_work: bool = False
     min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    report: bool = True  # write report.html (visual QC) after the other outputs
 
 
 @dataclass
@@ -662,6 +664,20 @@ def reliability_note(spec: Any, min_prob: float) -> str:
     return replace(spec, min_class_prob=min_prob).reliability_note() if spec.class_names else ""
 
 
+def _write_report(out: Path, slide: Any) -> Path | None:
+    """report.html, written after run.json: a failure costs the page, never the run (one warning
+    line; ``wsi-nuclei report`` renders it again)."""
+    from .report import write_report
+
+    try:
+        return write_report(out, slide=slide)
+    except Exception as exc:  # noqa: BLE001 - the results are complete; the page is an extra
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
+              f"the results are complete; retry with 'wsi-nuclei report {out}'", file=sys.stderr)
+        return None
+
+
 def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
            engine_stats: dict, seconds: dict[str, float], t0: float, done: set) -> RunResult:
     from .export import write_nuclei_geojson, write_nuclei_parquet, write_regions_geojson
@@ -739,6 +755,7 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     spec = setup.spec
     manifest = {
         "wsi_nuclei_version": __version__, "slide": str(cfg.slide), "slide_name": plan.slide_name,
+        "slide_path": setup.source[1] if isinstance(setup.source, tuple) and setup.source[0] == "path" else None,
         "backend": getattr(slide, "backend", "object"), "fingerprint": plan.fingerprint,
         "dimensions": list(slide.dimensions), "offset_bounds": list(getattr(slide, "offset", (0, 0))),
         "coordinate_frame": "level-0 pixels; OpenSlide bounds-x/y subtracted (the frame QuPath uses)",
@@ -766,4 +783,8 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
     files = {n: out / n for n in names}
+    if cfg.report:
+        report = _write_report(out, slide)
+        if report is not None:
+            files[report.name] = report
     return RunResult(out, files, n_total, counts, len(pg), int(engine_stats["n_patches"]), seconds, manifest)
