@@ -1,4 +1,5 @@
-"""Writers for nucleus tables: QuPath GeoJSON, GeoParquet, region annotations, and a validator.
+"""Writers for nucleus tables: QuPath GeoJSON, GeoParquet, region annotations, the QuPath
+hierarchy (regions holding their nuclei as ``childObjects``), and a validator.
 
 Every writer streams: ``frames`` is an iterable of nucleus tables (:data:`wsi_nuclei.schema.
 NUCLEUS_COLUMNS`, one :class:`pandas.DataFrame` per batch) and only one batch is held in
@@ -1915,7 +1916,9 @@ def check_qupath_geojson(
     ``measurements`` as an object (or name/value list) of numbers or ``"NaN"``/``"inf"``/
     ``"-inf"``, a top-level ``id`` that is a UUID string, a Polygon/MultiPolygon geometry
     whose rings are closed with >= 4 finite points with at most 2 decimals, and validity after
-    snapping to the 0.01-px grid (also for a cell's ``nucleusGeometry``).
+    snapping to the 0.01-px grid (also for a cell's ``nucleusGeometry``); ``name`` as text,
+    ``isLocked`` as true/false, an object ``color`` as an integer or 3 integers; and every
+    nested Feature of ``properties.childObjects`` by the same rules (read child by child).
 
     The file is read incrementally (one feature at a time), so large slides can be checked.
 
