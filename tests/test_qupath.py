@@ -391,3 +391,17 @@ def test_cli_help_names_the_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--no-qupath-hierarchy" in text and "child objects" in text
+
+
+def test_full_disk_while_spilling_is_one_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from wsi_nuclei.errors import OutputError
+
+    def full(self: Any, group: int, features: list[bytes]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export._Spill, "add", full)
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_qupath_geojson(_nuclei(POINTS), REGIONS, None, tmp_path / "h.geojson.gz")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the spill is left behind

@@ -1213,6 +1213,16 @@ def region_parents(regions: Sequence[_RegionLike]) -> list[int]:
     return [int(v) for v in best]
 
 
+def _raise_disk_error(exc: OSError, folder: Path, name: str) -> None:
+    """Raise the one-line OutputError of a full or read-only disk (as ``atomic_path`` does)."""
+    from wsi_nuclei._io import _DISK_ERRNOS
+    from wsi_nuclei.errors import OutputError
+
+    if exc.errno in _DISK_ERRNOS:
+        raise OutputError(f"{folder}: cannot write the temporary file of {name} "
+                          f"({exc.strerror or exc}); free space and rerun to resume") from None
+
+
 class _Spill:
     """Feature texts grouped by region without holding them: appended to one temporary file
     in arrival order, with an index of (offset, length) pieces per group."""
@@ -1355,7 +1365,12 @@ def write_qupath_geojson(
     head = _dumps(header)[:-1] + ',"features":[\n'
     classes = _classification_texts()
     n_repaired = n_dropped = 0
-    spill = _Spill(Path(spill_dir) if spill_dir is not None else final.parent)
+    folder = Path(spill_dir) if spill_dir is not None else final.parent
+    try:
+        spill = _Spill(folder)
+    except OSError as exc:
+        _raise_disk_error(exc, folder, final.name)
+        raise
     try:
         for frame in _iter_batches(frames):
             _require(frame, ("geometry", "class_id"), "write_qupath_geojson")
@@ -1376,7 +1391,11 @@ def write_qupath_geojson(
                 group = np.full(len(frame), -1, np.int64)
             for g in np.unique(group).tolist():  # ascending: deterministic piece order
                 rows = np.flatnonzero(group == g).tolist()
-                spill.add(int(g), [texts[i] for i in rows])
+                try:
+                    spill.add(int(g), [texts[i] for i in rows])
+                except OSError as exc:
+                    _raise_disk_error(exc, folder, final.name)
+                    raise
         spill.fh.flush()
         n_nested_det = 0
         n_nested_ann = 0
