@@ -95,7 +95,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
-    p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
+    p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson and qupath.geojson (uncompressed) instead of the .geojson.gz files")
+    p.add_argument("--no-qupath-hierarchy", dest="qupath_hierarchy", action="store_false",
+                   help="do not write qupath.geojson.gz, the QuPath (>= 0.4) file whose region annotations hold their nuclei as "
+                        "child objects (one drag-and-drop gives the hierarchy); it costs about as much time and space as "
+                        "nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
     p.add_argument("--min-class-prob", type=float_range(0.0, 1.0), default=None,
                    help="nuclei whose class probability is below this are written without a class (\"Nucleus\"), 0 to 1; "
@@ -120,7 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo, block_size=args.block_size,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
-        overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
+        overwrite=args.overwrite, geojson_plain=args.geojson_plain, qupath_hierarchy=args.qupath_hierarchy,
+        strict_ownership=args.strict_ownership,
         quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob, report=not args.no_report,
     )
     res = run(cfg)

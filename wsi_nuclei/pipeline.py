@@ -85,6 +85,7 @@ class RunConfig:
     threads: int = 2  # threads per local worker
     overwrite: bool = False
     geojson_plain: bool = False
+    qupath_hierarchy: bool = True  # write qupath.geojson(.gz): regions holding their nuclei
     strict_ownership: bool = False
     quiet: bool = False
     keep_work: bool = False
@@ -151,6 +152,11 @@ def default_out_dir(slide_path: str | Path) -> Path:
         if name.lower().endswith(ext):
             return Path("wsi-nuclei-out") / name[: -len(ext)]
     return Path("wsi-nuclei-out") / Path(name).stem
+
+
+def qupath_name(cfg: RunConfig) -> str:
+    """File name of the QuPath hierarchy file (``--geojson-plain`` decides the ``.gz``)."""
+    return "qupath.geojson" if cfg.geojson_plain else "qupath.geojson.gz"
 
 
 def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
@@ -478,7 +484,7 @@ def run(cfg: RunConfig) -> RunResult:
     slide_name = Path(str(cfg.slide)).name if isinstance(cfg.slide, (str, Path)) else getattr(slide, "name", "synthetic")
     out = Path(cfg.out) if cfg.out else default_out_dir(slide_name)
     geojson_name = "nuclei.geojson" if cfg.geojson_plain else "nuclei.geojson.gz"
-    names = [geojson_name, *OUTPUT_NAMES]
+    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)]
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
@@ -680,10 +686,18 @@ def _write_report(out: Path, slide: Any) -> Path | None:
 
 def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
            engine_stats: dict, seconds: dict[str, float], t0: float, done: set) -> RunResult:
-    from .export import write_nuclei_geojson, write_nuclei_parquet, write_regions_geojson
+    from dataclasses import replace
+
+    from .export import (region_annotation_ids, write_nuclei_geojson, write_nuclei_parquet, write_qupath_geojson,
+                         write_regions_geojson)
     from .summary import RegionSummarizer, write_summary
 
     geojson_name = names[0]
+    # every region carries the id its annotation gets in tissue.geojson and qupath.geojson (a
+    # user annotation's own UUID; derived, collision-free ones for the others), so that
+    # summary.csv's annotation_id names the very QuPath object
+    ids = region_annotation_ids(setup.regions, plan.fingerprint)
+    regions = [replace(r, annotation_id=uid) for r, uid in zip(setup.regions, ids)]
     n_parts = st["n_final_parts"]
     min_prob = effective_min_class_prob(cfg, setup.spec)
 
@@ -705,7 +719,7 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
     not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]
-    summ = RegionSummarizer(setup.regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
+    summ = RegionSummarizer(regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
                             not_measured=not_measured)
     counts: dict[str, int] = {}
     unclassified = [0]
@@ -750,7 +764,16 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
     summary = summ.finalize(qc)
     write_summary(summary, out)
-    write_regions_geojson(setup.regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
+    write_regions_geojson(regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
+    qstats = None
+    qname = qupath_name(cfg)
+    if cfg.qupath_hierarchy:
+        t = time.perf_counter()
+        qstats = write_qupath_geojson(frames(), regions, summary, out / qname, slide_fingerprint=plan.fingerprint,
+                                      gzip=not cfg.geojson_plain, metadata=meta, spill_dir=final_dir)
+        seconds["write_qupath"] = time.perf_counter() - t
+    else:  # a hierarchy file of an earlier run (replaced with --overwrite) would no longer match
+        (out / qname).unlink(missing_ok=True)
 
     spec = setup.spec
     manifest = {
@@ -779,10 +802,11 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         "classes": {"support": dict(spec.class_support), "not_measured": not_measured, "min_class_prob": min_prob,
                     "evidence": spec.class_evidence},
         "reliability_note": reliability_note(spec, min_prob),
+        "qupath_hierarchy": qstats,
     }
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    files = {n: out / n for n in names}
+    files = {n: out / n for n in names if n != qname or cfg.qupath_hierarchy}
     if cfg.report:
         report = _write_report(out, slide)
         if report is not None:
