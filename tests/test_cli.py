@@ -377,15 +377,26 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, stdout, _ = _run_cli(["demo", "--size", "1024", "--out", str(out), "-q"], capsys)
     assert code == 0, stdout
     assert "every nucleus found exactly once" in stdout
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("known nuclei"))
-    numbers = [int(w.strip(",:")) for w in line.split() if w.strip(",:").isdigit()]
-    known, found, matched, missed, extra = numbers
-    assert known == found == matched > 300 and missed == extra == 0
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("model classic: known nuclei"))
+    numbers = [int(w.strip(",:;")) for w in line.split() if w.strip(",:;").isdigit()]
+    known, found, matched, missed, extra, overlapping = numbers
+    assert known == found == matched > 300 and missed == extra == overlapping == 0
     assert check_qupath_geojson(out / "results" / "nuclei.geojson.gz") == []
     # a second demo into the same folder needs --overwrite
     code, _, err = _run_cli(["demo", "--size", "1024", "--out", str(out), "-q"], capsys)
     assert code == 7
     _one_error_line(err)
+
+
+def test_demo_with_the_bundled_model_reports_recall_not_exactness(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    code, stdout, err = _run_cli(["demo", "--size", "512", "--out", str(out), "-q", "--model", "wsi-nuclei-lite0"], capsys)
+    assert code == 0, stdout + err
+    assert "model: wsi-nuclei-lite0" in err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("model wsi-nuclei-lite0: known nuclei"))
+    assert line.endswith("overlapping each other: 0")
+    assert "recall" in stdout and "no accuracy figure for slides" in stdout
+    assert "every nucleus found exactly once" not in stdout
 
 
 @pytest.mark.slow

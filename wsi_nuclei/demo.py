@@ -43,18 +43,54 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
     # limit (in every tile alike), and --size 1024 reported 'NOT exact' for a model miss
     write_pyramidal_tiff(slide_path, rgb, mpp=0.25, compression="deflate")
     del rgb
-    res = run(RunConfig(slide=slide_path, out=results, model=model, overwrite=True, tissue="none", quiet=quiet))
+    from .models.registry import get_spec
+
+    spec = get_spec(model)
+    print(f"model: {spec.name} ({spec.description})", file=sys.stderr)
+    res = run(RunConfig(slide=slide_path, out=results, model=spec.name, overwrite=True, tissue="none", quiet=quiet))
     import pandas as pd
 
-    found = pd.read_parquet(results / "nuclei.parquet", columns=["centroid_x", "centroid_y"]).to_numpy()
+    nuc = pd.read_parquet(results / "nuclei.parquet", columns=["centroid_x", "centroid_y", "geometry"])
+    found = nuc[["centroid_x", "centroid_y"]].to_numpy()
     true_xy = _true_centroids(inst)
     cmp = compare_with_truth(found, true_xy, radius=12.0)
-    exact = cmp["missed"] == 0 and cmp["extra"] == 0
+    overlaps = _overlapping_pairs(nuc["geometry"].to_numpy())
     print(f"\nsynthetic slide: {slide_path}")
-    print(f"known nuclei {cmp['true']}, found {cmp['found']}: matched {cmp['matched']}, missed {cmp['missed']}, "
-          f"extra {cmp['extra']} -> {'every nucleus found exactly once' if exact else 'NOT exact'}")
-    print(f"outputs in {res.out_dir}/ (open nuclei.geojson.gz in QuPath with the slide)")
+    print(f"model {spec.name}: known nuclei {cmp['true']}, found {cmp['found']}: matched {cmp['matched']}, "
+          f"missed {cmp['missed']}, extra {cmp['extra']}; output nuclei overlapping each other: {overlaps}")
+    if not spec.needs_weights:
+        # the classical model finds every synthetic nucleus in any tile alike: every miss or
+        # duplicate would be the engine's (tiling, seams, ownership)
+        exact = cmp["missed"] == 0 and cmp["extra"] == 0 and overlaps == 0
+        print("-> " + ("every nucleus found exactly once" if exact else "NOT exact"))
+    else:
+        # a trained network on synthetic ellipses: its misses say how far the drawing is from
+        # H&E, not how it does on slides; what the engine guarantees is checked all the same
+        recall = cmp["matched"] / max(1, cmp["true"])
+        precision = cmp["matched"] / max(1, cmp["found"])
+        exact = overlaps == 0
+        print(f"-> recall {recall:.1%}, precision {precision:.1%} against the drawn nuclei. These are not real "
+              "H&E nuclei, so this is no accuracy figure for slides (docs/model-card.md has those); the engine's "
+              f"own guarantee, no nucleus output twice or overlapping another, {'holds' if exact else 'is BROKEN'}.")
+    print(f"outputs in {res.out_dir}/ (report.html to look at; qupath.geojson.gz for QuPath with the slide)")
     return 0 if exact else 1
+
+
+def _overlapping_pairs(geoms: np.ndarray, min_area: float = 1.0) -> int:
+    """Pairs of polygons whose intersection exceeds ``min_area`` px²."""
+    import shapely
+
+    if len(geoms) < 2:
+        return 0
+    if not isinstance(geoms[0], shapely.Geometry):  # GeoParquet stores WKB
+        geoms = shapely.from_wkb(geoms)
+    tree = shapely.STRtree(geoms)
+    a, b = tree.query(geoms, predicate="intersects")
+    keep = a < b
+    if not keep.any():
+        return 0
+    inter = shapely.area(shapely.intersection(geoms[a[keep]], geoms[b[keep]]))
+    return int((inter > min_area).sum())
 
 
 def _true_centroids(inst: np.ndarray) -> np.ndarray:
