@@ -101,7 +101,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder (a cohort run redoes every slide instead of skipping finished ones)")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
     p.add_argument("--keep-work", action="store_true", help="keep the per-batch part files (<out>/.work) after success")

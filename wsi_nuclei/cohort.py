@@ -287,7 +287,9 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
                 what = "" if isinstance(exc, WsiNucleiError) else f"unexpected {type(exc).__name__}: "
                 log(f"wsi-nuclei: error: {slide}: {what}{_one_line(exc)}")
                 res.failed.append((slide, _one_line(exc), int(code)))
-                if client is not None:  # a clean client for the next slide (the model cache stays)
+                # the engine cancels a failed slide's tasks, so the client (and the model its
+                # workers loaded) serves the next slide; one that broke down is replaced
+                if client is not None and getattr(client, "status", "running") != "running":
                     _close(client)
                     client = None
                 continue
