@@ -138,6 +138,19 @@ def _calibrate(all_val: dict, params: HVParams) -> dict:
             _, cx, kx = _scores(data[d], t_x)
             row.update({"T_from_other": t_x, "ece_cross_fitted": expected_calibration_error(cx, kx)})
         out["datasets"][d] = row
+    # --min-class-prob: the largest probability below which the nuclei's classes are, taken
+    # together, more often wrong than right (pooled over the class-labelled datasets, at T)
+    conf = np.concatenate([_scores(data[d], t_all)[1] for d in data])
+    ok = np.concatenate([_scores(data[d], t_all)[2] for d in data])
+    rows = []
+    for thr in np.arange(0.3, 0.81, 0.05):
+        below = conf < thr
+        rows.append({"threshold": round(float(thr), 2), "fraction_below": float(below.mean()),
+                     "accuracy_below": float(ok[below].mean()) if below.any() else None,
+                     "accuracy_at_or_above": float(ok[~below].mean()) if (~below).any() else None})
+    out["min_class_prob_curve"] = rows
+    wrong = [r["threshold"] for r in rows if r["accuracy_below"] is not None and r["accuracy_below"] < 0.5]
+    out["min_class_prob"] = max(wrong) if wrong else 0.0
     return out
 
 

@@ -35,7 +35,7 @@ def test_run_anndata_matches_the_parquet(slide: Path, tmp_path: Path, capsys: py
          "properties": {"objectType": "annotation", "name": "right"}}]}))
     out = tmp_path / "run"
     assert main(["run", str(slide), "--model", "classic", "--tissue", "none", "--regions", str(regions),
-                 "--anndata", "--out", str(out), "-q"]) == 0
+                 "--anndata", "--no-report", "--out", str(out), "-q"]) == 0
     assert capsys.readouterr().err == ""
     assert not list(out.glob(".*tmp*"))
     ad = anndata.read_h5ad(out / "nuclei.h5ad")
@@ -70,7 +70,7 @@ def test_run_anndata_matches_the_parquet(slide: Path, tmp_path: Path, capsys: py
     # deterministic: a second run writes the same bytes
     again = tmp_path / "again"
     assert main(["run", str(slide), "--model", "classic", "--tissue", "none", "--regions", str(regions),
-                 "--anndata", "--out", str(again), "-q"]) == 0
+                 "--anndata", "--no-report", "--out", str(again), "-q"]) == 0
     assert (again / "nuclei.h5ad").read_bytes() == (out / "nuclei.h5ad").read_bytes()
 
 
@@ -121,11 +121,11 @@ def test_anndata_write_is_atomic(slide: Path, tmp_path: Path, capsys: pytest.Cap
 
     monkeypatch.setattr(anndata.AnnData, "write_h5ad", full_disk)
     out = tmp_path / "out"
-    code = main(["run", str(slide), "--model", "classic", "--tissue", "none", "--anndata", "--out", str(out), "-q"])
+    code = main(["run", str(slide), "--model", "classic", "--tissue", "none", "--anndata", "--no-report", "--out", str(out), "-q"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 7 and len(err) == 1 and "cannot write nuclei.h5ad" in err[0]
     assert not (out / "nuclei.h5ad").exists() and not list(out.glob(".*tmp*"))
     assert not (out / "run.json").exists()  # the run is not finished: a rerun replaces the outputs
     monkeypatch.undo()
-    assert main(["run", str(slide), "--model", "classic", "--tissue", "none", "--anndata", "--out", str(out), "-q"]) == 0
+    assert main(["run", str(slide), "--model", "classic", "--tissue", "none", "--anndata", "--no-report", "--out", str(out), "-q"]) == 0
     assert anndata.read_h5ad(out / "nuclei.h5ad").n_obs > 50

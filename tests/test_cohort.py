@@ -14,7 +14,7 @@ from wsi_nuclei.cohort import expand_inputs, output_names
 from wsi_nuclei.errors import InputNotFoundError
 from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
 
-OPTS = ["--model", "classic", "--tissue", "none", "-q"]
+OPTS = ["--model", "classic", "--tissue", "none", "--no-report", "-q"]  # -q last (some runs drop it)
 
 
 def _untimed(run_dir: Path, *skip: str) -> dict:

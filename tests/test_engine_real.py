@@ -71,3 +71,35 @@ def test_monuseg_validation_tile_through_small_blocks(model, nuclei_dir: Path) -
     r = _compare(model, s.image, block=256)
     assert r["n_ref"] > 200
     assert r["lost"] == 0 and r["iou09"] >= 0.99, {k: v for k, v in r.items() if k != "got"}
+
+
+def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi_dir: Path, tmp_path: Path) -> None:
+    """A real run with the bundled model: no nucleus is "Dead" (a class without training labels),
+    its summary columns are empty rather than 0, and the reliability note is in run.json; with
+    --min-class-prob 1 every nucleus is written without a class."""
+    import pandas as pd
+    from PIL import Image
+
+    from wsi_nuclei.pipeline import RunConfig, run
+    from wsi_nuclei.slide import open_slide
+
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as sl:
+        s = sl.mpp / 0.25
+        crop = sl.read_scaled((2200 / s, 3000 / s, 2712 / s, 3512 / s), (512, 512), target_mpp=0.25)
+    png = tmp_path / "crop.png"
+    Image.fromarray(crop).save(png)
+    res = run(RunConfig(slide=png, out=tmp_path / "a", mpp=0.25, tissue="none", quiet=True, threads=1))
+    nuc = pd.read_parquet(tmp_path / "a" / "nuclei.parquet")
+    assert len(nuc) > 50 and "Dead" not in set(nuc["class_name"])
+    assert (nuc["prob_Dead"] == 0).all()
+    summ = pd.read_csv(tmp_path / "a" / "summary.csv")
+    assert summ["count_Dead"].isna().all() and summ["count_Inflammatory"].notna().all()
+    man = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert man["classes"]["not_measured"] == ["Dead"] and "Dead" in man["reliability_note"]
+    assert res.n_nuclei == len(nuc)
+    run(RunConfig(slide=png, out=tmp_path / "b", mpp=0.25, tissue="none", quiet=True, threads=1, min_class_prob=1.0))
+    low = pd.read_parquet(tmp_path / "b" / "nuclei.parquet")
+    assert len(low) == len(nuc) and set(low["class_name"]) == {"Nucleus"} and (low["class_id"] == 0).all()
+    np.testing.assert_allclose(low["prob_Inflammatory"], nuc["prob_Inflammatory"])  # kept for re-thresholding
+    summ_b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summ_b["slide"]["n_nuclei_unclassified"] == len(low)

@@ -288,3 +288,32 @@ def test_measure_polygons(shapes) -> None:
     sq = Polygon(m["polygon"][1])
     assert sq.bounds == pytest.approx((20, 150, 40, 170))
     assert sq.area == pytest.approx(399.5)
+
+
+def test_classify_instances_never_assigns_an_excluded_class() -> None:
+    # 3 pixels [bg .2 | .1 .1 .1 .5 .0] -> without exclusion class 4 ("Dead") wins everywhere.
+    # Excluding class 4: [.1 .1 .1 0 0] / .3 -> ties broken by arg-max order -> class 1, each
+    # remaining class 1/3, the excluded one 0.
+    inst = np.array([[1, 1, 1]])
+    tp = np.zeros((6, 1, 3), np.float32)
+    tp[:, 0, :] = np.array([0.2, 0.1, 0.1, 0.1, 0.5, 0.0])[:, None]
+    assert classify_instances(inst, tp)[0].tolist() == [4]
+    class_id, class_prob, probs = classify_instances(inst, tp, exclude=(4,))
+    assert class_id.tolist() == [1]
+    np.testing.assert_allclose(probs, [[1 / 3, 1 / 3, 1 / 3, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(class_prob, [1 / 3], atol=1e-6)
+    with pytest.raises(ValueError, match="excluded class 6"):
+        classify_instances(inst, tp, exclude=(6,))
+
+
+def test_model_spec_excludes_classes_it_has_no_labels_for() -> None:
+    from wsi_nuclei.models.registry import get_spec
+
+    spec = get_spec("wsi-nuclei-lite0")
+    assert spec.class_support["Dead"] == "none"
+    assert spec.unsupported_class_ids == (4,)
+    assert spec.hv_params().class_exclude == (4,)
+    note = spec.reliability_note()
+    assert "Dead" in note and "not as 0" in note and "Epithelial" in note
+    assert get_spec("classic").reliability_note() == ""
+    assert get_spec("hovernet-pannuke").unsupported_class_ids == ()

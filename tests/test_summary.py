@@ -149,6 +149,27 @@ def test_unclassified_empty_and_errors() -> None:
         s.add(frame([1], [0], [1.0]).drop(columns=["area_um2"]))
 
 
+def test_classes_not_measured_are_none_not_zero(tmp_path: Path) -> None:
+    # region 0 (1 mm^2): Neoplastic, Inflammatory, one unclassified (class 0); "Dead" is a class
+    # the model cannot produce: None in every figure, empty cells in summary.csv
+    s = RegionSummarizer(regions(), mpp=MPP, not_measured=["Dead"])
+    s.add(frame([1, 2, 0], [0, 0, 0], [10, 20, 30]))
+    out = s.finalize({})
+    r0 = out["regions"][0]
+    assert out["classes_not_measured"] == ["Dead"]
+    assert r0["counts"] == {"Neoplastic": 1, "Inflammatory": 1, "Connective": 0, "Dead": None, "Epithelial": 0}
+    assert r0["fractions"]["Dead"] is None and r0["fractions"]["Neoplastic"] == pytest.approx(1 / 3)
+    assert r0["density_per_mm2"]["Dead"] is None and r0["density_per_mm2"]["Connective"] == 0.0
+    assert r0["area_um2"]["Dead"] == {"median": None, "q25": None, "q75": None}
+    assert r0["n_nuclei"] == 3 and r0["n_nuclei_unclassified"] == 1
+    assert out["slide"]["n_nuclei_unclassified"] == 1
+    write_summary(out, tmp_path)
+    csv = pd.read_csv(tmp_path / "summary.csv")
+    assert csv["count_Dead"].isna().all() and csv["density_Dead_per_mm2"].isna().all()
+    assert csv["count_Connective"].tolist() == [0, 0, 0]
+    assert csv["n_nuclei_unclassified"].tolist() == [1, 0, 1]
+
+
 def test_nested_regions_count_their_nuclei_and_the_slide_counts_each_once() -> None:
     """A "hotspot" inside a "tissue" annotation (QuPath's rule: a nucleus belongs to every
     annotation containing its centroid); the slide row's area is the union, not the sum."""

@@ -12,7 +12,8 @@ Layout (one observation per nucleus, in the row order of ``nuclei.parquet``):
   functions have features to work on;
 - ``obsm['spatial']``: centroids in µm, columns (x, y), as squidpy expects;
 - ``uns['wsi_nuclei']``: slide name and fingerprint, µm/px, model name and weights sha256
-  (``""`` for a model without weights), package version, coordinate units.
+  (``""`` for a model without weights), class-probability threshold, reliability note, package
+  version, coordinate units.
 
 ``anndata`` is an optional dependency: ``pip install 'wsi-nuclei[anndata]'``.
 """

@@ -1,4 +1,4 @@
-"""Command-line interface: ``wsi-nuclei run | demo | summarize | models | train | evaluate``.
+"""Command-line interface: ``wsi-nuclei run | report | overlay | demo | summarize | models | train | evaluate``.
 
 Every user error ends with one line ``wsi-nuclei: error: ...`` on stderr and the exit code of
 its :class:`~wsi_nuclei.errors.WsiNucleiError` class (see ``wsi-nuclei --help``).
@@ -102,9 +102,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder (a cohort run redoes every slide instead of skipping finished ones)")
-    p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson (uncompressed) instead of nuclei.geojson.gz")
+    p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson and qupath.geojson (uncompressed) instead of the .geojson.gz files")
+    p.add_argument("--no-qupath-hierarchy", dest="qupath_hierarchy", action="store_false",
+                   help="do not write qupath.geojson.gz, the QuPath (>= 0.4) file whose region annotations hold their nuclei as "
+                        "child objects (one drag-and-drop gives the hierarchy); it costs about as much time and space as "
+                        "nuclei.geojson.gz")
     p.add_argument("--strict-ownership", action="store_true", help="fail if a nucleus is larger than the halo instead of keeping it cut")
+    p.add_argument("--min-class-prob", type=float_range(0.0, 1.0), default=None,
+                   help="nuclei whose class probability is below this are written without a class (\"Nucleus\"), 0 to 1; "
+                        "0 keeps every class (default: the model's threshold, calibrated on the validation split: below it "
+                        "classes were more often wrong than right; 'wsi-nuclei models' shows it)")
     p.add_argument("--keep-work", action="store_true", help="keep the per-batch part files (<out>/.work) after success")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report.html (the visual QC page: thumbnail with regions, density map, overlay crops, "
+                   "per-region charts, QC figures; it takes a few seconds). 'wsi-nuclei report OUT' writes it later")
     p.add_argument("--anndata", action="store_true", help="also write nuclei.h5ad for scanpy/squidpy: obs = one row per nucleus "
                    "(class, class probability, morphology, region), obsm['spatial'] = centroids in um; needs the optional "
                    "anndata package (pip install 'wsi-nuclei[anndata]')")
@@ -119,8 +130,10 @@ def _run_config(args: argparse.Namespace, slide: str | None, out: str | None):  
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo, block_size=args.block_size,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
-        overwrite=args.overwrite, geojson_plain=args.geojson_plain, strict_ownership=args.strict_ownership,
-        quiet=args.quiet, keep_work=args.keep_work, anndata=args.anndata,
+        overwrite=args.overwrite, geojson_plain=args.geojson_plain, qupath_hierarchy=args.qupath_hierarchy,
+        strict_ownership=args.strict_ownership,
+        quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob, report=not args.no_report,
+        anndata=args.anndata,
     )
 
 
@@ -173,6 +186,10 @@ def _run_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
     return res.exit_code
 
 
+def _density(n: int, area_mm2: float | None) -> str:
+    return f"  {n / area_mm2:9.0f} per mm2" if area_mm2 else ""
+
+
 def _report(res) -> None:  # type: ignore[no-untyped-def]
     m = res.manifest
     lines = [
@@ -185,11 +202,17 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
         f"{m['qc']['blocks_processed']} blocks",
         f"  seams       {m['qc']['seam_candidates']} candidates: {m['qc']['seam_duplicates_removed']} duplicates removed, "
         f"{m['qc']['seam_trimmed']} trimmed",
-        f"  nuclei      {res.n_nuclei}",
+        f"  tissue      {m['qc'].get('tissue_area_mm2', 0):.3f} mm2 analysed",
+        f"  nuclei      {res.n_nuclei}" + _density(res.n_nuclei, m["qc"].get("tissue_area_mm2")),
     ]
-    for name, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+    for name, n in sorted(res.counts.items(), key=lambda kv: (-kv[1], kv[0])):
         pct = 100 * n / max(1, res.n_nuclei)
-        lines.append(f"    {name:<14}{n:>9}  {pct:5.1f}%")
+        label = "no class" if name == "Nucleus" and m.get("classes", {}).get("support") else name
+        lines.append(f"    {label:<14}{n:>9}  {pct:5.1f}%" + _density(n, m["qc"].get("tissue_area_mm2")))
+    for name in m.get("classes", {}).get("not_measured", []):
+        lines.append(f"    {name:<14}{'-':>9}  not measured (the model was never trained to produce it)")
+    if m.get("reliability_note"):
+        lines.extend(textwrap.wrap(m["reliability_note"], 96, initial_indent="  classes     ", subsequent_indent="              "))
     lines.append(f"  time        {res.seconds['total']:.1f} s (inference and post-processing {res.seconds['execute']:.1f} s)")
     for w in m.get("warnings", []):
         lines.append(f"  warning     {w}")
@@ -220,6 +243,23 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir, slide_path=args.slide, n_random=args.crops, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    from .report import write_overlay
+
+    w, h = (args.size[0], args.size[-1])
+    path = write_overlay(args.run_dir, args.x, args.y, w, h, args.output, slide_path=args.slide, line_width=args.line_width)
+    print(path)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models.registry import get_spec, list_models, weights_status
 
@@ -230,6 +270,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         spec = get_spec(args.name)
         if not spec.needs_weights:
             print(f"{spec.name}: needs no weights")
+            return 0
+        if spec.bundled and weights_status(spec).startswith("bundled"):
+            print(f"{spec.name}: weights are bundled with the package; nothing to fetch")
             return 0
         if not spec.url:
             raise ModelError(f"{spec.name}: no public download location is recorded; place {spec.weights_file} in {default_cache_dir()} or pass --weights PATH")
@@ -246,6 +289,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"    classes:    {classes}")
         if spec.class_support:
             print("    trained:    " + ", ".join(f"{c} {v}" for c, v in spec.class_support.items()))
+        if spec.min_class_prob:
+            print(f"    min class probability: {spec.min_class_prob:g} (calibrated; below it nuclei get no class)")
         print(f"    weights:    {weights_status(spec)}" + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else ""))
     return 0
 
@@ -279,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("run", formatter_class=fmt, help="process one slide, or many (files, a folder, a glob)",
                         description="Process a slide: tissue detection, tiling at the model's resolution, inference, "
                         "exact stitching, and the outputs nuclei.geojson.gz, nuclei.parquet, tissue.geojson, summary.csv/json, run.json "
-                        "(and nuclei.h5ad with --anndata). Several slides, a folder or a glob pattern make a cohort run: "
-                        "<out>/<slide stem>/ per slide and <out>/cohort.csv; its exit code is 0 when every slide has results, "
-                        "else the failures' code when they share one, else 1.",
+                        "and report.html (visual QC; --no-report skips it), and nuclei.h5ad with --anndata. Several slides, a folder "
+                        "or a glob pattern make a cohort run: <out>/<slide stem>/ per slide and <out>/cohort.csv; its exit code is 0 "
+                        "when every slide has results, else the failures' code when they share one, else 1.",
                         epilog=RESOLUTION_POLICY + "\n" + EXIT_CODES)
     _add_run_args(pr)
     pr.set_defaults(func=_cmd_run)
@@ -306,6 +351,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "is not replaced without --overwrite")
     ps.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ps.set_defaults(func=_cmd_summarize)
+
+    prp = sub.add_parser("report", help="(re)write report.html, the visual QC page of a finished run",
+                         description="Render report.html into a finished run folder: slide thumbnail with the regions, "
+                         "nucleus-density heat map, overlay crops at full resolution (the densest place and random places), "
+                         "per-region charts of counts, fractions and densities per class, nucleus-size distributions, the QC "
+                         "figures and every warning. One self-contained file (no network needed to view it); 'run' writes it "
+                         "unless --no-report is given. Without the slide the page has no pictures.")
+    prp.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (run.json, summary.json, nuclei.parquet)")
+    prp.add_argument("--slide", help="the slide file, when it is no longer where run.json says")
+    prp.add_argument("--crops", type=int_range(0, 12), default=3, help="random overlay crops besides the densest, 0 to 12 (default: %(default)s)")
+    prp.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of the random crop places (default: %(default)s)")
+    prp.set_defaults(func=_cmd_report)
+
+    po = sub.add_parser("overlay", usage="wsi-nuclei overlay RUN_DIR --x X --y Y --size W [H] [-o PNG] [--slide SLIDE] [--line-width PX]",
+                        help="draw the nuclei of a run over any region of its slide (PNG)",
+                        description="Render a level-0 region of the slide with the run's nuclei outlined in their class colours "
+                        "(the colours of the QuPath files: Neoplastic red, Inflammatory green, Connective blue, Dead yellow, "
+                        "Epithelial orange, unclassified grey). Coordinates are level-0 pixels in the QuPath frame "
+                        "(OpenSlide bounds subtracted), as in nuclei.parquet and the GeoJSON. The slide is the one recorded "
+                        "in RUN_DIR/run.json (or --slide).")
+    po.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (run.json, summary.json, nuclei.parquet)")
+    po.add_argument("--x", type=int_range(0, 10**9), required=True, help="left edge of the region, level-0 px")
+    po.add_argument("--y", type=int_range(0, 10**9), required=True, help="top edge of the region, level-0 px")
+    po.add_argument("--size", type=int_range(1, 100_000), nargs="+", required=True, metavar=("W", "H"),
+                    help="width and height of the region in level-0 px (one number: a square); the region must lie inside the slide")
+    po.add_argument("--output", "-o", metavar="PNG", help="PNG to write (default: RUN_DIR/overlay_x<X>_y<Y>_<W>x<H>.png)")
+    po.add_argument("--slide", help="the slide file, when it is no longer where run.json says")
+    po.add_argument("--line-width", type=int_range(1, 16), default=2, metavar="PX", help="outline width in px, 1 to 16 (default: %(default)s)")
+    po.set_defaults(func=_cmd_overlay)
 
     pm = sub.add_parser("models", help="list models (licence, resolution, classes, weights) or fetch weights",
                         description="'wsi-nuclei models' lists every model; 'wsi-nuclei models fetch NAME' downloads its weights "
@@ -347,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models" and args.action == "fetch" and not args.name:
         parser.error("models fetch needs a model name")
+    if args.command == "overlay" and len(args.size) > 2:
+        parser.error(f"argument --size: give W or W H, not {len(args.size)} numbers")
     if args.command == "run" and args.halo is not None and args.halo > args.block_size:
         parser.error(f"argument --halo: {args.halo} is larger than --block-size {args.block_size}")
     try:

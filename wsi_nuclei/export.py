@@ -1,4 +1,5 @@
-"""Writers for nucleus tables: QuPath GeoJSON, GeoParquet, region annotations, and a validator.
+"""Writers for nucleus tables: QuPath GeoJSON, GeoParquet, region annotations, the QuPath
+hierarchy (regions holding their nuclei as ``childObjects``), and a validator.
 
 Every writer streams: ``frames`` is an iterable of nucleus tables (:data:`wsi_nuclei.schema.
 NUCLEUS_COLUMNS`, one :class:`pandas.DataFrame` per batch) and only one batch is held in
@@ -17,11 +18,15 @@ The rules QuPath applies on GeoJSON import are documented in ``docs/qupath-geojs
 
 from __future__ import annotations
 
+import contextlib
 import gzip as _gzip
+import hashlib
 import io
 import json
 import math
+import os
 import re
+import tempfile
 import time
 import uuid
 import zipfile
@@ -51,6 +56,9 @@ __all__ = [
     "write_nuclei_geojson",
     "write_nuclei_parquet",
     "write_regions_geojson",
+    "write_qupath_geojson",
+    "region_annotation_ids",
+    "region_parents",
     "check_qupath_geojson",
 ]
 
@@ -834,14 +842,6 @@ def _region_classification(region: Any) -> dict[str, Any]:
     return {"name": name, "color": [min(255, max(0, int(c))) for c in color]}
 
 
-def _region_uuid(region_id: Any, slide_fingerprint: str) -> str:
-    """The region's id when it already is a UUID, else a deterministic uuid5."""
-    text = str(region_id)
-    if _UUID_RE.fullmatch(text):
-        return text.lower()
-    return str(uuid.uuid5(_REGION_NAMESPACE, f"{slide_fingerprint}|{text}"))
-
-
 def _geometry_json(geom: BaseGeometry) -> dict[str, Any] | None:
     """GeoJSON geometry of a region, rounded and valid on the 0.01 grid; None when degenerate."""
     parts = list(geom.geoms) if isinstance(geom, MultiPolygon) else [geom]
@@ -908,6 +908,190 @@ def _region_measurements(summary: Mapping[str, Any] | None) -> dict[str, float |
     return out
 
 
+def _is_uuid(value: Any) -> bool:
+    """True for a UUID string as QuPath reads one (``UUID.fromString`` of the ``id``)."""
+    return isinstance(value, str) and _UUID_RE.fullmatch(value) is not None
+
+
+def region_annotation_ids(regions: Sequence[_RegionLike], slide_fingerprint: str) -> list[str]:
+    """The UUID of each region's annotation, as written in ``tissue.geojson`` and
+    ``qupath.geojson``.
+
+    A user region keeps its annotation's own id (``annotation_id``, the input Feature's ``id``)
+    when it is a UUID, so that the written annotation *is* the user's annotation for QuPath
+    (same object: importing it next to the original is recognised, not duplicated); a region
+    whose ``id`` itself is a UUID keeps that. Every other region gets a uuid5 of the slide
+    fingerprint, the region's source (``tissue``, ``user``, ``slide``), its id and its rounded
+    outline: detected tissue pieces of two slides, of two runs that found different outlines,
+    and a tissue piece and a user region with the same number can never share an id, while a
+    rerun of the same run gives the same ids. An id already taken by an earlier region of the
+    list (e.g. an input file whose features share one id) is replaced by the derived one, so
+    ids are unique within a run.
+
+    Parameters
+    ----------
+    regions : sequence of region objects
+        With ``id``, ``source`` and ``geometry``; ``annotation_id`` optional.
+    slide_fingerprint : str
+        The slide's content fingerprint.
+
+    Returns
+    -------
+    list of str
+        One UUID string per region, in order, all distinct (compared case-insensitively).
+    """
+    out: list[str] = []
+    taken: set[str] = set()
+    for region in regions:
+        candidates = [getattr(region, "annotation_id", None), region.id]
+        chosen = next((c for c in candidates if _is_uuid(c) and c.lower() not in taken), None)
+        if chosen is None:
+            geometry = _geometry_json(region.geometry)
+            outline = hashlib.sha256(_dumps(geometry).encode("ascii")).hexdigest()[:32]
+            source = str(getattr(region, "source", "") or "region")
+            key = f"{slide_fingerprint}|{source}|{region.id}|{outline}"
+            chosen = str(uuid.uuid5(_REGION_NAMESPACE, key))
+            n = 1
+            while chosen in taken:  # identical outlines and ids twice in one list
+                chosen = str(uuid.uuid5(_REGION_NAMESPACE, f"{key}|{n}"))
+                n += 1
+        taken.add(chosen.lower())
+        out.append(chosen)
+    return out
+
+
+#: Properties of an input annotation that the region writer sets itself (``objectType``, and
+#: its aliases), merges (``measurements``, ``metadata``) or drops (nested objects).
+_OWN_PROPERTIES: Final[frozenset[str]] = frozenset(
+    {"objectType", "object_type", "type", "measurements", "metadata", "childObjects", "children"}
+)
+
+
+def _input_properties(region: Any) -> dict[str, Any] | None:
+    """The input Feature's properties of a user region (``Region.properties``), or None."""
+    text = getattr(region, "properties", None)
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        props = json.loads(text)
+    except ValueError:
+        return None
+    return props if isinstance(props, dict) else None
+
+
+def _strict(value: Any) -> bool:
+    """True when ``value`` can be written as strict JSON."""
+    try:
+        _dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _readable_classification(cls: Any) -> bool:
+    """True when QuPath reads ``cls`` as a classification and our validator accepts it.
+
+    A string, or an object with ``name`` (a string) or ``names`` (a non-empty list of strings,
+    QuPath's form for derived classes) and a ``color`` of 3 or 4 integers."""
+    if not _strict(cls):
+        return False
+    problems: list[str] = []
+    _check_classification(cls, "", problems)
+    return not problems
+
+
+def _qupath_color(value: Any) -> bool:
+    """True for an object ``color`` QuPath reads: a packed integer or 3 integers."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**31) <= value < 2**32
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in value))
+
+
+def _measurement_items(meas: Any) -> dict[str, Any]:
+    """An input annotation's measurements as ``{name: value}`` (values QuPath reads only)."""
+    if isinstance(meas, Mapping):
+        items = list(meas.items())
+    elif isinstance(meas, list):
+        items = [(m.get("name"), m.get("value")) for m in meas if isinstance(m, Mapping)]
+    else:
+        return {}
+    out: dict[str, Any] = {}
+    for name, value in items:
+        if not isinstance(name, str):
+            continue
+        if _is_number(value) and math.isfinite(float(value)):
+            out[name] = value
+        elif isinstance(value, str) and value in _NAN_STRINGS:
+            out[name] = value
+    return out
+
+
+def _region_feature(region: Any, summary: Mapping[str, Any] | None, annotation_id: str
+                    ) -> dict[str, Any] | None:
+    """The annotation Feature of one region (None when its geometry is degenerate).
+
+    Regions without input properties (detected tissue, the whole slide) get a name, the
+    ``Tissue`` class (or their own), our measurements and metadata. A user region gets the
+    properties of its input annotation back unchanged (``name``, ``classification``,
+    ``isLocked``, ``color`` and any other member QuPath or another tool reads; nested
+    ``childObjects`` are not copied), with our measurements added to its own and our
+    ``region_id``/``source`` added to its ``metadata``. Values QuPath could not read (a
+    ``color`` that is not integers, a ``name`` that is not text, a classification without a
+    colour, ...) or that are not strict JSON are replaced (``name``, ``classification``) or
+    left out.
+    """
+    geometry = _geometry_json(region.geometry)
+    if geometry is None:
+        return None
+    rid = region.id
+    ours = {"region_id": str(rid), "source": str(region.source)}
+    measurements = _region_measurements(summary)
+    given = _input_properties(region)
+    if given is None:
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "name": str(region.name),
+            "classification": _region_classification(region),
+            "measurements": measurements,
+            "metadata": ours,
+        }
+    else:
+        props = {"objectType": "annotation"}
+        for key, value in given.items():
+            if key in _OWN_PROPERTIES:
+                continue
+            if key == "name":
+                value = value if isinstance(value, str) else str(region.name)
+            elif key == "classification":
+                if value is None:
+                    continue
+                if not _readable_classification(value):
+                    value = _region_classification(region)
+            elif key == "color":
+                if not _qupath_color(value):
+                    continue
+            elif key in ("isLocked", "isMissing"):
+                if not isinstance(value, bool):
+                    continue
+            elif not _strict(value):
+                continue
+            props[key] = value
+        merged = _measurement_items(given.get("measurements"))
+        merged.update(measurements)
+        props["measurements"] = merged
+        meta_in = given.get("metadata")
+        meta = {}
+        if isinstance(meta_in, Mapping):
+            meta = {str(k): v for k, v in meta_in.items()
+                    if isinstance(v, (str, bool, int, float)) and _strict(v)}
+        meta.update(ours)
+        props["metadata"] = meta
+    return {"type": "Feature", "id": annotation_id, "geometry": geometry, "properties": props}
+
+
 def write_regions_geojson(
     regions: Iterable[_RegionLike],
     summaries: Any,
@@ -917,18 +1101,23 @@ def write_regions_geojson(
 ) -> dict[str, Any]:
     """Write regions as QuPath ``annotation`` Features carrying their summary as measurements.
 
-    Each region becomes ``{"type": "Feature", "id": <uuid>, "geometry": ..., "properties":
-    {"objectType": "annotation", "name": <region name>, "classification": {"name": "Tissue"
-    or the user region's class, "color": [r, g, b]}, "measurements": {...},
-    "metadata": {"region_id": ..., "source": ...}}}``. Importing this file before the nuclei
-    lets QuPath place each detection under its region.
+    A detected tissue region becomes ``{"type": "Feature", "id": <uuid>, "geometry": ...,
+    "properties": {"objectType": "annotation", "name": <region name>, "classification":
+    {"name": "Tissue", "color": [r, g, b]}, "measurements": {...}, "metadata": {"region_id":
+    ..., "source": ...}}}``. A user region (read with :func:`wsi_nuclei.tissue.load_regions`)
+    comes back as the user's annotation: same ``id`` (when it is a UUID), same ``name``,
+    ``classification``, ``isLocked``, ``color`` and other properties, with our measurements
+    and metadata added (see :func:`region_annotation_ids` for the ids). QuPath does *not* nest
+    detections under these annotations on import; ``qupath.geojson``
+    (:func:`write_qupath_geojson`) does.
 
     Parameters
     ----------
     regions : iterable of region objects
         Objects with ``id``, ``name``, ``geometry`` (shapely Polygon/MultiPolygon, level-0 px)
         and ``source``; an optional ``classification`` (str or ``{"name", "color"}``),
-        ``class_name`` or ``color`` attribute gives a user region's class.
+        ``class_name`` or ``color`` attribute gives a region's class, ``annotation_id`` and
+        ``properties`` (JSON text) the input annotation's id and properties.
     summaries : dict, list or None
         The :meth:`wsi_nuclei.summary.RegionSummarizer.finalize` result (its ``"regions"`` are
         used), a list of region summaries, or a mapping region id -> region summary. Regions
@@ -936,7 +1125,7 @@ def write_regions_geojson(
     path : str or pathlib.Path
         Output ``.geojson`` (or ``.geojson.gz``, gzipped) file.
     slide_fingerprint : str, optional
-        Mixed into the annotation UUIDs of regions whose id is not already a UUID.
+        Mixed into the annotation UUIDs of regions that have none of their own.
 
     Returns
     -------
@@ -946,27 +1135,16 @@ def write_regions_geojson(
     final = Path(path)
     gzip = final.name.lower().endswith(".gz")
     final = _geojson_path(final, gzip)
+    regions = list(regions)
     by_id = _summaries_by_region(summaries)
+    ids = region_annotation_ids(regions, slide_fingerprint)
     lines = []
     n_dropped = 0
-    for region in regions:
-        geometry = _geometry_json(region.geometry)
-        if geometry is None:
+    for region, annotation_id in zip(regions, ids):
+        feature = _region_feature(region, by_id.get(str(region.id)), annotation_id)
+        if feature is None:
             n_dropped += 1
             continue
-        rid = region.id
-        feature = {
-            "type": "Feature",
-            "id": _region_uuid(rid, slide_fingerprint),
-            "geometry": geometry,
-            "properties": {
-                "objectType": "annotation",
-                "name": str(region.name),
-                "classification": _region_classification(region),
-                "measurements": _region_measurements(by_id.get(str(rid))),
-                "metadata": {"region_id": str(rid), "source": str(region.source)},
-            },
-        }
         lines.append(_dumps(feature))
     text = '{"type": "FeatureCollection", "features": [\n' + ",\n".join(lines) + "\n]}\n"
     with atomic_path(final) as tmp:
@@ -978,6 +1156,314 @@ def write_regions_geojson(
                 if sink is not raw:
                     sink.close()
     return {"path": str(final), "n_features": len(lines), "n_dropped": n_dropped}
+
+
+# --------------------------------------------------------------------------------------------
+# GeoJSON (regions with their nuclei nested: the QuPath hierarchy in one file)
+# --------------------------------------------------------------------------------------------
+
+#: Relative area of a region that may lie outside another one that still contains it (the
+#: outlines are snapped to the 0.01-px grid, so an edge shared by both may differ by that).
+_NEST_SLACK: Final[float] = 1e-6
+
+
+def region_parents(regions: Sequence[_RegionLike]) -> list[int]:
+    """The parent of each region in the annotation hierarchy: the smallest other region that
+    contains it, as an index into ``regions`` (-1: none, a top-level annotation).
+
+    Region B contains region A when A's outline (snapped to the 0.01-px grid as written) lies
+    inside B's, up to :data:`_NEST_SLACK` of A's area. Regions that merely overlap are not
+    nested. Of two identical outlines the first one in ``regions`` is the parent. The result
+    is a forest (no cycles): a parent is always larger, or as large and earlier.
+
+    Parameters
+    ----------
+    regions : sequence of region objects
+        With a ``geometry`` (shapely Polygon/MultiPolygon).
+
+    Returns
+    -------
+    list of int
+    """
+    n = len(regions)
+    parents = [-1] * n
+    if n < 2:
+        return parents
+    geoms = []
+    for r in regions:
+        g = _geometry_json(r.geometry)
+        geoms.append(shapely.geometry.shape(g) if g is not None else shapely.Polygon())
+    geoms_arr = np.array(geoms, dtype=object)
+    areas = shapely.area(geoms_arr)
+    # rank: larger first, then earlier first; a parent has a smaller rank than its child
+    order = sorted(range(n), key=lambda i: (-areas[i], i))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    tree = shapely.STRtree(geoms_arr)
+    inner, outer = tree.query(geoms_arr, predicate="intersects")
+    best = np.full(n, -1, np.int64)
+    for a, b in zip(inner.tolist(), outer.tolist()):
+        if a == b or rank[b] > rank[a] or areas[a] <= 0:
+            continue
+        if not (geoms[b].covers(geoms[a])
+                or geoms[a].difference(geoms[b]).area <= _NEST_SLACK * areas[a]):
+            continue
+        if best[a] < 0 or rank[b] > rank[best[a]]:
+            best[a] = b
+    return [int(v) for v in best]
+
+
+def _raise_disk_error(exc: OSError, folder: Path, name: str) -> None:
+    """Raise the one-line OutputError of a full or read-only disk (as ``atomic_path`` does)."""
+    from wsi_nuclei._io import _DISK_ERRNOS
+    from wsi_nuclei.errors import OutputError
+
+    if exc.errno in _DISK_ERRNOS:
+        raise OutputError(f"{folder}: cannot write the temporary file of {name} "
+                          f"({exc.strerror or exc}); free space and rerun to resume") from None
+
+
+class _Spill:
+    """Feature texts grouped by region without holding them: appended to one temporary file
+    in arrival order, with an index of (offset, length) pieces per group."""
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=".qupath-spill.tmp-", dir=folder)
+        self.path = Path(name)
+        self.fh = os.fdopen(fd, "w+b")
+        self.pieces: dict[int, list[tuple[int, int]]] = {}
+        self.counts: dict[int, int] = {}
+        self.offset = 0
+
+    def add(self, group: int, features: list[bytes]) -> None:
+        """Append the texts of ``features`` (comma-separated) to ``group``."""
+        data = b",\n".join(features)
+        self.fh.write(data)
+        self.pieces.setdefault(group, []).append((self.offset, len(data)))
+        self.counts[group] = self.counts.get(group, 0) + len(features)
+        self.offset += len(data)
+
+    def copy(self, group: int, sink: BinaryIO) -> int:
+        """Write the group's texts (comma-separated) into ``sink``; returns how many."""
+        first = True
+        for off, length in self.pieces.get(group, ()):
+            if not first:
+                sink.write(b",\n")
+            first = False
+            self.fh.seek(off)
+            left = length
+            while left:
+                chunk = self.fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise OSError("temporary spill file ended early")
+                sink.write(chunk)
+                left -= len(chunk)
+        return self.counts.get(group, 0)
+
+    def close(self) -> None:
+        """Close and remove the temporary file."""
+        self.fh.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def write_qupath_geojson(
+    frames: Iterable[pd.DataFrame] | pd.DataFrame,
+    regions: Sequence[_RegionLike],
+    summaries: Any,
+    path: str | Path,
+    *,
+    slide_fingerprint: str = "",
+    gzip: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    compresslevel: int = 4,
+    spill_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the QuPath hierarchy in one file: region annotations holding their nuclei.
+
+    A FeatureCollection whose top-level Features are the region annotations of
+    :func:`write_regions_geojson` (same ids, names, classes, lock state, measurements), each
+    carrying ``properties.childObjects``: first the regions nested in it (the smallest region
+    that contains each one, :func:`region_parents`), then its nuclei as ``detection``
+    Features identical to those of :func:`write_nuclei_geojson`. A nucleus is the child of
+    exactly one region: the one given by its ``region_id`` (the pipeline's smallest region
+    containing its centroid, so in nested or overlapping regions the innermost one). Nuclei
+    whose ``region_id`` is no region's id (-1: outside every region) are top-level Features
+    after the regions. QuPath (>= 0.4) reads ``childObjects`` and keeps the hierarchy on
+    import, so one drag-and-drop gives annotations with their detections (and nested
+    annotations) as children.
+
+    Memory is bounded: the frames are read once and each batch's Feature texts are appended
+    to a temporary file in ``spill_dir`` with an index per region, then copied into place
+    region by region. The output is byte-for-byte deterministic and written under a
+    temporary name, then renamed.
+
+    Parameters
+    ----------
+    frames : iterable of pandas.DataFrame, or one DataFrame
+        Nucleus tables as for :func:`write_nuclei_geojson`, with ``region_id``. Consumed once.
+    regions : sequence of region objects
+        As for :func:`write_regions_geojson`; ``region.id`` is what ``region_id`` refers to.
+    summaries : dict, list or None
+        Region summaries, as for :func:`write_regions_geojson`.
+    path : str or pathlib.Path
+        Output ``.geojson.gz`` (``gzip=True``) or ``.geojson``.
+    slide_fingerprint : str, optional
+        As for :func:`write_regions_geojson`.
+    gzip : bool, default True
+        Compress with gzip.
+    metadata : mapping, optional
+        Run metadata written as the collection's ``"metadata"`` member.
+    compresslevel : int, default 4
+        gzip level.
+    spill_dir : str or pathlib.Path, optional
+        Folder of the temporary file (default: the output's folder). It needs about the
+        uncompressed size of the nuclei's text.
+
+    Returns
+    -------
+    dict
+        ``{"path", "n_annotations", "n_nested_annotations", "n_detections",
+        "n_nested_detections", "n_top_level_detections", "n_repaired", "n_dropped",
+        "n_regions_dropped", "bytes", "seconds"}``.
+
+    Raises
+    ------
+    ValueError
+        A frame lacks ``geometry``/``class_id``, the file name has the wrong extension, or
+        ``metadata`` is not strict-JSON serialisable.
+    """
+    t0 = time.perf_counter()
+    final = _geojson_path(path, gzip)
+    regions = list(regions)
+    by_id = _summaries_by_region(summaries)
+    ids = region_annotation_ids(regions, slide_fingerprint)
+    features: list[dict[str, Any] | None] = [
+        _region_feature(r, by_id.get(str(r.id)), uid) for r, uid in zip(regions, ids)
+    ]
+    parents = region_parents(regions)
+    # a region dropped as degenerate passes its children to its nearest written ancestor
+    for i in range(len(regions)):
+        p = parents[i]
+        while p >= 0 and features[p] is None:
+            p = parents[p]
+        parents[i] = p
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        if features[i] is not None:
+            children.setdefault(p, []).append(i)
+    index_of: dict[int, int] = {}
+    for i, r in enumerate(regions):
+        with contextlib.suppress(TypeError, ValueError):
+            if features[i] is not None and not isinstance(r.id, bool) and int(r.id) == r.id:
+                index_of.setdefault(int(r.id), i)
+    header: dict[str, Any] = {"type": "FeatureCollection"}
+    if metadata is not None:
+        header["metadata"] = json.loads(
+            json.dumps(dict(metadata), allow_nan=False, sort_keys=True, default=str)
+        )
+    head = _dumps(header)[:-1] + ',"features":[\n'
+    classes = _classification_texts()
+    n_repaired = n_dropped = 0
+    folder = Path(spill_dir) if spill_dir is not None else final.parent
+    try:
+        spill = _Spill(folder)
+    except OSError as exc:
+        _raise_disk_error(exc, folder, final.name)
+        raise
+    try:
+        for frame in _iter_batches(frames):
+            _require(frame, ("geometry", "class_id"), "write_qupath_geojson")
+            cleaned, keep, rep = _clean_geometries(frame["geometry"].to_numpy(object))
+            n_repaired += rep
+            n_dropped += int((~keep).sum())
+            if not keep.all():
+                frame = frame.loc[keep]
+                cleaned = cleaned[keep]
+            if len(frame) == 0:
+                continue
+            texts = _feature_chunk(frame.assign(geometry=cleaned), classes)
+            if "region_id" in frame.columns:
+                rid = frame["region_id"].to_numpy(np.int64)
+                uniq, inverse = np.unique(rid, return_inverse=True)
+                group = np.array([index_of.get(int(u), -1) for u in uniq.tolist()], np.int64)[inverse]
+            else:
+                group = np.full(len(frame), -1, np.int64)
+            for g in np.unique(group).tolist():  # ascending: deterministic piece order
+                rows = np.flatnonzero(group == g).tolist()
+                try:
+                    spill.add(int(g), [texts[i] for i in rows])
+                except OSError as exc:
+                    _raise_disk_error(exc, folder, final.name)
+                    raise
+        spill.fh.flush()
+        n_nested_det = 0
+        n_nested_ann = 0
+        with atomic_path(final) as tmp:
+            with open(tmp, "wb") as raw:
+                sink = _open_sink(raw, gzip, compresslevel)
+                try:
+                    sink.write(head.encode("ascii"))
+                    # depth-first, without recursion: (region index, next step) on a stack;
+                    # step 0 opens the annotation, 1 closes it after its children
+                    first_top = True
+                    stack: list[tuple[int, int]] = [(i, 0) for i in reversed(children.get(-1, []))]
+                    first_child: list[bool] = []
+                    while stack:
+                        i, step = stack.pop()
+                        feat = features[i]
+                        assert feat is not None
+                        if step == 1:
+                            n = spill.counts.get(i, 0)
+                            if n:
+                                if not first_child[-1]:
+                                    sink.write(b",\n")
+                                spill.copy(i, sink)
+                                n_nested_det += n
+                            first_child.pop()
+                            sink.write(b"\n]}}")
+                            continue
+                        if first_child:  # a nested annotation inside its parent's children
+                            if not first_child[-1]:
+                                sink.write(b",\n")
+                            first_child[-1] = False
+                            n_nested_ann += 1
+                        else:
+                            if not first_top:
+                                sink.write(b",\n")
+                            first_top = False
+                        text = _dumps(feat)
+                        # properties is the last member: reopen it to append childObjects
+                        sink.write(text[:-2].encode("ascii") + b',"childObjects":[\n')
+                        first_child.append(True)
+                        stack.append((i, 1))
+                        for c in reversed(children.get(i, [])):
+                            stack.append((c, 0))
+                    n_top = spill.counts.get(-1, 0)
+                    if n_top:
+                        if not first_top:
+                            sink.write(b",\n")
+                        spill.copy(-1, sink)
+                    sink.write(b"\n]}\n")
+                finally:
+                    if sink is not raw:
+                        sink.close()
+    finally:
+        spill.close()
+    n_written = sum(1 for f in features if f is not None)
+    return {
+        "path": str(final),
+        "n_annotations": n_written,
+        "n_nested_annotations": n_nested_ann,
+        "n_detections": n_nested_det + n_top,
+        "n_nested_detections": n_nested_det,
+        "n_top_level_detections": n_top,
+        "n_repaired": n_repaired,
+        "n_dropped": n_dropped,
+        "n_regions_dropped": len(regions) - n_written,
+        "bytes": final.stat().st_size,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1078,7 +1564,13 @@ def _check_classification(cls: Any, where: str, out: list[str]) -> None:
         out.append(f"{where}: classification must be a string or an object with name and color")
         return
     name = cls.get("name")
-    if not isinstance(name, str) or not name:
+    names = cls.get("names")
+    if name is None and isinstance(names, list) and names:
+        # QuPath's own form for a derived class ("Tumor: Positive" -> ["Tumor", "Positive"])
+        if not all(isinstance(n, str) and n and ":" not in n for n in names):
+            out.append(f"{where}: classification 'names' must be non-empty strings without ':', "
+                       f"got {names!r}")
+    elif not isinstance(name, str) or not name:
         out.append(f"{where}: classification object has no string 'name'")
     elif ":" in name:
         out.append(f"{where}: class name {name!r} contains ':' (QuPath splits it into derived "
@@ -1230,9 +1722,82 @@ def _check_feature(feat: Any, where: str, out: list[str]) -> None:
         _check_classification(props["classification"], where, out)
     if "measurements" in props and props["measurements"] is not None:
         _check_measurements(props["measurements"], where, out)
+    if "name" in props and not isinstance(props["name"], (str, int, float)):
+        out.append(f"{where}: name {props['name']!r} is not text (QuPath's import fails on it)")
+    if "isLocked" in props and not isinstance(props["isLocked"], bool):
+        out.append(f"{where}: isLocked {props['isLocked']!r} is not true/false")
+    if "color" in props:
+        color = props["color"]
+        if isinstance(color, str) or isinstance(color, (bool, float)) or color is None:
+            out.append(f"{where}: object color {color!r} is not an integer or [r, g, b] "
+                       "(QuPath's import fails or ignores it)")
+        elif isinstance(color, list) and (
+            len(color) != 3 or not all(isinstance(c, int) and not isinstance(c, bool)
+                                       for c in color)):
+            out.append(f"{where}: object color {color!r} must be 3 integers (QuPath ignores "
+                       "other arrays)")
+    kids = props.get("childObjects", props.get("children"))
+    if kids is not None and not isinstance(kids, list):
+        out.append(f"{where}: childObjects must be an array of Features")
+    elif kids:
+        for k, child in enumerate(kids):
+            _check_feature(child, f"{where}.childObjects[{k}]", out)
     _check_geometry(feat.get("geometry"), where, out)
     if otype == "cell" and "nucleusGeometry" in feat:
         _check_geometry(feat["nucleusGeometry"], f"{where}.nucleusGeometry", out)
+
+
+def _walk_feature(stream: _JsonStream, where: str, out: _Problems) -> None:
+    """Check the next feature of ``stream``, descending into ``properties.childObjects``
+    child by child, so that a region annotation holding a million nuclei is checked without
+    decoding them all at once."""
+    if stream.peek() != "{":
+        _check_feature(stream.value(), where, out)
+        return
+    stream.expect("{")
+    feat: dict[str, Any] = {}
+    n_children: int | None = None
+    if stream.peek() == "}":
+        stream.expect("}")
+    else:
+        while True:
+            key = stream.value()
+            if not isinstance(key, str):
+                raise json.JSONDecodeError("object key is not a string", "", 0)
+            stream.expect(":")
+            if key == "properties" and stream.peek() == "{":
+                stream.expect("{")
+                props: dict[str, Any] = {}
+                if stream.peek() == "}":
+                    stream.expect("}")
+                else:
+                    while True:
+                        pkey = stream.value()
+                        if not isinstance(pkey, str):
+                            raise json.JSONDecodeError("object key is not a string", "", 0)
+                        stream.expect(":")
+                        if pkey in ("childObjects", "children") and stream.peek() == "[":
+                            stream.expect("[")
+                            n_children = 0
+                            if stream.peek() == "]":
+                                stream.expect("]")
+                            else:
+                                while True:
+                                    _walk_feature(stream, f"{where}.childObjects[{n_children}]",
+                                                  out)
+                                    n_children += 1
+                                    if stream.expect(",]") == "]":
+                                        break
+                        else:
+                            props[pkey] = stream.value()
+                        if stream.expect(",}") == "}":
+                            break
+                feat[key] = props
+            else:
+                feat[key] = stream.value()
+            if stream.expect(",}") == "}":
+                break
+    _check_feature(feat, where, out)
 
 
 def _check_extension(path: Path) -> tuple[str | None, str | None]:
@@ -1281,7 +1846,7 @@ def _walk_container(
             stream.expect("]")
             return 0
         while True:
-            _check_feature(stream.value(), f"[{n}]", out)
+            _walk_feature(stream, f"[{n}]", out)
             n += 1
             if stream.expect(",]") == "]":
                 return n
@@ -1308,7 +1873,7 @@ def _walk_container(
                     stream.expect("]")
                 else:
                     while True:
-                        _check_feature(stream.value(), f"features[{n}]", out)
+                        _walk_feature(stream, f"features[{n}]", out)
                         n += 1
                         if stream.expect(",]") == "]":
                             break
@@ -1370,7 +1935,9 @@ def check_qupath_geojson(
     ``measurements`` as an object (or name/value list) of numbers or ``"NaN"``/``"inf"``/
     ``"-inf"``, a top-level ``id`` that is a UUID string, a Polygon/MultiPolygon geometry
     whose rings are closed with >= 4 finite points with at most 2 decimals, and validity after
-    snapping to the 0.01-px grid (also for a cell's ``nucleusGeometry``).
+    snapping to the 0.01-px grid (also for a cell's ``nucleusGeometry``); ``name`` as text,
+    ``isLocked`` as true/false, an object ``color`` as an integer or 3 integers; and every
+    nested Feature of ``properties.childObjects`` by the same rules (read child by child).
 
     The file is read incrementally (one feature at a time), so large slides can be checked.
 

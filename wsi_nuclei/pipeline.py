@@ -13,7 +13,8 @@
               complete), so a crashed or interrupted run resumes where it stopped
     stitch    seam candidates of all blocks resolved (wsi_nuclei.stitching; deterministic,
               independent of completion order, invariant checked), region membership
-    write     streaming writers (GeoJSON, GeoParquet, summaries, run.json), each atomic
+    write     streaming writers (GeoJSON, GeoParquet, summaries, run.json), each atomic; then
+              report.html (wsi_nuclei.report; a failure there is one warning, not a failed run)
 
 Memory is bounded by configuration (block size, strip width, batches in flight), never by the
 slide size: no slide-sized array is built.
@@ -41,7 +42,7 @@ from . import __version__
 from ._io import atomic_path
 from .engine import EngineContext, Strip, plan_strips
 from .errors import MissingMppError, NoTissueError, OutputError, WsiNucleiError
-from .schema import CLASS_NAMES
+from .schema import CLASS_NAMES, UNCLASSIFIED
 from .tiling import BlockGrid, PatchGrid, passes_per_pixel
 
 __all__ = ["RunConfig", "RunPlan", "RunResult", "run", "make_plan", "OUTPUT_NAMES"]
@@ -84,9 +85,12 @@ class RunConfig:
     threads: int = 2  # threads per local worker
     overwrite: bool = False
     geojson_plain: bool = False
+    qupath_hierarchy: bool = True  # write qupath.geojson(.gz): regions holding their nuclei
     strict_ownership: bool = False
     quiet: bool = False
     keep_work: bool = False
+    min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    report: bool = True  # write report.html (visual QC) after the other outputs
     anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
     client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
 
@@ -129,6 +133,7 @@ class RunPlan:
     regions_hash: str
     strict: bool
     source_stat: str = ""  # sizes and modification times of the slide's pixel files (resume only)
+    postprocess: str = ""  # the model's post-processing parameters (JSON): parts depend on them
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -149,6 +154,11 @@ def default_out_dir(slide_path: str | Path) -> Path:
         if name.lower().endswith(ext):
             return Path("wsi-nuclei-out") / name[: -len(ext)]
     return Path("wsi-nuclei-out") / Path(name).stem
+
+
+def qupath_name(cfg: RunConfig) -> str:
+    """File name of the QuPath hierarchy file (``--geojson-plain`` decides the ``.gz``)."""
+    return "qupath.geojson" if cfg.geojson_plain else "qupath.geojson.gz"
 
 
 def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
@@ -366,6 +376,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
+        postprocess=json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "",
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]
@@ -479,7 +490,7 @@ def run(cfg: RunConfig) -> RunResult:
     slide_name = Path(str(cfg.slide)).name if isinstance(cfg.slide, (str, Path)) else getattr(slide, "name", "synthetic")
     out = Path(cfg.out) if cfg.out else default_out_dir(slide_name)
     geojson_name = "nuclei.geojson" if cfg.geojson_plain else "nuclei.geojson.gz"
-    names = [geojson_name, *OUTPUT_NAMES] + (["nuclei.h5ad"] if cfg.anndata else [])
+    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)] + (["nuclei.h5ad"] if cfg.anndata else [])
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
@@ -638,19 +649,70 @@ def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final
     return stats
 
 
+def effective_min_class_prob(cfg: RunConfig, spec: Any) -> float:
+    """The class-probability threshold of a run: ``--min-class-prob`` or the model's calibrated one."""
+    if not spec.class_names:
+        return 0.0
+    return float(spec.min_class_prob if cfg.min_class_prob is None else cfg.min_class_prob)
+
+
+def unclassify_below(frame: pd.DataFrame, min_prob: float) -> pd.DataFrame:
+    """Nuclei whose class probability is below ``min_prob`` lose their class (class 0,
+    ``"Nucleus"``); their per-class probabilities stay, so a user can re-threshold."""
+    if min_prob <= 0 or not len(frame) or "class_prob" not in frame:
+        return frame
+    low = (frame["class_prob"].to_numpy() < min_prob) & (frame["class_id"].to_numpy() > 0)
+    if not low.any():
+        return frame
+    frame = frame.copy()
+    frame.loc[low, "class_id"] = np.int8(0)
+    frame.loc[low, "class_name"] = UNCLASSIFIED
+    return frame
+
+
+def reliability_note(spec: Any, min_prob: float) -> str:
+    """The plain-words note on the model's classes for this run (empty when unknown)."""
+    from dataclasses import replace
+
+    return replace(spec, min_class_prob=min_prob).reliability_note() if spec.class_names else ""
+
+
+def _write_report(out: Path, slide: Any) -> Path | None:
+    """report.html, written after run.json: a failure costs the page, never the run (one warning
+    line; ``wsi-nuclei report`` renders it again)."""
+    from .report import write_report
+
+    try:
+        return write_report(out, slide=slide)
+    except Exception as exc:  # noqa: BLE001 - the results are complete; the page is an extra
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
+              f"the results are complete; retry with 'wsi-nuclei report {out}'", file=sys.stderr)
+        return None
+
+
 def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
            engine_stats: dict, seconds: dict[str, float], t0: float, done: set) -> RunResult:
-    from .export import write_nuclei_geojson, write_nuclei_parquet, write_regions_geojson
+    from dataclasses import replace
+
+    from .export import (region_annotation_ids, write_nuclei_geojson, write_nuclei_parquet, write_qupath_geojson,
+                         write_regions_geojson)
     from .summary import RegionSummarizer, write_summary
 
     geojson_name = names[0]
+    # every region carries the id its annotation gets in tissue.geojson and qupath.geojson (a
+    # user annotation's own UUID; derived, collision-free ones for the others), so that
+    # summary.csv's annotation_id names the very QuPath object
+    ids = region_annotation_ids(setup.regions, plan.fingerprint)
+    regions = [replace(r, annotation_id=uid) for r, uid in zip(setup.regions, ids)]
     n_parts = st["n_final_parts"]
+    min_prob = effective_min_class_prob(cfg, setup.spec)
 
     def frames() -> Iterator[pd.DataFrame]:
         for i in range(n_parts):
             f, _ = load_part(final_dir / f"b{i:06d}.parquet")
             if len(f):
-                yield f
+                yield unclassify_below(f, min_prob)
 
     slide = setup.slide
     t = time.perf_counter()
@@ -665,22 +727,31 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         from .anndata_export import write_anndata
 
         t = time.perf_counter()
-        write_anndata(out / "nuclei.parquet", out / "nuclei.h5ad", regions=setup.regions,
-                      classes=list(setup.spec.class_names.values()) if setup.spec.class_names else ["Nucleus"],
+        # the categories are the classes the model can output (not those it has no labels for);
+        # "Nucleus" (unclassified, e.g. below --min-class-prob) is added when present
+        spec = setup.spec
+        classes = [n for c, n in spec.class_names.items() if c not in spec.unsupported_class_ids] if spec.class_names else [UNCLASSIFIED]
+        write_anndata(out / "nuclei.parquet", out / "nuclei.h5ad", regions=regions, classes=classes,
                       uns={"slide_name": plan.slide_name, "fingerprint": plan.fingerprint, "mpp": plan.slide_mpp,
-                           "model": plan.model, "model_sha256": plan.model_sha, "wsi_nuclei_version": __version__})
+                           "model": plan.model, "model_sha256": plan.model_sha, "min_class_prob": min_prob,
+                           "reliability_note": reliability_note(spec, min_prob), "wsi_nuclei_version": __version__})
         seconds["write_anndata"] = time.perf_counter() - t
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
-    summ = RegionSummarizer(setup.regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name)
+    not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]
+    summ = RegionSummarizer(regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
+                            not_measured=not_measured)
     counts: dict[str, int] = {}
+    unclassified = [0]
     n_total = 0
     for i in range(n_parts):
         f, meta_i = load_part(final_dir / f"b{i:06d}.parquet")
         if not len(f):
             continue
+        f = unclassify_below(f, min_prob)
         summ.add(f, (np.asarray(meta_i["member_rows"], np.int64), np.asarray(meta_i["member_ids"], np.int64)))
         n_total += len(f)
+        unclassified[0] += int((f["class_id"].to_numpy() == 0).sum()) if setup.spec.class_names else 0
         for k, v in f["class_name"].value_counts().items():
             counts[k] = counts.get(k, 0) + int(v)
     seconds["summaries"] = time.perf_counter() - t
@@ -706,16 +777,28 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
         **{f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3) for k in ("read", "infer", "post")},
     }
+    qc["min_class_prob"] = min_prob
+    qc["nuclei_unclassified_low_prob"] = int(unclassified[0])
     warnings = []
     if setup.overlaps:
         warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
     summary = summ.finalize(qc)
     write_summary(summary, out)
-    write_regions_geojson(setup.regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
+    write_regions_geojson(regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
+    qstats = None
+    qname = qupath_name(cfg)
+    if cfg.qupath_hierarchy:
+        t = time.perf_counter()
+        qstats = write_qupath_geojson(frames(), regions, summary, out / qname, slide_fingerprint=plan.fingerprint,
+                                      gzip=not cfg.geojson_plain, metadata=meta, spill_dir=final_dir)
+        seconds["write_qupath"] = time.perf_counter() - t
+    else:  # a hierarchy file of an earlier run (replaced with --overwrite) would no longer match
+        (out / qname).unlink(missing_ok=True)
 
     spec = setup.spec
     manifest = {
         "wsi_nuclei_version": __version__, "slide": str(cfg.slide), "slide_name": plan.slide_name,
+        "slide_path": setup.source[1] if isinstance(setup.source, tuple) and setup.source[0] == "path" else None,
         "backend": getattr(slide, "backend", "object"), "fingerprint": plan.fingerprint,
         "dimensions": list(slide.dimensions), "offset_bounds": list(getattr(slide, "offset", (0, 0))),
         "coordinate_frame": "level-0 pixels; OpenSlide bounds-x/y subtracted (the frame QuPath uses)",
@@ -736,8 +819,16 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
                     "count": len(setup.regions), "tolerance_level0_px": setup.tolerance_px},
         "device": plan.device, "scheduler": cfg.scheduler or "local in-process (dask.distributed, threads)",
         "qc": qc, "warnings": warnings, "n_nuclei": n_total, "counts": counts, "geojson": gstats,
+        "classes": {"support": dict(spec.class_support), "not_measured": not_measured, "min_class_prob": min_prob,
+                    "evidence": spec.class_evidence},
+        "reliability_note": reliability_note(spec, min_prob),
+        "qupath_hierarchy": qstats,
     }
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    files = {n: out / n for n in names}
+    files = {n: out / n for n in names if n != qname or cfg.qupath_hierarchy}
+    if cfg.report:
+        report = _write_report(out, slide)
+        if report is not None:
+            files[report.name] = report
     return RunResult(out, files, n_total, counts, len(pg), int(engine_stats["n_patches"]), seconds, manifest)

@@ -53,6 +53,9 @@ class HVParams:
     #: temperature of the class head (fitted on the validation split): the per-pixel class
     #: probabilities become softmax(log p / T); 1 leaves them as they are
     class_temperature: float = 1.0
+    #: class ids (1..C-1) the model cannot produce (no training labels): their probabilities
+    #: are set to 0 before the vote, so the noise of an untrained output never names a class
+    class_exclude: tuple[int, ...] = ()
 
 
 @lru_cache(maxsize=8)
@@ -159,7 +162,8 @@ def hv_to_instances(
         prob = _mean_per_label(np_prob, inst, len(labels))
         return InstanceResult(inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None)
     class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels), prior=params.class_prior,
-                                                           temperature=params.class_temperature)
+                                                           temperature=params.class_temperature,
+                                                           exclude=params.class_exclude)
     return InstanceResult(inst, labels, class_id, class_prob, class_probs)
 
 
@@ -184,6 +188,7 @@ def _mean_per_label(values: np.ndarray, inst: np.ndarray, n: int) -> np.ndarray:
 def classify_instances(
     inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None, prior: tuple[float, ...] | None = None,
     temperature: float = 1.0,
+    exclude: tuple[int, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class of each instance: majority vote of its pixels' arg-max class (background excluded).
 
@@ -202,6 +207,9 @@ def classify_instances(
         Class probabilities are first raised to ``1 / temperature`` and renormalised, i.e.
         ``softmax(logits / T)`` (temperature scaling); the vote does not change, the
         probabilities become calibrated when ``T`` is fitted on held-out data.
+    exclude : tuple of int
+        Class ids (1..C-1) that are never assigned: their probabilities are set to 0 before
+        renormalising and voting (classes the model was never trained to produce).
 
     Returns
     -------
@@ -224,6 +232,13 @@ def classify_instances(
         if len(prior) != c:
             raise ValueError(f"class prior has {len(prior)} values for {c} classes")
         fg = fg * np.asarray(prior, fg.dtype).reshape(c, 1, 1)
+    if exclude:
+        keep = np.ones(c, fg.dtype)
+        for k in exclude:
+            if not 1 <= int(k) <= c:
+                raise ValueError(f"excluded class {k} is not among the classes 1..{c}")
+            keep[int(k) - 1] = 0
+        fg = fg * keep.reshape(c, 1, 1)
     fg = fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-8)
     flat = inst.ravel()
     sel = flat > 0

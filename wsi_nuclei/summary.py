@@ -82,6 +82,9 @@ class RegionSummarizer:
         Microns per level-0 pixel (positive).
     slide_name : str, optional
         Name of the slide, recorded in the summary (used by :func:`summarize_runs`).
+    not_measured : iterable of str, optional
+        Class names the model cannot produce (no training labels): their counts, fractions,
+        densities and sizes are reported as None ("not measured"), never as 0.
 
     Raises
     ------
@@ -101,6 +104,7 @@ class RegionSummarizer:
         class_names: Mapping[int, str] = schema.CLASS_NAMES,
         mpp: float,
         slide_name: str = "",
+        not_measured: Iterable[str] = (),
     ) -> None:
         try:
             mpp_value = float(mpp)
@@ -113,6 +117,7 @@ class RegionSummarizer:
         self._slide_name = str(slide_name)
         self._class_ids = [int(c) for c in class_names]
         self._class_names = [str(class_names[c]) for c in class_names]
+        self._not_measured = [n for n in self._class_names if n in set(not_measured)]
         ids = [int(r.id) for r in self._regions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"region ids must be unique, got {ids}")
@@ -250,6 +255,13 @@ class RegionSummarizer:
             name: _area_stats(self._areas_of(rows, k))
             for k, name in enumerate(self._class_names)
         }
+        # nuclei without a class (class 0, or below the class-probability threshold)
+        out["n_nuclei_unclassified"] = int(counts[-1])
+        for name in self._not_measured:
+            out["counts"][name] = None
+            out["fractions"][name] = None
+            out["density_per_mm2"][name] = None
+            out["area_um2"][name] = {key: None for key, _ in _QUANTILES}
         return out
 
     def finalize(
@@ -300,6 +312,7 @@ class RegionSummarizer:
             "slide_name": self._slide_name,
             "mpp": self._mpp,
             "class_names": list(self._class_names),
+            "classes_not_measured": list(self._not_measured),
             "regions": regions,
             "slide": slide,
             "qc": dict(qc or {}),
@@ -345,6 +358,7 @@ def flatten_region(
         "area_mm2": region.get("area_mm2"),
         "n_nuclei": region.get("n_nuclei"),
         "n_nuclei_outside_regions": region.get("n_nuclei_outside_regions"),
+        "n_nuclei_unclassified": region.get("n_nuclei_unclassified"),
     }
     counts = region.get("counts", {})
     fractions = region.get("fractions", {})

@@ -88,6 +88,12 @@ class Region:
         RGB colour of the class, if any.
     annotation_id : str or None
         The annotation's own id (QuPath's UUID, the Feature's ``id``) for user regions.
+    properties : str or None
+        For user regions: the input Feature's ``properties`` as JSON text (``name``,
+        ``classification``, ``isLocked``, ``color``, ``metadata``, ``measurements`` and any
+        other member, without ``childObjects``/``children``), so that the region annotations
+        written back (:func:`wsi_nuclei.export.write_regions_geojson`) carry them unchanged.
+        Text rather than a dict keeps the region immutable and hashable.
     """
 
     id: int
@@ -97,6 +103,7 @@ class Region:
     classification: str | None = None
     color: tuple[int, int, int] | None = None
     annotation_id: str | None = None
+    properties: str | None = None
 
     @property
     def area_px(self) -> float:
@@ -876,6 +883,21 @@ def _feature_geometry(geom_dict: Any, where: str) -> Polygon | MultiPolygon | No
     return repaired
 
 
+#: Input properties not kept with a user region: nested objects (a QuPath export "with
+#: children" holds the detections of an earlier analysis there; they are not regions).
+_DROPPED_PROPERTIES = frozenset({"childObjects", "children"})
+
+
+def _kept_properties(props: dict[str, Any]) -> str | None:
+    """JSON text of a feature's properties without nested objects (None when nothing is left).
+
+    Values that are not JSON (NaN, which Python's reader accepts) are kept as they are here;
+    the writer decides what it can write back (see :func:`wsi_nuclei.export.write_regions_geojson`).
+    """
+    kept = {k: v for k, v in props.items() if k not in _DROPPED_PROPERTIES}
+    return json.dumps(kept, ensure_ascii=True) if kept else None
+
+
 def regions_from_geojson(
     doc: Any, *, label: str = "regions", offset: tuple[float, float] = (0.0, 0.0)
 ) -> list[Region]:
@@ -921,6 +943,7 @@ def regions_from_geojson(
                 classification=cls_name,
                 color=color,
                 annotation_id=str(feat["id"]) if isinstance(feat.get("id"), (str, int)) and not isinstance(feat.get("id"), bool) else None,
+                properties=_kept_properties(props),
             )
         )
     if not regions:
@@ -965,7 +988,9 @@ def load_regions(
     list of Region
         ``source="user"``, ids 1..N in file order; name from ``properties.name``, else the
         class name, else ``"Region <id>"``; classification and colour from
-        ``properties.classification`` (object or string).
+        ``properties.classification`` (object or string); the feature's ``id`` as
+        ``annotation_id`` and its other properties (``isLocked``, ``color``, ``metadata``, ...)
+        as ``properties``, so that they are written back unchanged.
 
     Raises
     ------

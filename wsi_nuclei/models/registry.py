@@ -54,6 +54,12 @@ class ModelSpec:
     class_support: dict[str, str] = field(default_factory=dict)
     #: the evidence behind ``class_support``, in words (training labels per class)
     class_evidence: str = ""
+    #: nuclei whose calibrated class probability is below this are written without a class
+    #: (class 0, "Nucleus"): below it their classes were more often wrong than right on the
+    #: validation split (``scripts/tune_postprocess.py``); 0 keeps every class
+    min_class_prob: float = 0.0
+    #: tissues the class head was trained and validated on, in words
+    trained_on: str = ""
 
     @property
     def stride(self) -> int:
@@ -68,7 +74,39 @@ class ModelSpec:
         """The model's :class:`~wsi_nuclei.postprocess.HVParams` (defaults where not tuned)."""
         from ..postprocess import HVParams
 
-        return HVParams(**self.postprocess)
+        params = dict(self.postprocess)
+        if "class_exclude" not in params:
+            params["class_exclude"] = self.unsupported_class_ids
+        return HVParams(**params)
+
+    @property
+    def unsupported_class_ids(self) -> tuple[int, ...]:
+        """Class ids the model has no training labels for (``class_support`` "none")."""
+        return tuple(sorted(c for c, name in self.class_names.items() if self.class_support.get(name) == "none"))
+
+    def reliability_note(self) -> str:
+        """What the model's classes can be trusted for, in plain words (empty when unknown)."""
+        if not self.class_support or not self.class_names:
+            return ""
+        by = {lvl: [n for n in self.class_names.values() if self.class_support.get(n) == lvl]
+              for lvl in ("trained", "weak", "none")}
+        parts = []
+        if by["trained"]:
+            parts.append(f"trained with many exact labels for {', '.join(by['trained'])}")
+        if by["weak"]:
+            parts.append(f"{'only ' if by['trained'] else ''}weakly for {', '.join(by['weak'])} (few exact labels: "
+                         "treat these counts as rough)")
+        if by["none"]:
+            parts.append(f"never for {', '.join(by['none'])}, which it does not output (reported as not measured, "
+                         "not as 0)")
+        note = f"{self.name}: " + "; ".join(parts) + "."
+        if self.min_class_prob > 0:
+            note += (f" Nuclei whose class probability is below {self.min_class_prob:g} are written without a class "
+                     "(\"Nucleus\").")
+        if self.trained_on:
+            note += f" Classes were validated on {self.trained_on}; on other tissues (e.g. skin) they are unvalidated."
+        return note
+
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -69,6 +69,8 @@ register(ModelSpec(
                     "spindle + 5,712 CRCHisto fibroblast points; Neoplastic only 454 (NuCLS tumour, PanNuke-25); "
                     "Epithelial none exact (CoNSeP and CRCHisto epithelium is 'Neoplastic or Epithelial', 14,330 nuclei); "
                     "Dead none"),
+    trained_on="colorectal (CoNSeP, CRCHisto), breast (NuCLS) and multi-organ (MoNuSeg, PanNuke) H&E",
+    min_class_prob=0.0,
 ))
 
 register(ModelSpec(
@@ -79,6 +81,9 @@ register(ModelSpec(
     builder=_build_hovernet, weights_file="hovernet_fast_pannuke_type_tf2pytorch.tar",
     sha256="4a1463467737f81203a0513f794276cbcbbd6bb470969584f314167c6acef081",
     url=HOVERNET_PANNUKE_URL,
+    class_support={name: "trained" for name in PANNUKE_CLASSES.values()},
+    class_evidence="PanNuke: ~190,000 labelled nuclei of the five classes from 19 tissues (Gamper et al. 2020)",
+    trained_on="PanNuke's 19 tissues (20x/40x H&E)",
 ))
 
 register(ModelSpec(
