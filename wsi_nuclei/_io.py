@@ -1,5 +1,5 @@
-"""Small helpers shared by every writer: atomic writes (temporary name, then rename) and
-strict-JSON conversion."""
+"""Small helpers shared by every writer: atomic writes (temporary name, then rename),
+strict-JSON conversion, and where the shipped ``configs/`` are found."""
 
 from __future__ import annotations
 
@@ -43,6 +43,39 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             if tmp.exists():
                 tmp.unlink()
+
+
+#: Environment variable naming a folder of configs (the Docker image sets it to its ``configs/``).
+CONFIGS_ENV = "WSI_NUCLEI_CONFIGS"
+
+
+def find_config(path: str | os.PathLike[str]) -> Path:
+    """A config file named on the command line (``--config``, ``--split``), from any working directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The path as given, e.g. ``configs/train_default.json``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path`` itself when it exists or is absolute; otherwise the first existing of: the file
+        of that name in the folder ``$WSI_NUCLEI_CONFIGS``, and ``path`` relative to the source
+        tree this package runs from (a checkout or editable install, which holds ``configs/``).
+        When none exists, ``path`` unchanged (the caller reports it as missing).
+    """
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    candidates = []
+    if os.environ.get(CONFIGS_ENV):
+        candidates.append(Path(os.environ[CONFIGS_ENV]) / p.name)
+    candidates.append(Path(__file__).resolve().parents[1] / p)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return p
 
 
 def json_ready(value: Any) -> Any:

@@ -73,8 +73,15 @@ def float_range(lo: float, hi: float, *, lo_open: bool = False):
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slide", help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp")
-    p.add_argument("--out", "-o", help="output folder (default: ./wsi-nuclei-out/<slide stem>/)")
+    p.add_argument("slides", nargs="+", metavar="SLIDE",
+                   help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp; "
+                   "several slides, a folder (the slides directly inside it, by extension; a MIRAX .mrxs with its data folder "
+                   "counts once) or a quoted glob pattern ('slides/*.svs', '**' recurses) make a cohort run: one output folder per "
+                   "slide under --out, named by the slide stem (equal stems get -1, -2, ... in path order), the model loaded once, "
+                   "a failing slide reported in one line and the others continued, a finished slide skipped when the command is "
+                   "rerun, and <out>/cohort.csv at the end")
+    p.add_argument("--out", "-o", help="output folder (default: ./wsi-nuclei-out/<slide stem>/); for a cohort run the folder "
+                   "that receives one folder per slide and cohort.csv (default: ./wsi-nuclei-out/)")
     p.add_argument("--model", "-m", default=None, help="model name from 'wsi-nuclei models' (default: the bundled trained model; 'classic' without weights)")
     p.add_argument("--weights", help="weights file for the model (e.g. the official HoVer-Net PanNuke checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device (default: auto = cuda when available)")
@@ -94,7 +101,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder (a cohort run redoes every slide instead of skipping finished ones)")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson and qupath.geojson (uncompressed) instead of the .geojson.gz files")
     p.add_argument("--no-qupath-hierarchy", dest="qupath_hierarchy", action="store_false",
                    help="do not write qupath.geojson.gz, the QuPath (>= 0.4) file whose region annotations hold their nuclei as "
@@ -109,29 +116,74 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.html (the visual QC page: thumbnail with regions, density map, overlay crops, "
                    "per-region charts, QC figures; it takes a few seconds). 'wsi-nuclei report OUT' writes it later")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report")
+    p.add_argument("--anndata", action="store_true", help="also write nuclei.h5ad for scanpy/squidpy: obs = one row per nucleus "
+                   "(class, class probability, morphology, region), obsm['spatial'] = centroids in um; needs the optional "
+                   "anndata package (pip install 'wsi-nuclei[anndata]')")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report (errors are still shown)")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import RunConfig, run
+def _run_config(args: argparse.Namespace, slide: str | None, out: str | None):  # type: ignore[no-untyped-def]
+    from .pipeline import RunConfig
 
-    if not Path(args.slide).exists():
-        from .errors import InputNotFoundError
-
-        raise InputNotFoundError(f"{args.slide}: no such file")
-    cfg = RunConfig(
-        slide=args.slide, out=args.out, model=args.model, weights=args.weights, device=args.device, tta=args.tta,
+    return RunConfig(
+        slide=slide, out=out, model=args.model, weights=args.weights, device=args.device, tta=args.tta,
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo, block_size=args.block_size,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, qupath_hierarchy=args.qupath_hierarchy,
         strict_ownership=args.strict_ownership,
         quiet=args.quiet, keep_work=args.keep_work, min_class_prob=args.min_class_prob, report=not args.no_report,
+        anndata=args.anndata,
     )
-    res = run(cfg)
+
+
+def _plural(n: int, word: str) -> str:
+    """``"1 slide"``, ``"2 slides"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .cohort import expand_inputs
+
+    slides, cohort = expand_inputs(args.slides)  # a missing path: one line, exit 2, before anything runs
+    if args.anndata:
+        from .anndata_export import require_anndata
+
+        require_anndata()
+    if not cohort:
+        from .pipeline import run
+
+        res = run(_run_config(args, args.slides[0], args.out))
+        if not args.quiet:
+            _report(res)
+        return 0
+    return _run_cohort(args, slides)
+
+
+def _run_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
+    from .cohort import run_cohort
+    from .errors import WsiNucleiError as _Error
+
+    if args.regions:
+        raise _Error(f"--regions describes one slide; it cannot be used with {len(slides)} slides (run them one by one)")
+    root = Path(args.out) if args.out else Path("wsi-nuclei-out")
+
+    def report(res) -> None:  # type: ignore[no-untyped-def]
+        if not args.quiet:
+            print(f"  {res.manifest['slide_name']}: {res.n_nuclei} {'nucleus' if res.n_nuclei == 1 else 'nuclei'} "
+                  f"in {res.seconds['total']:.1f} s -> {res.out_dir}/", flush=True)
+
+    res = run_cohort(slides, root, _run_config(args, None, None), report=report)
+    n = len(slides)
     if not args.quiet:
-        _report(res)
-    return 0
+        parts = [f"{len(res.done)} done"] + ([f"{len(res.skipped)} finished earlier"] if res.skipped else []) \
+            + ([f"{len(res.failed)} failed"] if res.failed else [])
+        print(f"cohort: {_plural(n, 'slide')}: {', '.join(parts)} in {res.seconds:.1f} s"
+              + (f"; table -> {res.table}" if res.table else ""))
+    if res.failed:
+        print(f"wsi-nuclei: error: {len(res.failed)} of {_plural(n, 'slide')} failed (see the lines above); "
+              "rerun the same command to retry them, the finished ones are skipped", file=sys.stderr)
+    return res.exit_code
 
 
 def _density(n: int, area_mm2: float | None) -> str:
@@ -177,10 +229,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from .summary import summarize_runs
+    from .errors import OutputError as _OutputError
+    from .summary import duplicate_slides, find_run_dirs, summarize_runs
 
-    table = summarize_runs([Path(d) for d in args.dirs], Path(args.output))
-    print(f"{len(table)} rows ({table['slide_name'].nunique()} slides) -> {args.output}")
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise _OutputError(f"{output} already exists; use --overwrite to replace it")
+    dirs = find_run_dirs(args.dirs)
+    table = summarize_runs(dirs, output)
+    for warning in duplicate_slides(dirs):
+        print(f"wsi-nuclei: warning: {warning}", file=sys.stderr)
+    print(f"{_plural(len(table), 'row')} ({_plural(table['slide_name'].nunique(), 'slide')}, {_plural(len(dirs), 'run')}) -> {output}")
     return 0
 
 
@@ -262,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"wsi-nuclei {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    pr = sub.add_parser("run", formatter_class=fmt, help="process one slide",
-                        description="Process one slide: tissue detection, tiling at the model's resolution, inference, "
+    pr = sub.add_parser("run", formatter_class=fmt, help="process one slide, or many (files, a folder, a glob)",
+                        description="Process a slide: tissue detection, tiling at the model's resolution, inference, "
                         "exact stitching, and the outputs nuclei.geojson.gz, nuclei.parquet, tissue.geojson, summary.csv/json, run.json "
-                        "and report.html (visual QC; --no-report skips it).",
+                        "and report.html (visual QC; --no-report skips it), and nuclei.h5ad with --anndata. Several slides, a folder "
+                        "or a glob pattern make a cohort run: <out>/<slide stem>/ per slide and <out>/cohort.csv; its exit code is 0 "
+                        "when every slide has results, else the failures' code when they share one, else 1.",
                         epilog=RESOLUTION_POLICY + "\n" + EXIT_CODES)
     _add_run_args(pr)
     pr.set_defaults(func=_cmd_run)
@@ -283,9 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd_.set_defaults(func=_cmd_demo)
 
     ps = sub.add_parser("summarize", help="combine many runs into one cohort table (one row per slide x region)",
-                        description="Combine the summary.json of many run folders into one CSV, one row per slide x region.")
-    ps.add_argument("dirs", nargs="+", help="run output folders (each with summary.json)")
-    ps.add_argument("--output", "-o", default="cohort.csv", help="cohort CSV to write (default: %(default)s)")
+                        description="Combine the summary.json of many run folders into one CSV, one row per slide x region "
+                        "plus one whole-slide row per run. A slide that appears in several runs with the same regions (same "
+                        "fingerprint in run.json, e.g. a copy under another name) is flagged with a warning line.")
+    ps.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, or folders searched recursively for run folders "
+                    "(a run folder holds run.json and summary.csv), e.g. the --out of a cohort run")
+    ps.add_argument("--output", "-o", default="cohort.csv", help="cohort CSV to write (default: %(default)s); an existing file "
+                    "is not replaced without --overwrite")
+    ps.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ps.set_defaults(func=_cmd_summarize)
 
     prp = sub.add_parser("report", help="(re)write report.html, the visual QC page of a finished run",

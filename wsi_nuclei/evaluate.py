@@ -65,6 +65,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import format_table
     from .models.registry import default_model_name, load_model
 
+    if args.split:  # configs/val_split.json resolves from any working directory (see find_config)
+        from ._io import find_config
+
+        args.split = str(find_config(args.split))
     model_name = args.model or default_model_name()
     model = load_model(model_name, weights=args.weights, device=args.device, tta=args.tta)
     results: dict[str, Any] = {"model": model_name, "weights": args.weights, "tta": args.tta, "datasets": {}}

@@ -91,6 +91,8 @@ class RunConfig:
     keep_work: bool = False
     min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
     report: bool = True  # write report.html (visual QC) after the other outputs
+    anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
+    client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
 
 
 @dataclass
@@ -476,6 +478,10 @@ def run(cfg: RunConfig) -> RunResult:
     spec = get_spec(model_name)
     if cfg.tta:
         require_tta(spec)  # before the slide is opened or the output folder made
+    if cfg.anndata:
+        from .anndata_export import require_anndata
+
+        require_anndata()
     weights_path = find_weights(spec, cfg.weights)
     device = resolve_device(cfg.device)
     user_regions = load_regions(cfg.regions) if cfg.regions else None
@@ -484,7 +490,7 @@ def run(cfg: RunConfig) -> RunResult:
     slide_name = Path(str(cfg.slide)).name if isinstance(cfg.slide, (str, Path)) else getattr(slide, "name", "synthetic")
     out = Path(cfg.out) if cfg.out else default_out_dir(slide_name)
     geojson_name = "nuclei.geojson" if cfg.geojson_plain else "nuclei.geojson.gz"
-    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)]
+    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)] + (["nuclei.h5ad"] if cfg.anndata else [])
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
@@ -570,7 +576,7 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
     resumed = len(plan.active) - len(todo)
     bar = tqdm(total=n_todo, unit="patch", disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True,
                desc="patches" + (f" (resumed {resumed} of {len(plan.active)} blocks)" if resumed else ""), smoothing=0.05)
-    client = _client(cfg.scheduler, cfg.workers, cfg.threads)
+    client = cfg.client if cfg.client is not None else _client(cfg.scheduler, cfg.workers, cfg.threads)
     ex = DaskExecutor(client)
 
     def on_block(block: tuple[int, int], frame: pd.DataFrame, stats: dict) -> None:
@@ -587,7 +593,8 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
     finally:
         bar.close()
         try:
-            client.close(timeout=30)
+            if cfg.client is None:  # a client handed in (a cohort run) serves the next slide too
+                client.close(timeout=30)
         except Exception:  # closing after an error: the error is what the user must see
             pass
     return totals
@@ -716,6 +723,19 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     t = time.perf_counter()
     write_nuclei_parquet(frames(), out / "nuclei.parquet", metadata=meta)
     seconds["write_parquet"] = time.perf_counter() - t
+    if cfg.anndata:
+        from .anndata_export import write_anndata
+
+        t = time.perf_counter()
+        # the categories are the classes the model can output (not those it has no labels for);
+        # "Nucleus" (unclassified, e.g. below --min-class-prob) is added when present
+        spec = setup.spec
+        classes = [n for c, n in spec.class_names.items() if c not in spec.unsupported_class_ids] if spec.class_names else [UNCLASSIFIED]
+        write_anndata(out / "nuclei.parquet", out / "nuclei.h5ad", regions=regions, classes=classes,
+                      uns={"slide_name": plan.slide_name, "fingerprint": plan.fingerprint, "mpp": plan.slide_mpp,
+                           "model": plan.model, "model_sha256": plan.model_sha, "min_class_prob": min_prob,
+                           "reliability_note": reliability_note(spec, min_prob), "wsi_nuclei_version": __version__})
+        seconds["write_anndata"] = time.perf_counter() - t
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
     not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]

@@ -465,6 +465,10 @@ def train(args: argparse.Namespace) -> Path:
     from the previous stage's best weights. With ``--resume`` finished stages are skipped and an
     interrupted one continues. Returns the last stage's best weights.
     """
+    if args.config:  # configs/... resolves from any working directory (see find_config)
+        from ._io import find_config
+
+        args.config = str(find_config(args.config))
     stages = _config_stages(args.config) if args.config else []
     if not stages:
         return _train_stage(args)
