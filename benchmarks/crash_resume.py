@@ -1,16 +1,20 @@
 """Kill ``wsi-nuclei run`` with SIGKILL at random moments, rerun it, compare with a clean run.
 
 For each kill point the same command is started in a fresh output folder, killed with
-SIGKILL after a random fraction of the uninterrupted run's wall time (spread over the whole
-run: while blocks are inferred, while seams are resolved, while each output file is written),
-then run again to completion; ``nuclei.parquet`` and the GeoJSON must be byte-identical to the
-uninterrupted run's. Prints one JSON line per kill and a summary.
+SIGKILL after a random fraction of the uninterrupted run's wall time (one kill in each of
+``--kills`` equal slices of it), and once more at each stage target: the moment seam resolution
+starts and the moment each output file is being written (its temporary file exists), so those
+short windows are hit whatever the machine's speed. Then the same command runs again to
+completion; ``nuclei.parquet``, ``nuclei.geojson.gz``, ``qupath.geojson.gz`` and
+``tissue.geojson`` must be byte-identical to the uninterrupted run's. Prints one JSON line per
+kill and a summary.
 
 Usage::
 
     python benchmarks/crash_resume.py [--slide PATH] [--kills 10] [--seed 0] [-- extra run options]
 
-Default slide: ../shared/data/wsi/CMU-1-Small-Region.svs with the default model.
+Default slide: ../shared/data/wsi/CMU-1-Small-Region.svs with the default model (``-- --model classic``
+for a faster check of the same machinery).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ def _cli() -> list[str]:
 def _stage(out: Path) -> str:
     """Where the killed run was, from what it left behind."""
     work = out / ".work"
-    done = [n for n in ("nuclei.geojson.gz", "nuclei.geojson", "nuclei.parquet", "summary.json", "tissue.geojson", "run.json")
-            if (out / n).exists()]
+    done = [n for n in ("nuclei.geojson.gz", "nuclei.geojson", "nuclei.parquet", "summary.json", "tissue.geojson",
+                        "qupath.geojson.gz", "qupath.geojson", "run.json", "report.html") if (out / n).exists()]
     if done:
         return "writing outputs (" + ", ".join(done) + " done)"
     if (work / "final").is_dir():
@@ -51,22 +55,48 @@ def _stage(out: Path) -> str:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("nuclei.*"))}
+    return {p.name: p.read_bytes() for p in sorted([*out.glob("nuclei.*"), *out.glob("qupath.*"), *out.glob("tissue.geojson")])}
 
 
-def crash_resume(run_args: list[str], fractions: list[float], work: Path, timeout: float = 3600) -> dict:
-    """Reference run, then one kill + resume per fraction of its wall time; see the module notes."""
+#: kill points tied to a stage rather than a time: the run is killed the moment the condition
+#: holds (polled every 2 ms), so each output write and the seam stage is hit whatever the
+#: machine's speed ("while writing X" = X's temporary file exists)
+TARGETS = ("stitching", "nuclei.geojson.gz", "nuclei.parquet", "summary.json", "tissue.geojson", "qupath.geojson.gz",
+           "run.json", "report.html")
+
+
+def _target_reached(out: Path, target: str) -> bool:
+    if target == "stitching":
+        return (out / ".work" / "final").is_dir()
+    return any(out.glob(f".{target}.tmp-*"))
+
+
+def _wait(proc: subprocess.Popen, out: Path, when: float | str, timeout: float) -> None:
+    """Sleep ``when`` seconds, or until the stage ``when`` is reached (or the run ends)."""
+    if not isinstance(when, str):
+        time.sleep(when)
+        return
+    t_end = time.perf_counter() + timeout
+    while proc.poll() is None and time.perf_counter() < t_end and not _target_reached(out, when):
+        time.sleep(0.002)
+
+
+def crash_resume(run_args: list[str], fractions: list[float], work: Path, timeout: float = 3600,
+                 targets: tuple[str, ...] = ()) -> dict:
+    """Reference run, then one kill + resume per fraction of its wall time and per stage target;
+    see the module notes."""
     ref = work / "reference"
     t = time.perf_counter()
     subprocess.run([*_cli(), "run", *run_args, "--out", str(ref), "-q"], check=True, timeout=timeout)
     wall = time.perf_counter() - t
     want = _outputs(ref)
     rows = []
-    for k, f in enumerate(fractions):
+    points: list[float | str] = [f * wall for f in fractions] + list(targets)
+    for k, when in enumerate(points):
         out = work / f"kill{k}"
         proc = subprocess.Popen([*_cli(), "run", *run_args, "--out", str(out), "-q"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(f * wall)
+        _wait(proc, out, when, timeout)
         killed = proc.poll() is None
         if killed:
             os.killpg(proc.pid, signal.SIGKILL)  # the run and any worker process it started
@@ -82,7 +112,7 @@ def crash_resume(run_args: list[str], fractions: list[float], work: Path, timeou
         else:
             code, err = proc.returncode, ""
         got = _outputs(out) if code == 0 else {}
-        rows.append({"kill": k, "after_s": round(f * wall, 2), "killed": killed, "stage": stage,
+        rows.append({"kill": k, "at": when if isinstance(when, str) else f"{when:.2f} s", "killed": killed, "stage": stage,
                      "rerun_exit": code, "rerun_stderr": err, "identical": got == want and bool(want)})
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -99,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None)
+    p.add_argument("--no-targets", action="store_true", help="only the timed kills (no kill while each output is written)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     # stratified over the run: one kill in each of `kills` equal slices of its duration
     fractions = [(k + rng.uniform(0.1, 0.9)) / a.kills for k in range(a.kills)]
     work = Path(a.work or tempfile.mkdtemp(prefix="crash-resume-"))
-    summary = crash_resume([a.slide, *extra], fractions, work)
+    summary = crash_resume([a.slide, *extra], fractions, work, targets=() if a.no_targets else TARGETS)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
     return 0 if summary["identical"] == summary["kills"] else 1
 
