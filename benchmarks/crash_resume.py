@@ -94,8 +94,11 @@ def crash_resume(run_args: list[str], fractions: list[float], work: Path, timeou
     points: list[float | str] = [f * wall for f in fractions] + list(targets)
     for k, when in enumerate(points):
         out = work / f"kill{k}"
+        # a stage target waits for the output's temporary file: every write then pauses 0.3 s
+        # before its rename (the package's fault-injection hook), so even a 1 kB file is caught
+        env = {**os.environ, "WSI_NUCLEI_TEST_SLOW_WRITES": "0.3"} if isinstance(when, str) else None
         proc = subprocess.Popen([*_cli(), "run", *run_args, "--out", str(out), "-q"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         _wait(proc, out, when, timeout)
         killed = proc.poll() is None
         if killed:

@@ -7,12 +7,18 @@ import contextlib
 import errno
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+
+#: Test hook: seconds to wait between writing a file and renaming it into place, so that a
+#: crash test (benchmarks/crash_resume.py) can kill a run while even a small output is half
+#: done. Unset in normal use.
+_SLOW_WRITES_ENV = "WSI_NUCLEI_TEST_SLOW_WRITES"
 
 #: errno values that mean "the disk cannot take this file" (reported as OutputError, exit 7)
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -33,6 +39,8 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if _SLOW_WRITES_ENV in os.environ:  # fault-injection hook, see _SLOW_WRITES_ENV
+            time.sleep(float(os.environ[_SLOW_WRITES_ENV]))
         os.replace(tmp, final)
     except OSError as exc:
         if exc.errno in _DISK_ERRNOS:
