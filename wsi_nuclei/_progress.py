@@ -160,6 +160,11 @@ class EtaEstimator:
         return self.done / dt if dt > 0 else None
 
 
+def _plural(unit: str) -> str:
+    """``"patch"`` -> ``"patches"``, ``"part"`` -> ``"parts"``."""
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -250,7 +255,7 @@ class _Stage:
                 pct = 100.0 * self._n / self.total
                 eta = self._eta_text()
                 self.p._line(f"{self.name:<{_NAME_WIDTH}}{format_seconds(now - self.start):>9}  {self._n}/{self.total} "
-                             f"{self.unit}s ({pct:.0f}%)" + (f", {eta}" if eta else ""))
+                             f"{_plural(self.unit)} ({pct:.0f}%)" + (f", {eta}" if eta else ""))
 
     def label(self, text: str) -> None:
         """Show what the stage is doing now (a file being written, a pass over the blocks).
