@@ -119,7 +119,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anndata", action="store_true", help="also write nuclei.h5ad for scanpy/squidpy: obs = one row per nucleus "
                    "(class, class probability, morphology, region), obsm['spatial'] = centroids in um; needs the optional "
                    "anndata package (pip install 'wsi-nuclei[anndata]')")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no final report (errors are still shown)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr and no final report (errors and warnings are still shown)")
 
 
 def _run_config(args: argparse.Namespace, slide: str | None, out: str | None):  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ import pandas as pd
 
 from . import __version__
 from ._io import atomic_path
+from ._progress import Progress
 from .engine import EngineContext, Strip, plan_strips
 from .errors import MissingMppError, NoTissueError, OutputError, WsiNucleiError
 from .schema import CLASS_NAMES, UNCLASSIFIED
@@ -495,9 +496,13 @@ def run(cfg: RunConfig) -> RunResult:
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
     _remove_stale_temporaries(out)
+    progress = Progress(enabled=not cfg.quiet)
     try:
-        plan, setup = make_plan(cfg, spec, slide, source, slide_name, weights_path, device, user_regions)
-        return _execute_and_write(cfg, plan, setup, out, names, t0)
+        doing = "detecting tissue on a thumbnail" if cfg.tissue == "auto" else "planning the tiles"
+        with progress.stage("tissue", doing) as stage:
+            plan, setup = make_plan(cfg, spec, slide, source, slide_name, weights_path, device, user_regions)
+            stage.done(_plan_line(cfg, plan, setup))
+        return _execute_and_write(cfg, plan, setup, out, names, t0, progress=progress)
     except BaseException:
         # a folder this run created and that holds no finished block (nothing to resume from)
         # is removed: bad input leaves no trace
@@ -515,7 +520,18 @@ def run(cfg: RunConfig) -> RunResult:
                 (out / _LOCK).unlink()
 
 
-def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, names: list[str], t0: float) -> RunResult:
+def _plan_line(cfg: RunConfig, plan: RunPlan, setup: _Setup) -> str:
+    """The tissue stage's progress line: regions, area and the work planned."""
+    source = "--regions" if setup.user_regions else ("tissue detection" if cfg.tissue == "auto" else "whole slide")
+    n = len(setup.regions)
+    area = setup.area_model_px * plan.model_mpp ** 2 / 1e6
+    return (f"{n} region{'' if n == 1 else 's'} ({source}), {area:.3f} mm2; "
+            f"{plan.n_patches} patches, {len(plan.active)} blocks planned")
+
+
+def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, names: list[str], t0: float,
+                       progress: Progress | None = None) -> RunResult:
+    progress = progress if progress is not None else Progress(enabled=False)
     seconds: dict[str, float] = {"plan": setup.seconds}
     work = out / _WORK
     parts = work / "blocks"
@@ -536,7 +552,7 @@ def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, 
 
     # execute
     t = time.perf_counter()
-    engine_stats = _execute(ctx, plan, parts, todo, cfg)
+    engine_stats = _execute(ctx, plan, parts, todo, cfg, progress=progress)
     seconds["execute"] = time.perf_counter() - t
 
     # stitch
@@ -545,24 +561,26 @@ def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, 
     if final_dir.exists():
         shutil.rmtree(final_dir)
     final_dir.mkdir()
-    st = _stitch(ctx, plan, setup, parts, final_dir)
+    st = _stitch(ctx, plan, setup, parts, final_dir, progress=progress)
     seconds["stitch"] = time.perf_counter() - t
 
     # write
-    written = _write(cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done)
+    written = _write(cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done, progress=progress)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return written
 
 
-def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int, int]], cfg: RunConfig) -> dict[str, float]:
-    from tqdm import tqdm
-
+def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int, int]], cfg: RunConfig,
+             progress: Progress | None = None) -> dict[str, float]:
     from .engine import DaskExecutor, patches_for_window, run_strip
 
+    progress = progress if progress is not None else Progress(enabled=False)
     totals = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "blocks": 0,
               "oom_batch_splits": 0, "post_retries": 0}
     if not todo:
+        with progress.stage("patches") as stage:
+            stage.done(f"nothing to run: all {len(plan.active)} blocks resumed from the work folder")
         return totals
     # patches this session will infer (for the progress bar)
     n_todo = 0
@@ -574,34 +592,51 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
                 need.update((pr, pc) for pr in rows for pc in cols)
         n_todo += sum(len(b) for b in st.batches if any(p in need for p in b))
     resumed = len(plan.active) - len(todo)
-    bar = tqdm(total=n_todo, unit="patch", disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True,
-               desc="patches" + (f" (resumed {resumed} of {len(plan.active)} blocks)" if resumed else ""), smoothing=0.05)
-    client = cfg.client if cfg.client is not None else _client(cfg.scheduler, cfg.workers, cfg.threads)
-    ex = DaskExecutor(client)
+    # the bar's ETA comes from completed batches after the first one, which carries the model's
+    # warm-up (see wsi_nuclei._progress.EtaEstimator), not from tqdm's rate
+    client = None
 
     def on_block(block: tuple[int, int], frame: pd.DataFrame, stats: dict) -> None:
         save_part(frame, stats, _part_path(parts, block))
         totals["blocks"] += 1
 
     try:
-        for st in plan.strips:
-            s = run_strip(ctx, st, ex, todo=todo, on_block=on_block, on_batch=lambda n, _: bar.update(n),
-                          max_in_flight=cfg.max_in_flight, max_post=max(2, cfg.workers * 2))
-            for k in ("t_read", "t_infer", "t_post", "n_patches", "oom_batch_splits", "post_retries"):
-                totals[k] += s[k]
-            totals["peak_band_bytes"] = max(totals["peak_band_bytes"], s["peak_band_bytes"])
+        with progress.stage("patches", total=n_todo, unit="patch", eta=True) as stage:
+            client = cfg.client if cfg.client is not None else _client(cfg.scheduler, cfg.workers, cfg.threads)
+            ex = DaskExecutor(client)
+            for st in plan.strips:
+                s = run_strip(ctx, st, ex, todo=todo, on_block=on_block, on_batch=lambda n, _: stage.update(n),
+                              max_in_flight=cfg.max_in_flight, max_post=max(2, cfg.workers * 2))
+                for k in ("t_read", "t_infer", "t_post", "n_patches", "oom_batch_splits", "post_retries"):
+                    totals[k] += s[k]
+                totals["peak_band_bytes"] = max(totals["peak_band_bytes"], s["peak_band_bytes"])
+            rate = stage.estimator.overall_rate() if stage.estimator is not None else None
+            stage.done(f"{int(totals['n_patches'])} patches" + (f", {rate:.1f} patch/s" if rate else "")
+                       + (f"; {resumed} of {len(plan.active)} blocks resumed" if resumed else ""))
     finally:
-        bar.close()
         try:
-            if cfg.client is None:  # a client handed in (a cohort run) serves the next slide too
+            if cfg.client is None and client is not None:  # a client handed in (a cohort run) serves the next slide too
                 client.close(timeout=30)
         except Exception:  # closing after an error: the error is what the user must see
             pass
     return totals
 
 
-def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path) -> dict[str, Any]:
+def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path,
+            progress: Progress | None = None) -> dict[str, Any]:
     """Resolve seams, assign regions, and write one final part per block (in block order)."""
+    progress = progress if progress is not None else Progress(enabled=False)
+    n_blocks = len(plan.active)
+    # three passes over the block parts (stats, seam candidates, resolution and regions): one
+    # bar step per part read
+    with progress.stage("stitching", total=3 * n_blocks, unit="part") as stage:
+        stats = _stitch_blocks(ctx, plan, setup, parts, final_dir, stage)
+        stage.done(f"{n_blocks} block{'' if n_blocks == 1 else 's'}, {stats['seam_candidates']} seam candidates: "
+                   f"{stats['seam_duplicates_removed']} duplicates removed, {stats['seam_trimmed']} trimmed")
+    return stats
+
+
+def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path, stage: Any) -> dict[str, Any]:
     from .engine import apply_resolution, collect_candidates
     from .export import clean_frame
     from .stitching import check_resolution, resolve_seams
@@ -610,20 +645,26 @@ def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final
     def frames() -> Iterator[tuple[tuple[int, int], pd.DataFrame]]:
         for b in plan.active:
             f, _ = load_part(_part_path(parts, b))
+            stage.update(1)
             yield b, f
 
     stats = {"n_found": 0, "n_exclusive": 0, "n_candidates": 0, "n_cut_owned": 0}
+    stage.label("block statistics")
     for b in plan.active:
         _, s = load_part(_part_path(parts, b))
+        stage.update(1)
         for k in stats:
             stats[k] += int(s.get(k, 0))
+    stage.label("seam candidates")
     cands = collect_candidates(frames())
+    stage.label("resolving seams")
     res = resolve_seams(cands)
     check_resolution(cands, res)
     decisions: dict[tuple[int, int], dict[int, tuple[int, Any]]] = {}
     for i, (r, c, k) in enumerate(cands.key.tolist()):
         decisions.setdefault((r, c), {})[k] = (int(res.status[i]), res.masks.get(i))
     n_outside = n_tolerated = n_trimmed = 0
+    stage.label("regions")
     for i, (b, f) in enumerate(frames()):
         f, _ = apply_resolution(ctx, b, f, decisions.get(b, {}))
         if len(f):
@@ -677,22 +718,37 @@ def reliability_note(spec: Any, min_prob: float) -> str:
     return replace(spec, min_class_prob=min_prob).reliability_note() if spec.class_names else ""
 
 
-def _write_report(out: Path, slide: Any) -> Path | None:
+def _write_report(out: Path, slide: Any, warn: Any = None) -> Path | None:
     """report.html, written after run.json: a failure costs the page, never the run (one warning
-    line; ``wsi-nuclei report`` renders it again)."""
+    line, through ``warn`` (default: stderr); ``wsi-nuclei report`` renders it again)."""
     from .report import write_report
+
+    if warn is None:
+        def warn(line: str) -> None:
+            print(line, file=sys.stderr)
 
     try:
         return write_report(out, slide=slide)
     except Exception as exc:  # noqa: BLE001 - the results are complete; the page is an extra
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
-              f"the results are complete; retry with 'wsi-nuclei report {out}'", file=sys.stderr)
+        warn(f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
+             f"the results are complete; retry with 'wsi-nuclei report {out}'")
         return None
 
 
 def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
-           engine_stats: dict, seconds: dict[str, float], t0: float, done: set) -> RunResult:
+           engine_stats: dict, seconds: dict[str, float], t0: float, done: set, progress: Progress | None = None) -> RunResult:
+    """The write stage: every output file, one progress step each (summary.csv and .json are one)."""
+    progress = progress if progress is not None else Progress(enabled=False)
+    n_steps = 5 + int(cfg.anndata) + int(cfg.qupath_hierarchy) + int(cfg.report)
+    with progress.stage("writing", total=n_steps, unit="file") as stage:
+        result = _write_outputs(cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done, stage)
+        stage.done(f"{len(result.files)} files in {out}/")
+    return result
+
+
+def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
+                   engine_stats: dict, seconds: dict[str, float], t0: float, done: set, stage: Any) -> RunResult:
     from dataclasses import replace
 
     from .export import (region_annotation_ids, write_nuclei_geojson, write_nuclei_parquet, write_qupath_geojson,
@@ -718,14 +774,17 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
     t = time.perf_counter()
     meta = {"slide": plan.slide_name, "fingerprint": plan.fingerprint, "model": plan.model,
             "frame": "level-0 px, OpenSlide bounds subtracted (QuPath frame)"}
+    stage.begin_step(geojson_name)
     gstats = write_nuclei_geojson(frames(), out / geojson_name, gzip=not cfg.geojson_plain, metadata=meta)
     seconds["write_geojson"] = time.perf_counter() - t
+    stage.begin_step("nuclei.parquet")
     t = time.perf_counter()
     write_nuclei_parquet(frames(), out / "nuclei.parquet", metadata=meta)
     seconds["write_parquet"] = time.perf_counter() - t
     if cfg.anndata:
         from .anndata_export import write_anndata
 
+        stage.begin_step("nuclei.h5ad")
         t = time.perf_counter()
         # the categories are the classes the model can output (not those it has no labels for);
         # "Nucleus" (unclassified, e.g. below --min-class-prob) is added when present
@@ -736,6 +795,7 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
                            "model": plan.model, "model_sha256": plan.model_sha, "min_class_prob": min_prob,
                            "reliability_note": reliability_note(spec, min_prob), "wsi_nuclei_version": __version__})
         seconds["write_anndata"] = time.perf_counter() - t
+    stage.begin_step("summary.csv, summary.json")
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
     not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]
@@ -784,10 +844,13 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
     summary = summ.finalize(qc)
     write_summary(summary, out)
+    stage.begin_step("tissue.geojson")
     write_regions_geojson(regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
     qstats = None
     qname = qupath_name(cfg)
+    stage.end_step()
     if cfg.qupath_hierarchy:
+        stage.begin_step(qname)
         t = time.perf_counter()
         qstats = write_qupath_geojson(frames(), regions, summary, out / qname, slide_fingerprint=plan.fingerprint,
                                       gzip=not cfg.geojson_plain, metadata=meta, spill_dir=final_dir)
@@ -824,11 +887,15 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
         "reliability_note": reliability_note(spec, min_prob),
         "qupath_hierarchy": qstats,
     }
+    stage.begin_step("run.json")
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
+    stage.end_step()
     files = {n: out / n for n in names if n != qname or cfg.qupath_hierarchy}
     if cfg.report:
-        report = _write_report(out, slide)
+        stage.begin_step("report.html")
+        report = _write_report(out, slide, warn=stage.warn)
+        stage.end_step("" if report is not None else "not written")
         if report is not None:
             files[report.name] = report
     return RunResult(out, files, n_total, counts, len(pg), int(engine_stats["n_patches"]), seconds, manifest)
