@@ -1,0 +1,371 @@
+"""HoVer-Net post-processing on torch tensors (for a GPU), equivalent to :mod:`.postprocess`.
+
+:func:`hv_to_instances_torch` follows :func:`wsi_nuclei.postprocess.hv_to_instances` step by
+step with the same inputs, parameters and :class:`~wsi_nuclei.models.base.InstanceResult`:
+
+- the fixed-scaling Sobel gradients of the distance maps are OpenCV's separable kernels applied
+  with ``conv2d`` and OpenCV's default border (reflect-101);
+- connected components (4-connectivity, as ``scipy.ndimage.label``) are found by iterated
+  minimum-label propagation with pointer jumping: every pixel starts with its own flat index, takes
+  the smallest index among its neighbours and then the label of the pixel its label points at,
+  until nothing changes; the label of a component is then its first pixel in raster order, so
+  numbering the roots in index order gives scipy's raster numbering;
+- the opening with OpenCV's elliptic structuring element is an erosion and a dilation by
+  ``conv2d`` with that element (OpenCV's borders: the outside neither erodes nor dilates);
+- the marker-controlled watershed is replaced by a parallel relaxation of the same flooding
+  order. A priority-flood (scikit-image) gives a pixel the label of the neighbour that left the
+  queue first; a pixel leaves the queue in the order of the lowest "water level" at which a path
+  from a marker reaches it (the smallest, over paths, of the highest energy on the path), ties in
+  the order they entered (about their number of steps on that level). Each pixel keeps that key
+  as one int64, ``level * 2**30 + steps``, with the level an order-preserving integer image of
+  the float32 energy, and every round takes, for every unlabelled pixel at once, the smallest key
+  among its four neighbours: ``key = max(level(p) * 2**30, min neighbour key + 1)`` and that
+  neighbour's label. The keys only decrease, so the rounds converge (in about the width of the
+  unlabelled bands between markers, a few tens of rounds), to the assignment of the queue up to
+  the order of exact ties.
+
+It needs no CPU work between the copy of the maps to the device and the copy of the result back
+but the final conversion to numpy; on a CPU it is slower than the numpy path (which stays the CPU
+default, see :func:`postprocess_backend`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.base import InstanceResult
+from .postprocess import HVParams
+
+__all__ = ["hv_to_instances_torch", "postprocess_backend", "BACKEND_ENV"]
+
+#: environment variable that forces the post-processing backend (``numpy``, ``torch`` or ``auto``)
+BACKEND_ENV = "WSI_NUCLEI_POSTPROCESS"
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+_STEP_BITS = 30  # the number of steps on one level is kept in the low 30 bits of a flood key
+
+
+def postprocess_backend(device: str, requested: str | None = None) -> str:
+    """Which implementation of the instance step runs for a model on ``device``.
+
+    Parameters
+    ----------
+    device : str
+        The device inference runs on (``cpu``, ``cuda``, ``cuda:1``, ...).
+    requested : str, optional
+        ``numpy``, ``torch`` or ``auto``; ``None`` reads the environment variable
+        ``WSI_NUCLEI_POSTPROCESS`` (unset = ``auto``).
+
+    Returns
+    -------
+    str
+        ``torch`` when requested, or for ``auto`` when ``device`` is a CUDA device; else
+        ``numpy``.
+    """
+    choice = (requested if requested is not None else os.environ.get(BACKEND_ENV, "auto")).strip().lower() or "auto"
+    if choice not in ("auto", "numpy", "torch"):
+        raise ValueError(f"post-processing backend must be auto, numpy or torch, not {choice!r}")
+    if choice == "auto":
+        return "torch" if str(device).startswith("cuda") else "numpy"
+    return choice
+
+
+# --------------------------------------------------------------------------------------------
+# filters (OpenCV semantics)
+# --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's ``Sobel`` derivative and smoothing kernels, scaled by the unit-step response."""
+    import cv2
+
+    kd, ks = cv2.getDerivKernels(1, 0, ksize)
+    kd, ks = kd.ravel().astype(np.float64), ks.ravel().astype(np.float64)
+    unit = float(np.sum(kd[kd > 0]) * np.sum(ks))
+    return (kd / unit).astype(np.float32), ks.astype(np.float32)
+
+
+def _reflect101(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Source indices of OpenCV's ``BORDER_REFLECT_101`` padding of a length-``n`` axis."""
+    i = torch.arange(-pad, n + pad, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = torch.remainder(i, period)
+    return torch.where(i >= n, period - i, i)
+
+
+def _sep_filter(x: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101)."""
+    h, w = x.shape
+    px, py = (len(kx) - 1) // 2, (len(ky) - 1) // 2
+    xp = x[_reflect101(h, py, x.device)][:, _reflect101(w, px, x.device)]
+    out = F.conv2d(xp[None, None], kx.view(1, 1, 1, -1))
+    out = F.conv2d(out, ky.view(1, 1, -1, 1))
+    return out[0, 0]
+
+
+@lru_cache(maxsize=8)
+def _ellipse(r: int) -> np.ndarray:
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (r, r)).astype(np.float32)
+
+
+def _open(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """``cv2.morphologyEx(MORPH_OPEN)`` with an ``r`` x ``r`` elliptic element (bool in/out)."""
+    k = torch.from_numpy(_ellipse(r)).to(mask.device)
+    kh, kw = k.shape
+    if kh == 0 or kw == 0:
+        return mask
+    ay, ax = kh // 2, kw // 2  # OpenCV's default anchor: the centre
+    pads = (ax, kw - 1 - ax, ay, kh - 1 - ay)
+    total = float(k.sum())
+    # erosion: the outside counts as set (it never erodes); dilation: as unset
+    x = F.pad(mask.float()[None, None], pads, value=1.0)
+    eroded = F.conv2d(x, k[None, None]) >= total - 0.5
+    # the element is symmetric about its centre for odd sizes; flip it for the general case
+    x = F.pad(eroded.float(), (kw - 1 - ax, ax, kh - 1 - ay, ay), value=0.0)
+    return (F.conv2d(x, k.flip(0, 1)[None, None]) > 0.5)[0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# connected components and labels
+# --------------------------------------------------------------------------------------------
+def _pad1(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """``x`` with a 1-px border of ``fill`` (exact for int64, unlike ``F.pad``'s float value)."""
+    h, w = x.shape
+    out = x.new_full((h + 2, w + 2), fill)
+    out[1:-1, 1:-1] = x
+    return out
+
+
+def _shift_min(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """Minimum of ``x`` and its four neighbours (outside = ``fill``)."""
+    p = _pad1(x, fill)
+    m = torch.minimum(x, p[:-2, 1:-1])
+    m = torch.minimum(m, p[2:, 1:-1])
+    m = torch.minimum(m, p[1:-1, :-2])
+    return torch.minimum(m, p[1:-1, 2:])
+
+
+def _components(mask: torch.Tensor) -> torch.Tensor:
+    """Connected components of ``mask`` (4-connectivity).
+
+    Returns
+    -------
+    Tensor of int64, shape (H, W)
+        The flat index of each pixel's component's first pixel in raster order; ``H * W``
+        outside ``mask``.
+    """
+    h, w = mask.shape
+    n = h * w
+    lab = torch.where(mask, torch.arange(n, device=mask.device).view(h, w), torch.full_like(mask, n, dtype=torch.int64))
+    while True:
+        new = torch.where(mask, _shift_min(lab, n), lab)
+        flat = torch.cat([new.view(-1), new.new_full((1,), n)])
+        for _ in range(4):  # pointer jumping: a label is a pixel of the same component
+            flat = flat[flat]
+        new = flat[:n].view(h, w)
+        if torch.equal(new, lab):
+            return lab
+        lab = new
+
+
+def _number(root: torch.Tensor, min_px: int) -> torch.Tensor:
+    """Consecutive labels 1..N in raster order of ``root`` components of at least ``min_px``."""
+    n = root.numel()
+    sizes = torch.bincount(root.view(-1), minlength=n + 1)[:n]
+    keep = sizes >= max(int(min_px), 1)
+    lut = torch.cumsum(keep, 0) * keep
+    lut = torch.cat([lut, lut.new_zeros(1)])
+    return lut[root]
+
+
+def _remove_small_consecutive(inst: torch.Tensor, n: int, min_px: int) -> tuple[torch.Tensor, int]:
+    """Drop labels of fewer than ``min_px`` pixels and renumber 1..N keeping their order."""
+    sizes = torch.bincount(inst.view(-1), minlength=n + 1)
+    keep = sizes >= max(int(min_px), 1)
+    keep[0] = False
+    lut = torch.cumsum(keep, 0) * keep
+    return lut[inst], int(keep.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# marker-based flooding (replaces the watershed)
+# --------------------------------------------------------------------------------------------
+def _ordered_levels(e: torch.Tensor) -> torch.Tensor:
+    """Non-negative int64 image with the order of float32 ``e`` (exact, no sort)."""
+    bits = (e.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return bits.to(torch.int64) + 2**31
+
+
+def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_rounds: int = 100000) -> torch.Tensor:
+    """Labels of ``markers`` flooded over ``mask`` in order of increasing ``energy``.
+
+    The fixed point of a parallel relaxation of a priority-flood (see the module docstring):
+    unlabelled pixels of ``mask`` that no marker reaches stay 0.
+    """
+    level = _ordered_levels(energy) << _STEP_BITS
+    seeded = markers > 0
+    key = torch.where(seeded, level, torch.full_like(level, _INT64_MAX))
+    lab = markers.clone()
+    free = mask & ~seeded
+    if not bool(free.any()) or not bool(seeded.any()):
+        return lab
+    inf = _INT64_MAX
+    for _ in range(max_rounds):
+        kp = _pad1(key, inf)
+        lp = _pad1(lab, 0)
+        best, best_lab = kp[:-2, 1:-1], lp[:-2, 1:-1]  # up, then down, left, right: first wins ties
+        for sl in ((slice(2, None), slice(1, -1)), (slice(1, -1), slice(None, -2)), (slice(1, -1), slice(2, None))):
+            k = kp[sl]
+            better = k < best
+            best = torch.where(better, k, best)
+            best_lab = torch.where(better, lp[sl], best_lab)
+        reach = free & (best < inf)
+        cand = torch.maximum(level, torch.where(reach, best + 1, best))
+        new_key = torch.where(reach, cand, key)
+        new_lab = torch.where(reach, best_lab, lab)
+        if torch.equal(new_key, key) and torch.equal(new_lab, lab):
+            break
+        key, lab = new_key, new_lab
+    return lab
+
+
+# --------------------------------------------------------------------------------------------
+# the instance step
+# --------------------------------------------------------------------------------------------
+def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=torch.float32)
+
+
+def hv_to_instances_torch(
+    np_prob: np.ndarray | torch.Tensor,
+    hv: np.ndarray | torch.Tensor,
+    tp_prob: np.ndarray | torch.Tensor | None = None,
+    params: HVParams = HVParams(),
+    device: str | torch.device | None = None,
+) -> InstanceResult:
+    """Instance segmentation from HoVer-Net maps on torch tensors.
+
+    The same contract as :func:`wsi_nuclei.postprocess.hv_to_instances` (same parameters, same
+    steps, labels 1..N numbered in the same raster order); the watershed is the parallel
+    flooding described in the module docstring.
+
+    Parameters
+    ----------
+    np_prob : ndarray or Tensor of float, shape (H, W)
+        Probability that a pixel belongs to a nucleus.
+    hv : ndarray or Tensor of float, shape (2, H, W)
+        Horizontal and vertical distance maps (values in about [-1, 1]).
+    tp_prob : ndarray or Tensor of float, shape (C, H, W), optional
+        Per-pixel class probabilities, channel 0 = background.
+    params : HVParams
+        Thresholds and kernel sizes.
+    device : str or torch.device, optional
+        Where to compute; default: the device of ``np_prob`` when it is a tensor, else ``cpu``.
+
+    Returns
+    -------
+    InstanceResult
+        Numpy arrays, as the numpy path: ``inst`` int32 with labels 1..N, ``labels``,
+        ``class_id`` (0 without ``tp_prob``), ``class_prob`` and ``class_probs``.
+    """
+    if device is None:
+        device = np_prob.device if isinstance(np_prob, torch.Tensor) else "cpu"
+    dev = torch.device(device)
+    with torch.inference_mode():
+        npp = _as_tensor(np_prob, dev)
+        hvt = _as_tensor(hv, dev)
+        inst, n = _instances(npp, hvt, params)
+        if tp_prob is None:
+            if n == 0:
+                prob = torch.zeros(0, dtype=torch.float64)
+            else:
+                sums = torch.zeros(n + 1, dtype=torch.float64, device=dev).index_add_(0, inst.view(-1), npp.view(-1).double())
+                counts = torch.bincount(inst.view(-1), minlength=n + 1).clamp_min(1)
+                prob = (sums / counts)[1:]
+            inst_np = inst.to(torch.int32).cpu().numpy()
+            labels = np.arange(1, n + 1, dtype=np.int32)
+            return InstanceResult(inst_np, labels, np.zeros(n, np.int8), prob.cpu().numpy().astype(np.float32), None)
+        tpt = _as_tensor(tp_prob, dev)
+        class_id, class_prob, class_probs = _classify(inst, tpt, n, params)
+        inst_np = inst.to(torch.int32).cpu().numpy()
+        labels = np.arange(1, n + 1, dtype=np.int32)
+        return InstanceResult(inst_np, labels, class_id, class_prob, class_probs)
+
+
+def _instances(npp: torch.Tensor, hv: torch.Tensor, params: HVParams) -> tuple[torch.Tensor, int]:
+    """Instance map (int64, labels 1..N) and N; the steps of ``hv_to_instances``."""
+    blb = npp >= params.np_threshold
+    if params.min_nucleus_px > 0:
+        blb = _number(_components(blb), params.min_nucleus_px) > 0
+
+    kd, ks = (torch.from_numpy(k).to(npp.device) for k in _sobel_kernels(params.sobel_ksize))
+    h_dir = (hv[0].clamp(-1.0, 1.0) + 1.0) * 0.5
+    v_dir = (hv[1].clamp(-1.0, 1.0) + 1.0) * 0.5
+    sob_h = _sep_filter(h_dir, kd, ks)  # d/dx: derivative along columns, smoothing along rows
+    sob_v = _sep_filter(v_dir, ks, kd)  # d/dy
+    a, big = params.grad_offset, params.grad_range
+    edges = ((a - torch.minimum(sob_h, sob_v)) / (a + big)).clamp(0.0, 1.0)
+    edges = (edges - (~blb).float()).clamp_min(0.0)
+
+    g = torch.tensor([0.25, 0.5, 0.25], device=npp.device)  # cv2.GaussianBlur((3, 3), 0)
+    dist = -_sep_filter((1.0 - edges) * blb, g, g)
+
+    marker = blb & ~(edges >= params.edge_threshold)
+    if params.hole_px > 0:
+        holes = ~marker
+        root = _components(holes)
+        n = root.numel()
+        sizes = torch.bincount(root.view(-1), minlength=n + 1)
+        sizes[n] = n + 1  # outside the holes
+        marker = marker | (sizes[root] < params.hole_px)
+    marker = _open(marker, params.marker_open_px)
+    markers = _number(_components(marker), params.min_marker_px) * blb
+
+    inst = _flood(dist, markers, blb)
+    n_markers = int(markers.max()) if markers.numel() else 0
+    return _remove_small_consecutive(inst, n_markers, params.min_nucleus_px)
+
+
+def _classify(inst: torch.Tensor, tp: torch.Tensor, n: int, params: HVParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`wsi_nuclei.postprocess.classify_instances` on tensors (numpy results)."""
+    c = tp.shape[0] - 1
+    if n == 0:
+        return np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros((0, c), np.float32)
+    fg = tp[1:]
+    if params.class_temperature != 1.0:
+        fg = torch.pow(fg.clamp_min(1e-12), 1.0 / float(params.class_temperature))
+    if params.class_prior is not None:
+        if len(params.class_prior) != c:
+            raise ValueError(f"class prior has {len(params.class_prior)} values for {c} classes")
+        fg = fg * torch.tensor(params.class_prior, dtype=fg.dtype, device=fg.device).view(c, 1, 1)
+    if params.class_exclude:
+        keep = torch.ones(c, dtype=fg.dtype, device=fg.device)
+        for k in params.class_exclude:
+            if not 1 <= int(k) <= c:
+                raise ValueError(f"excluded class {k} is not among the classes 1..{c}")
+            keep[int(k) - 1] = 0
+        fg = fg * keep.view(c, 1, 1)
+    fg = fg / fg.sum(0, keepdim=True).clamp_min(1e-8)
+    flat = inst.view(-1)
+    sel = flat > 0
+    lab = flat[sel] - 1
+    fgs = fg.reshape(c, -1)[:, sel]
+    vote = torch.argmax(fgs, 0)
+    votes = torch.bincount(lab * c + vote, minlength=n * c).view(n, c)
+    counts = torch.bincount(lab, minlength=n).clamp_min(1).double()
+    sums = torch.zeros((n, c), dtype=torch.float64, device=fg.device).index_add_(0, lab, fgs.t().double())
+    probs = (sums / counts[:, None]).float()
+    winner = torch.argmax(votes, 1)
+    class_prob = probs[torch.arange(n, device=fg.device), winner]
+    return ((winner + 1).to(torch.int8).cpu().numpy(), class_prob.cpu().numpy().astype(np.float32),
+            probs.cpu().numpy())
