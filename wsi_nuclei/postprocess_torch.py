@@ -103,7 +103,10 @@ def _sep_filter(x: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Te
     """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101)."""
     h, w = x.shape
     px, py = (len(kx) - 1) // 2, (len(ky) - 1) // 2
-    xp = x[_reflect101(h, py, x.device)][:, _reflect101(w, px, x.device)]
+    if py < h and px < w:  # torch's "reflect" is OpenCV's reflect-101
+        xp = F.pad(x[None, None], (px, px, py, py), mode="reflect")[0, 0]
+    else:  # a kernel wider than the image: reflect repeatedly, as OpenCV
+        xp = x[_reflect101(h, py, x.device)][:, _reflect101(w, px, x.device)]
     out = F.conv2d(xp[None, None], kx.view(1, 1, 1, -1))
     out = F.conv2d(out, ky.view(1, 1, -1, 1))
     return out[0, 0]
@@ -153,8 +156,24 @@ def _shift_min(x: torch.Tensor, fill: int) -> torch.Tensor:
     return torch.minimum(m, p[1:-1, 2:])
 
 
+def _compress(parent: torch.Tensor) -> torch.Tensor:
+    """Pointer jumping: every entry points at the root of its tree."""
+    while True:
+        nxt = parent[parent]
+        if torch.equal(nxt, parent):
+            return parent
+        parent = nxt
+
+
 def _components(mask: torch.Tensor) -> torch.Tensor:
     """Connected components of ``mask`` (4-connectivity).
+
+    Every horizontal run starts as a tree rooted at its first pixel (a running maximum of the
+    run starts along the row); then, until every vertical pair of pixels of ``mask`` has the
+    same root, each such pair hooks the larger of its two roots onto the smaller one
+    (``scatter_reduce`` with ``amin``) and the trees are compressed by pointer jumping. A root
+    only ever points at a smaller index of its own component, so the final root is the
+    component's first pixel in raster order.
 
     Returns
     -------
@@ -164,16 +183,24 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
     """
     h, w = mask.shape
     n = h * w
-    lab = torch.where(mask, torch.arange(n, device=mask.device).view(h, w), torch.full_like(mask, n, dtype=torch.int64))
-    while True:
-        new = torch.where(mask, _shift_min(lab, n), lab)
-        flat = torch.cat([new.view(-1), new.new_full((1,), n)])
-        for _ in range(4):  # pointer jumping: a label is a pixel of the same component
-            flat = flat[flat]
-        new = flat[:n].view(h, w)
-        if torch.equal(new, lab):
-            return lab
-        lab = new
+    idx = torch.arange(n, device=mask.device).view(h, w)
+    starts = mask.clone()
+    starts[:, 1:] &= ~mask[:, :-1]
+    run = torch.cummax(torch.where(starts, idx, torch.full_like(idx, -1)), dim=1).values
+    parent = torch.cat([torch.where(mask, run, torch.full_like(idx, n)).view(-1), idx.new_full((1,), n)])
+    top = idx[:-1][mask[:-1] & mask[1:]]  # vertical pairs (p, p + w) inside the mask
+    bottom = top + w
+    while len(top):
+        a, b = parent[top], parent[bottom]
+        differ = a != b
+        if not bool(differ.any()):
+            break
+        top, bottom, a, b = top[differ], bottom[differ], a[differ], b[differ]
+        m = torch.minimum(a, b)
+        parent.scatter_reduce_(0, a, m, reduce="amin")
+        parent.scatter_reduce_(0, b, m, reduce="amin")
+        parent = _compress(parent)
+    return parent[:n].view(h, w)
 
 
 def _number(root: torch.Tensor, min_px: int) -> torch.Tensor:
@@ -208,34 +235,39 @@ def _ordered_levels(e: torch.Tensor) -> torch.Tensor:
 def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_rounds: int = 100000) -> torch.Tensor:
     """Labels of ``markers`` flooded over ``mask`` in order of increasing ``energy``.
 
-    The fixed point of a parallel relaxation of a priority-flood (see the module docstring):
-    unlabelled pixels of ``mask`` that no marker reaches stay 0.
+    The fixed point of a parallel relaxation of a priority-flood (see the module docstring),
+    computed over the unlabelled pixels of ``mask`` only; those that no marker reaches stay 0.
     """
-    level = _ordered_levels(energy) << _STEP_BITS
+    h, w = markers.shape
+    n = h * w
     seeded = markers > 0
-    key = torch.where(seeded, level, torch.full_like(level, _INT64_MAX))
-    lab = markers.clone()
-    free = mask & ~seeded
+    free = (mask & ~seeded).view(-1)
     if not bool(free.any()) or not bool(seeded.any()):
-        return lab
+        return markers.clone()
     inf = _INT64_MAX
+    level = _ordered_levels(energy).view(-1) << _STEP_BITS
+    key = torch.cat([torch.where(seeded.view(-1), level, torch.full_like(level, inf)), level.new_full((1,), inf)])
+    lab = torch.cat([markers.reshape(-1).to(torch.int64), markers.new_zeros(1, dtype=torch.int64)])
+    pix = torch.nonzero(free).view(-1)
+    lvl = level[pix]
+    row, col = pix // w, pix % w
+    sentinel = torch.full_like(pix, n)
+    # neighbours in the order up, down, left, right (the first of equal keys wins); n = outside
+    nbr = torch.stack([
+        torch.where(row > 0, pix - w, sentinel), torch.where(row < h - 1, pix + w, sentinel),
+        torch.where(col > 0, pix - 1, sentinel), torch.where(col < w - 1, pix + 1, sentinel),
+    ])
+    cur_key, cur_lab = key[pix], lab[pix]
     for _ in range(max_rounds):
-        kp = _pad1(key, inf)
-        lp = _pad1(lab, 0)
-        best, best_lab = kp[:-2, 1:-1], lp[:-2, 1:-1]  # up, then down, left, right: first wins ties
-        for sl in ((slice(2, None), slice(1, -1)), (slice(1, -1), slice(None, -2)), (slice(1, -1), slice(2, None))):
-            k = kp[sl]
-            better = k < best
-            best = torch.where(better, k, best)
-            best_lab = torch.where(better, lp[sl], best_lab)
-        reach = free & (best < inf)
-        cand = torch.maximum(level, torch.where(reach, best + 1, best))
-        new_key = torch.where(reach, cand, key)
-        new_lab = torch.where(reach, best_lab, lab)
-        if torch.equal(new_key, key) and torch.equal(new_lab, lab):
+        best, which = key[nbr].min(0)
+        reach = best < inf
+        new_key = torch.where(reach, torch.maximum(lvl, best + 1), best)
+        new_lab = torch.where(reach, lab[nbr.gather(0, which[None])[0]], cur_lab)
+        if torch.equal(new_key, cur_key) and torch.equal(new_lab, cur_lab):
             break
-        key, lab = new_key, new_lab
-    return lab
+        key[pix], lab[pix] = new_key, new_lab
+        cur_key, cur_lab = new_key, new_lab
+    return lab[:n].view(h, w)
 
 
 # --------------------------------------------------------------------------------------------
