@@ -100,16 +100,32 @@ def _reflect101(n: int, pad: int, device: torch.device) -> torch.Tensor:
 
 
 def _sep_filter(x: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
-    """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101)."""
+    """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101).
+
+    A sum of shifted slices in float32 rather than ``conv2d``: on recent GPUs cuDNN may run a
+    float32 convolution in TF32 (10-bit mantissa), which would move the gradients near the edge
+    threshold; here every device gets the same float32 arithmetic.
+    """
     h, w = x.shape
     px, py = (len(kx) - 1) // 2, (len(ky) - 1) // 2
     if py < h and px < w:  # torch's "reflect" is OpenCV's reflect-101
         xp = F.pad(x[None, None], (px, px, py, py), mode="reflect")[0, 0]
     else:  # a kernel wider than the image: reflect repeatedly, as OpenCV
         xp = x[_reflect101(h, py, x.device)][:, _reflect101(w, px, x.device)]
-    out = F.conv2d(xp[None, None], kx.view(1, 1, 1, -1))
-    out = F.conv2d(out, ky.view(1, 1, -1, 1))
-    return out[0, 0]
+    wx, wy = kx.tolist(), ky.tolist()
+    rows = None
+    for i, c in enumerate(wx):
+        if c != 0.0:
+            term = xp[:, i : i + w] * c
+            rows = term if rows is None else rows.add_(term)
+    assert rows is not None
+    out = None
+    for j, c in enumerate(wy):
+        if c != 0.0:
+            term = rows[j : j + h] * c
+            out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -313,7 +329,7 @@ def hv_to_instances_torch(
     if device is None:
         device = np_prob.device if isinstance(np_prob, torch.Tensor) else "cpu"
     dev = torch.device(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):
         npp = _as_tensor(np_prob, dev)
         hvt = _as_tensor(hv, dev)
         inst, n = _instances(npp, hvt, params)
