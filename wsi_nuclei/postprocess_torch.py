@@ -136,20 +136,35 @@ def _ellipse(r: int) -> np.ndarray:
 
 
 def _open(mask: torch.Tensor, r: int) -> torch.Tensor:
-    """``cv2.morphologyEx(MORPH_OPEN)`` with an ``r`` x ``r`` elliptic element (bool in/out)."""
-    k = torch.from_numpy(_ellipse(r)).to(mask.device)
+    """``cv2.morphologyEx(MORPH_OPEN)`` with an ``r`` x ``r`` elliptic element (bool in/out).
+
+    Erosion and dilation as an AND / OR of the mask shifted by every offset of the element, with
+    OpenCV's borders (the outside neither erodes nor dilates) and its anchor (the centre).
+    """
+    k = _ellipse(r)
     kh, kw = k.shape
-    if kh == 0 or kw == 0:
+    if kh == 0 or kw == 0 or not k.any():
         return mask
-    ay, ax = kh // 2, kw // 2  # OpenCV's default anchor: the centre
-    pads = (ax, kw - 1 - ax, ay, kh - 1 - ay)
-    total = float(k.sum())
-    # erosion: the outside counts as set (it never erodes); dilation: as unset
-    x = F.pad(mask.float()[None, None], pads, value=1.0)
-    eroded = F.conv2d(x, k[None, None]) >= total - 0.5
-    # the element is symmetric about its centre for odd sizes; flip it for the general case
-    x = F.pad(eroded.float(), (kw - 1 - ax, ax, kh - 1 - ay, ay), value=0.0)
-    return (F.conv2d(x, k.flip(0, 1)[None, None]) > 0.5)[0, 0]
+    h, w = mask.shape
+    ay, ax = kh // 2, kw // 2
+    offsets = [(dy, dx) for dy, dx in zip(*np.nonzero(k))]
+
+    def combine(x: torch.Tensor, fill: bool, erode: bool) -> torch.Tensor:
+        xp = x.new_full((h + kh - 1, w + kw - 1), fill)
+        if erode:  # out(p) = AND of x(p + o - anchor)
+            xp[ay : ay + h, ax : ax + w] = x
+        else:  # out(p) = OR of x(p - o + anchor): the reflected element
+            xp[kh - 1 - ay : kh - 1 - ay + h, kw - 1 - ax : kw - 1 - ax + w] = x
+        out = None
+        for dy, dx in offsets:
+            if not erode:
+                dy, dx = kh - 1 - dy, kw - 1 - dx
+            part = xp[dy : dy + h, dx : dx + w]
+            out = part.clone() if out is None else (out.logical_and_(part) if erode else out.logical_or_(part))
+        assert out is not None
+        return out
+
+    return combine(combine(mask, True, True), False, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +280,7 @@ def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_
     key = torch.cat([torch.where(seeded.view(-1), level, torch.full_like(level, inf)), level.new_full((1,), inf)])
     lab = torch.cat([markers.reshape(-1).to(torch.int64), markers.new_zeros(1, dtype=torch.int64)])
     pix = torch.nonzero(free).view(-1)
+    n_free = len(pix)
     lvl = level[pix]
     row, col = pix // w, pix % w
     sentinel = torch.full_like(pix, n)
@@ -273,16 +289,25 @@ def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_
         torch.where(row > 0, pix - w, sentinel), torch.where(row < h - 1, pix + w, sentinel),
         torch.where(col > 0, pix - 1, sentinel), torch.where(col < w - 1, pix + 1, sentinel),
     ])
-    cur_key, cur_lab = key[pix], lab[pix]
+    # position of a pixel among the free ones (n_free: not free), to find whom a change concerns
+    slot = torch.full((n + 1,), n_free, dtype=torch.int64, device=pix.device)
+    slot[pix] = torch.arange(n_free, device=pix.device)
+    active = torch.arange(n_free, device=pix.device)  # free pixels whose neighbours changed
     for _ in range(max_rounds):
-        best, which = key[nbr].min(0)
+        nb = nbr[:, active]
+        best, which = key[nb].min(0)
         reach = best < inf
-        new_key = torch.where(reach, torch.maximum(lvl, best + 1), best)
-        new_lab = torch.where(reach, lab[nbr.gather(0, which[None])[0]], cur_lab)
-        if torch.equal(new_key, cur_key) and torch.equal(new_lab, cur_lab):
+        at = pix[active]
+        new_key = torch.where(reach, torch.maximum(lvl[active], best + 1), best)
+        new_lab = torch.where(reach, lab[nb.gather(0, which[None])[0]], lab[at])
+        changed = (new_key != key[at]) | (new_lab != lab[at])
+        if not bool(changed.any()):
             break
-        key[pix], lab[pix] = new_key, new_lab
-        cur_key, cur_lab = new_key, new_lab
+        moved = at[changed]
+        key[moved], lab[moved] = new_key[changed], new_lab[changed]  # all from the previous round
+        mark = torch.zeros(n_free + 1, dtype=torch.bool, device=pix.device)
+        mark[slot[nbr[:, active[changed]]].view(-1)] = True
+        active = torch.nonzero(mark[:n_free]).view(-1)
     return lab[:n].view(h, w)
 
 
