@@ -187,24 +187,15 @@ def _shift_min(x: torch.Tensor, fill: int) -> torch.Tensor:
     return torch.minimum(m, p[1:-1, 2:])
 
 
-def _compress(parent: torch.Tensor) -> torch.Tensor:
-    """Pointer jumping: every entry points at the root of its tree."""
-    while True:
-        nxt = parent[parent]
-        if torch.equal(nxt, parent):
-            return parent
-        parent = nxt
-
-
 def _components(mask: torch.Tensor) -> torch.Tensor:
     """Connected components of ``mask`` (4-connectivity).
 
-    Every horizontal run starts as a tree rooted at its first pixel (a running maximum of the
-    run starts along the row); then, until every vertical pair of pixels of ``mask`` has the
-    same root, each such pair hooks the larger of its two roots onto the smaller one
-    (``scatter_reduce`` with ``amin``) and the trees are compressed by pointer jumping. A root
-    only ever points at a smaller index of its own component, so the final root is the
-    component's first pixel in raster order.
+    Every horizontal run of ``mask`` is one node, named by its first pixel (a running maximum of
+    the run starts along the row). Until every pair of vertically touching runs has the same
+    root, each pair hooks the larger of its two roots onto the smaller one (``scatter_reduce``
+    with ``amin``) and the trees are compressed by pointer jumping. A root only ever points at
+    a smaller index of its own component, so the final root is the component's first pixel in
+    raster order.
 
     Returns
     -------
@@ -218,9 +209,13 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
     starts = mask.clone()
     starts[:, 1:] &= ~mask[:, :-1]
     run = torch.cummax(torch.where(starts, idx, torch.full_like(idx, -1)), dim=1).values
-    parent = torch.cat([torch.where(mask, run, torch.full_like(idx, n)).view(-1), idx.new_full((1,), n)])
-    top = idx[:-1][mask[:-1] & mask[1:]]  # vertical pairs (p, p + w) inside the mask
-    bottom = top + w
+    # one pair per overlap of two runs on consecutive rows: its first column
+    pair = mask[:-1] & mask[1:]
+    first = pair.clone()
+    first[:, 1:] &= ~pair[:, :-1]
+    top, bottom = run[:-1][first], run[1:][first]
+    nodes = idx[starts]
+    parent = torch.arange(n, device=mask.device)
     while len(top):
         a, b = parent[top], parent[bottom]
         differ = a != b
@@ -230,8 +225,14 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
         m = torch.minimum(a, b)
         parent.scatter_reduce_(0, a, m, reduce="amin")
         parent.scatter_reduce_(0, b, m, reduce="amin")
-        parent = _compress(parent)
-    return parent[:n].view(h, w)
+        up = parent[nodes]
+        while True:  # pointer jumping (every parent of a run is a run)
+            nxt = parent[up]
+            if torch.equal(nxt, up):
+                break
+            parent[nodes] = nxt
+            up = nxt
+    return torch.where(mask, parent[run.clamp_min(0)], torch.full_like(idx, n))
 
 
 def _number(root: torch.Tensor, min_px: int) -> torch.Tensor:
