@@ -173,23 +173,6 @@ def _open(mask: torch.Tensor, r: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # connected components and labels
 # --------------------------------------------------------------------------------------------
-def _pad1(x: torch.Tensor, fill: int) -> torch.Tensor:
-    """``x`` with a 1-px border of ``fill`` (exact for int64, unlike ``F.pad``'s float value)."""
-    h, w = x.shape
-    out = x.new_full((h + 2, w + 2), fill)
-    out[1:-1, 1:-1] = x
-    return out
-
-
-def _shift_min(x: torch.Tensor, fill: int) -> torch.Tensor:
-    """Minimum of ``x`` and its four neighbours (outside = ``fill``)."""
-    p = _pad1(x, fill)
-    m = torch.minimum(x, p[:-2, 1:-1])
-    m = torch.minimum(m, p[2:, 1:-1])
-    m = torch.minimum(m, p[1:-1, :-2])
-    return torch.minimum(m, p[1:-1, 2:])
-
-
 def _components(mask: torch.Tensor) -> torch.Tensor:
     """Connected components of ``mask`` (4-connectivity).
 
@@ -275,6 +258,8 @@ def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_
     """
     h, w = markers.shape
     n = h * w
+    if n >= 2**_STEP_BITS:
+        raise ValueError(f"a {h} x {w} window is too large for the flood keys (at most 2**{_STEP_BITS} pixels)")
     seeded = markers > 0
     free = (mask & ~seeded).view(-1)
     if not bool(free.any()) or not bool(seeded.any()):
