@@ -134,7 +134,9 @@ class RunPlan:
     regions_hash: str
     strict: bool
     source_stat: str = ""  # sizes and modification times of the slide's pixel files (resume only)
-    postprocess: str = ""  # the model's post-processing parameters (JSON): parts depend on them
+    #: the model's post-processing parameters (JSON; parts depend on them), with " backend=torch"
+    #: appended when the torch implementation runs (on CUDA, or forced by WSI_NUCLEI_POSTPROCESS)
+    postprocess: str = ""
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -289,6 +291,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     import shapely
 
     from .models.registry import sha256_of
+    from .postprocess_torch import postprocess_backend
     from .slide import scale_info
     from .tissue import Region, TissueMap, detect_tissue_on_slide, overlapping_regions, rasterize_regions
 
@@ -377,7 +380,8 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
-        postprocess=json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "",
+        postprocess=(json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "")
+        + ("" if postprocess_backend(device) == "numpy" else " backend=torch"),
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]

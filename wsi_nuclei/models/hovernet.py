@@ -720,6 +720,10 @@ class HoVerNetPanNuke:
         self.fp16 = bool(fp16) and on_cuda
         self.channels_last = on_cuda if channels_last is None else bool(channels_last)
         self.postprocess_options = dict(postprocess_options or {})
+        from wsi_nuclei.postprocess_torch import postprocess_backend
+
+        #: ``torch`` on CUDA (or when ``WSI_NUCLEI_POSTPROCESS`` says so), else ``numpy``
+        self.postprocess_backend = postprocess_backend(self.device.type)
 
         if isinstance(weights, Mapping):
             label = Path("<state dict>")
@@ -836,6 +840,11 @@ class HoVerNetPanNuke:
         InstanceResult
             Instances in the maps' window, classes from the type probabilities.
         """
+        if self.postprocess_backend == "torch":
+            from wsi_nuclei.postprocess_torch import hv_to_instances_torch
+
+            return hv_to_instances_torch(raw["np"], raw["hv"], raw.get("tp"), **self.postprocess_options,
+                                         device=self.device)
         from wsi_nuclei.postprocess import hv_to_instances
 
         return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), **self.postprocess_options)

@@ -29,17 +29,24 @@ class HoVerMapModel:
         Test-time augmentation: average the maps over the four flips of each tile (4x the
         network time). Flipping a tile mirrors its distance maps, so the horizontal map is
         negated after a left-right flip and the vertical map after an up-down flip.
+    postprocess_backend : str, optional
+        ``numpy``, ``torch`` or ``auto``; ``None`` reads ``WSI_NUCLEI_POSTPROCESS`` (default
+        ``auto``: the torch implementation on CUDA, numpy on CPU; see
+        :func:`wsi_nuclei.postprocess_torch.postprocess_backend`). The resolved choice is the
+        attribute ``postprocess_backend``.
     """
 
     def __init__(self, spec: Any, net: torch.nn.Module, device: str = "cpu", *, hv_tanh: bool = True,
-                 params: Any = None, tta: bool = False) -> None:
+                 params: Any = None, tta: bool = False, postprocess_backend: str | None = None) -> None:
         from ..postprocess import HVParams
+        from ..postprocess_torch import postprocess_backend as _backend
 
         self.spec = spec
         self.device = device
         self.hv_tanh = hv_tanh
         self.params = params if params is not None else HVParams()
         self.tta = tta
+        self.postprocess_backend = _backend(device, postprocess_backend)
         self.net = net.eval().to(device).to(memory_format=torch.channels_last)
 
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -77,7 +84,12 @@ class HoVerMapModel:
 
     def postprocess(self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> InstanceResult:
         """Instances from (blended) maps; ``origin`` (the window's canvas position) is unused:
-        the result depends on the maps only."""
+        the result depends on the maps only. Runs on the model's device with the torch
+        implementation when ``postprocess_backend`` is ``torch``."""
+        if self.postprocess_backend == "torch":
+            from ..postprocess_torch import hv_to_instances_torch
+
+            return hv_to_instances_torch(raw["np"], raw["hv"], raw.get("tp"), self.params, device=self.device)
         from ..postprocess import hv_to_instances
 
         return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), self.params)
