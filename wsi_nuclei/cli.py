@@ -101,7 +101,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-chunk", type=int_range(1, 1024), default=None,
                    help="patches per network call, 1 to 1024: each batch runs in chunks of this size, one call at a time, "
                         "which bounds the network's working memory (the batches themselves are unchanged) "
-                        "(default: 4 on the CPU, the whole batch on CUDA)")
+                        "(default: 2 on the CPU, the whole batch on CUDA)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")

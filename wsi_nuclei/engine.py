@@ -22,9 +22,9 @@ global patches, so the same maps).
 
 Inference memory is bounded too: a process runs one network call at a time (a lock shared by
 its worker threads), on at most ``infer_chunk`` patches of a batch (the batch partition, and so
-the plan, is unchanged). On a CPU the network's intermediate tensors of a 16-patch call are
-several hundred MB each, above glibc's largest ``mmap`` threshold, so every call mapped and
-unmapped gigabytes (page faults, kernel time); chunks of 4 stay in the allocator's heap.
+the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch call are about
+100 MB, above glibc's largest ``mmap`` threshold (32 MB), so every call mapped and
+unmapped gigabytes (page faults, kernel time); chunks of 2 mostly stay in the allocator's heap.
 """
 
 from __future__ import annotations

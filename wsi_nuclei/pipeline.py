@@ -82,7 +82,7 @@ class RunConfig:
     batch_size: int = 16
     max_in_flight: int = 4
     #: patches per network call (a batch is run in chunks of this size, one call at a time per
-    #: process; bounds the network's activation memory). None: 4 on the CPU, the whole batch on CUDA
+    #: process; bounds the network's activation memory). None: 2 on the CPU, the whole batch on CUDA
     infer_chunk: int | None = None
     scheduler: str | None = None
     workers: int = 1  # local worker processes (1: in-process threads)
@@ -411,9 +411,10 @@ def _source_stat(source: Any) -> str:
 
 
 #: Default patches per network call on the CPU: a 16-patch call of the default model peaks
-#: near 0.9 GB of intermediate tensors, each larger than glibc's biggest ``mmap`` threshold (so
-#: mapped and unmapped on every call); 4 patches keep them in the heap at the same speed.
-CPU_INFER_CHUNK = 4
+#: near 0.9 GB of intermediate tensors, many above glibc's largest ``mmap`` threshold (so
+#: mapped and unmapped on every call). On the CMU run chunks of 4 cut the page faults 4x, chunks
+#: of 2 13x, at the same network speed (docs/benchmarks.md).
+CPU_INFER_CHUNK = 2
 
 
 def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -> int:
