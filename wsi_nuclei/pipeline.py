@@ -413,7 +413,7 @@ def _source_stat(source: Any) -> str:
 #: Default patches per network call on the CPU: a 16-patch call of the default model peaks
 #: near 0.9 GB of intermediate tensors, many above glibc's largest ``mmap`` threshold (so
 #: mapped and unmapped on every call). On the CMU run chunks of 4 cut the page faults 4x, chunks
-#: of 2 13x, at the same network speed (docs/benchmarks.md).
+#: of 2 7-13x, at the same network speed (docs/benchmarks.md).
 CPU_INFER_CHUNK = 2
 
 
