@@ -11,9 +11,15 @@ JSON line; the parent prints a Markdown table. Cases:
 * ``cmu``: CMU-1-Small-Region.svs (20x) end to end with a given model (default: the default
   model), from ``../shared/data/wsi``.
 
+Every case also reports the child process's CPU time (user / system, and the kernel's share of
+it) and its minor page faults (``getrusage`` over the whole child, as ``/usr/bin/time -v``
+counts them): on a machine shared with other jobs these vary much less than the wall time. ``--infer-chunk N`` passes
+``RunConfig.infer_chunk`` (patches per network call) to compare settings.
+
 Usage::
 
     python benchmarks/bench_engine.py overhead memory cmu [--model NAME] [--sizes 25000 50000 100000]
+    python benchmarks/bench_engine.py cmu [--infer-chunk 16]      # memory / kernel-time figures of the CMU run
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _child(case: str, arg: str, model: str | None, threads: int) -> dict:
+def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: int | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -58,16 +64,21 @@ def _child(case: str, arg: str, model: str | None, threads: int) -> dict:
         cfg = RunConfig(slide=arg, out=tmp / "out", model=model, quiet=True)
     else:
         raise SystemExit(f"unknown case {case}")
+    cfg.infer_chunk = infer_chunk
     t = time.perf_counter()
     res = run(cfg)
     wall = time.perf_counter() - t
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mb = ru.ru_maxrss / 1024
+    user, system = ru.ru_utime, ru.ru_stime  # the whole child process (imports too), as /usr/bin/time counts
     info.update({
         "model": res.manifest["model"]["name"], "patches_total": res.patches_total, "patches_run": res.patches_run,
         "passes_per_pixel": res.manifest["qc"]["passes_per_pixel"], "blocks": res.manifest["qc"]["blocks_processed"],
         "n_nuclei": res.n_nuclei, "wall_s": round(wall, 2), "patches_per_s": round(res.patches_run / wall, 1),
         "patches_per_s_execute": round(res.patches_run / max(1e-9, res.seconds["execute"]), 1),
-        "peak_rss_mb": round(rss_mb), "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+        "peak_rss_mb": round(rss_mb), "cpu_user_s": round(user, 1), "cpu_system_s": round(system, 1),
+        "kernel_share": round(system / max(1e-9, user + system), 3), "minor_faults": ru.ru_minflt,
+        "infer_chunk": res.manifest["tiling"].get("infer_chunk"), "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
         "qc_seconds": {k: res.manifest["qc"][f"seconds_{k}_task_sum"] for k in ("read", "infer", "post")},
         "slide_px": list(res.manifest["dimensions"]),
     })
@@ -82,11 +93,12 @@ def main() -> int:
     p.add_argument("--overhead-size", type=int, default=6144, help="synthetic TIFF size for the overhead case (px)")
     p.add_argument("--cmu", default=str(REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--infer-chunk", type=int, default=None, help="patches per network call (default: the run's default)")
     p.add_argument("--json", help="append results (JSON lines) to this file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        print("RESULT " + json.dumps(_child(args._child[0], args._child[1], args.model, args.threads)), flush=True)
+        print("RESULT " + json.dumps(_child(args._child[0], args._child[1], args.model, args.threads, args.infer_chunk)), flush=True)
         return 0
     jobs = []
     for case in args.cases:
@@ -102,6 +114,7 @@ def main() -> int:
     results = []
     for case, arg in jobs:
         cmd = [sys.executable, __file__, "--_child", case, arg, "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+        cmd += ["--infer-chunk", str(args.infer_chunk)] if args.infer_chunk else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode or line is None:
@@ -124,6 +137,11 @@ def main() -> int:
               f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | {q.get('read', 0)} | "
               f"{q.get('infer', 0)} | {q.get('post', 0)} | {s.get('stitch', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |")
     print("\n*: summed task time over the worker threads (they overlap), not wall time.")
+    print("\n| case | slide px | infer chunk | wall s | CPU user s | CPU system s | kernel share | minor page faults | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['infer_chunk']} | {r['wall_s']} | {r['cpu_user_s']} | "
+              f"{r['cpu_system_s']} | {100 * r['kernel_share']:.1f} % | {r['minor_faults'] / 1e6:.2f} M | {r['peak_rss_mb']} |")
     return 0
 
 

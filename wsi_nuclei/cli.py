@@ -98,6 +98,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "reach (default: the model's, 96)")
     p.add_argument("--batch-size", type=int_range(1, 1024), default=16, help="network patches per inference batch, 1 to 1024 (default: 16)")
     p.add_argument("--max-in-flight", type=int_range(1, 64), default=4, help="batches in flight at once, 1 to 64; bounds memory (default: 4)")
+    p.add_argument("--infer-chunk", type=int_range(1, 1024), default=None,
+                   help="patches per network call, 1 to 1024: each batch runs in chunks of this size, one call at a time, "
+                        "which bounds the network's working memory (the batches themselves are unchanged) "
+                        "(default: 2 on the CPU, the whole batch on CUDA)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
@@ -128,7 +132,7 @@ def _run_config(args: argparse.Namespace, slide: str | None, out: str | None):  
     return RunConfig(
         slide=slide, out=out, model=args.model, weights=args.weights, device=args.device, tta=args.tta,
         backend=args.backend, mpp=args.mpp, regions=args.regions, tissue=args.tissue, halo=args.halo, block_size=args.block_size,
-        batch_size=args.batch_size, max_in_flight=args.max_in_flight, scheduler=args.scheduler,
+        batch_size=args.batch_size, max_in_flight=args.max_in_flight, infer_chunk=args.infer_chunk, scheduler=args.scheduler,
         workers=args.workers, threads=args.threads,
         overwrite=args.overwrite, geojson_plain=args.geojson_plain, qupath_hierarchy=args.qupath_hierarchy,
         strict_ownership=args.strict_ownership,

@@ -19,6 +19,12 @@ Memory is bounded by configuration, not by the slide: the band holds about
 the number of batches and blocks in flight is capped. Slides wider than a strip are done
 strip after strip; the few patch columns that two strips share are run by both (the same
 global patches, so the same maps).
+
+Inference memory is bounded too: a process runs one network call at a time (a lock shared by
+its worker threads), on at most ``infer_chunk`` patches of a batch (the batch partition, and so
+the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch call are about
+100 MB, above glibc's largest ``mmap`` threshold (32 MB), so every call mapped and
+unmapped gigabytes (page faults, kernel time); chunks of 2 mostly stay in the allocator's heap.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class EngineContext:
     strict: bool = False
     torch_threads: int = 0  # > 0: set in each worker process (local --workers N)
     all_masks: bool = False  # keep the pixel mask of every nucleus (evaluation), not only candidates
+    infer_chunk: int = 0  # > 0: at most this many patches per network call (bounds activation memory); 0: the whole batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +73,9 @@ class EngineContext:
 _LOCAL = threading.local()
 _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
+#: One network call at a time per process: two concurrent calls double the activation memory
+#: and, on a CPU, oversubscribe the cores (each call already uses all torch threads).
+_INFER_LOCK = threading.Lock()
 #: Models handed over in memory (tests, evaluation of an already built model), by id.
 _INSTANCES: dict[str, Any] = {}
 
@@ -221,22 +231,37 @@ def infer_patches(ctx: EngineContext, read: tuple[np.ndarray, float]) -> tuple[n
     ``layout`` lists ``(name, channels, shape_kind)`` so that a window of the blended array can
     be split back into the model's map dict; ``splits`` counts the halvings of the batch after
     out-of-memory errors on the accelerator.
+
+    The network runs on chunks of at most ``ctx.infer_chunk`` patches (0: the whole batch), one
+    call at a time per process; each chunk's maps go straight into the batch's float16 array.
     """
     images, t_read = read
     t = time.perf_counter()
     model = model_of(ctx)
-    raws, n_split = _infer_halving(model, images)
-    layout = _layout(raws[0]) if raws else ()
     n = ctx.patches.output_size
-    c = sum(k for _, k, _ in layout)
-    maps = np.empty((len(raws), c, n, n), np.float16)
-    for i, raw in enumerate(raws):
-        j = 0
-        for name, k, kind in layout:
-            a = raw[name]
-            maps[i, j : j + k] = a if kind == 3 else a[None]
-            j += k
-    return maps, layout, t_read, time.perf_counter() - t, n_split
+    step = ctx.infer_chunk if ctx.infer_chunk > 0 else max(1, len(images))
+    maps: np.ndarray | None = None
+    layout: tuple = ()
+    n_split = 0
+    t_wait = 0.0  # time spent waiting for another thread's network call: not this task's
+    for i0 in range(0, len(images), step):
+        tw = time.perf_counter()
+        with _INFER_LOCK:
+            t_wait += time.perf_counter() - tw
+            raws, k_split = _infer_halving(model, images[i0 : i0 + step])
+        n_split += k_split
+        if maps is None:
+            layout = _layout(raws[0]) if raws else ()
+            maps = np.empty((len(images), sum(k for _, k, _ in layout), n, n), np.float16)
+        for i, raw in enumerate(raws, start=i0):
+            j = 0
+            for name, k, kind in layout:
+                a = raw[name]
+                maps[i, j : j + k] = a if kind == 3 else a[None]
+                j += k
+    if maps is None:
+        maps = np.empty((0, 0, n, n), np.float16)
+    return maps, layout, t_read, time.perf_counter() - t - t_wait, n_split
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -454,6 +479,7 @@ class MapBlender:
         self.acc = np.zeros((channels + 1, n, self.width), np.float32)
         w1 = blend_weights(n, s)
         self.w2 = np.outer(w1, w1).astype(np.float32)
+        self._term = np.empty((channels, n, n), np.float32)  # one patch's weighted maps (reused)
         self.row: int | None = None
         self.chunks: list[tuple[int, np.ndarray]] = []  # (canvas y0, (C, h, width) float16)
         self.final_y = -(1 << 60)  # canvas rows < final_y are final
@@ -480,25 +506,33 @@ class MapBlender:
             return
         w = self.w2[:, a0 - px0 : a1 - px0]
         acc = self.acc
-        acc[: self.c, :, a0:a1] += maps[:, :, a0 - px0 : a1 - px0].astype(np.float32) * w
+        term = self._term[:, :, : a1 - a0]
+        np.multiply(maps[:, :, a0 - px0 : a1 - px0], w, out=term)  # float16 -> float32 exactly, then * w
+        acc[: self.c, :, a0:a1] += term
         acc[self.c, :, a0:a1] += w
 
     def _emit(self, y0: int, part: np.ndarray) -> None:
+        # the weighted mean, computed in float32 and rounded to float16 straight into the kept
+        # chunk (no float32 temporaries the size of the band); the fill where no weight fell
         wsum = part[self.c]
-        if not (wsum > 0).any():
+        pos = wsum > 0
+        if not pos.any():
             return
-        with np.errstate(invalid="ignore", divide="ignore"):
-            maps = part[: self.c] / wsum
-        maps = np.where(wsum > 0, maps, self.fill[:, None, None]).astype(np.float16)
+        maps = np.empty(part[: self.c].shape, np.float16)
+        fill16 = self.fill.astype(np.float16)
+        empty = ~pos
+        for j in range(self.c):
+            np.divide(part[j], wsum, out=maps[j], where=pos, casting="unsafe")
+            np.copyto(maps[j], fill16[j], where=empty)
         self.chunks.append((y0, maps))
 
     def _finalize_row(self) -> None:
         s, b = self.pg.stride, self.pg.border
         y0 = self._acc_y0()
         self._emit(y0, self.acc[:, :s])
-        carry = self.acc[:, s : s + 2 * b].copy()
-        self.acc[:] = 0
-        self.acc[:, : 2 * b] = carry
+        # rows s .. s + 2b (the next row's overlap) move to the top, the rest starts at zero
+        self.acc[:, : 2 * b] = self.acc[:, s : s + 2 * b]
+        self.acc[:, 2 * b :] = 0
         self.row = (self.row or 0) + 1
         self.final_y = y0 + s
 

@@ -81,6 +81,9 @@ class RunConfig:
     strip_blocks: int = 8  # blocks per strip (bounds the band of maps held in memory)
     batch_size: int = 16
     max_in_flight: int = 4
+    #: patches per network call (a batch is run in chunks of this size, one call at a time per
+    #: process; bounds the network's activation memory). None: 2 on the CPU, the whole batch on CUDA
+    infer_chunk: int | None = None
     scheduler: str | None = None
     workers: int = 1  # local worker processes (1: in-process threads)
     threads: int = 2  # threads per local worker
@@ -137,6 +140,7 @@ class RunPlan:
     #: the model's post-processing parameters (JSON; parts depend on them), with " backend=torch"
     #: appended when the torch implementation runs (on CUDA, or forced by WSI_NUCLEI_POSTPROCESS)
     postprocess: str = ""
+    infer_chunk: int = 0  # patches per network call (0: the whole batch)
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -382,6 +386,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
         postprocess=(json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "")
         + ("" if postprocess_backend(device) == "numpy" else " backend=torch"),
+        infer_chunk=resolve_infer_chunk(cfg.infer_chunk, device, cfg.batch_size),
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]
@@ -409,11 +414,43 @@ def _source_stat(source: Any) -> str:
     return h.hexdigest()[:32]
 
 
+#: Default patches per network call on the CPU: a 16-patch call of the default model peaks
+#: near 0.9 GB of intermediate tensors, many above glibc's largest ``mmap`` threshold (so
+#: mapped and unmapped on every call). On the CMU run chunks of 4 cut the page faults 4x, chunks
+#: of 2 7-13x, at the same network speed (docs/benchmarks.md).
+CPU_INFER_CHUNK = 2
+
+
+def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -> int:
+    """Patches per network call: ``infer_chunk``, or the default (:data:`CPU_INFER_CHUNK` on the
+    CPU, the whole batch on an accelerator).
+
+    Parameters
+    ----------
+    infer_chunk : int or None
+        The ``--infer-chunk`` option (None: the default).
+    device : str
+        The resolved inference device.
+    batch_size : int
+        Patches per batch.
+
+    Returns
+    -------
+    int
+        The chunk size, 0 when it is the whole batch.
+    """
+    if infer_chunk is not None and infer_chunk < 1:
+        raise ValueError("infer_chunk must be >= 1")
+    chunk = infer_chunk if infer_chunk is not None else (CPU_INFER_CHUNK if device == "cpu" else 0)
+    return 0 if chunk == 0 or chunk >= batch_size else int(chunk)
+
+
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
     return EngineContext(
         setup.source, (plan.model, plan.weights, plan.device, plan.tta), plan.patches, plan.blocks, plan.scale,
         plan.read_mpp, plan.slide_mpp, plan.model_mpp, plan.fingerprint, plan.strict,
         torch_threads=cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0,
+        infer_chunk=plan.infer_chunk,
     )
 
 
@@ -879,7 +916,7 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
                    "patches_x": pg.n_cols, "patches_y": pg.n_rows, "patches_planned": plan.n_patches,
                    "passes_per_pixel": round(passes, 4),
                    "block_size": bg.core, "halo": bg.halo, "blocks_x": bg.n_cols, "blocks_y": bg.n_rows,
-                   "strips": len(plan.strips), "batch_size": plan.batch_size,
+                   "strips": len(plan.strips), "batch_size": plan.batch_size, "infer_chunk": plan.infer_chunk or plan.batch_size,
                    "blending": "smoothstep cross-fade over the patch overlap, patches in fixed order",
                    "ownership": "exclusive core nuclei final; seam candidates resolved by priority "
                                 "(whole > cut, context, centroid owner, block order); no pixel twice"},

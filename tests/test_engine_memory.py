@@ -1,0 +1,103 @@
+"""The engine's memory-bounding changes leave every value unchanged.
+
+* a batch inferred in chunks of ``infer_chunk`` patches gives the maps of the whole-batch call,
+  and no network call sees more than the chunk;
+* the blender (preallocated per-patch buffer, float16 written straight from the float32 mean,
+  no band-sized temporaries) emits the bytes of the plain weighted mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from wsi_nuclei.engine import EngineContext, MapBlender, infer_patches, register_instance
+from wsi_nuclei.pipeline import CPU_INFER_CHUNK, resolve_infer_chunk
+from wsi_nuclei.tiling import BlockGrid, PatchGrid, blend_weights
+
+
+class _PixelModel:
+    """A deterministic per-patch "network": maps are functions of each patch's pixels only."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        self.calls.append(len(batch))
+        x = batch.astype(np.float32) / 255.0
+        return [{"np": x[i, ..., 0], "hv": np.stack([x[i, ..., 1], -x[i, ..., 2]])} for i in range(len(batch))]
+
+
+def _ctx(model: _PixelModel, chunk: int) -> EngineContext:
+    pg = PatchGrid(512, 512, 64, 64, 48)
+    bg = BlockGrid(512, 512, 128, 16)
+    return EngineContext(None, register_instance(model), pg, bg, 1.0, 0.5, 0.5, 0.5, "fp", infer_chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_chunked_inference_gives_the_whole_batch_maps(chunk: int) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    whole_model, chunk_model = _PixelModel(), _PixelModel()
+    ref, lay_ref, _, _, _ = infer_patches(_ctx(whole_model, 0), (images, 0.0))
+    got, lay, _, _, splits = infer_patches(_ctx(chunk_model, chunk), (images, 0.0))
+    assert whole_model.calls == [10]
+    assert max(chunk_model.calls) <= chunk and sum(chunk_model.calls) == 10
+    assert lay == lay_ref and splits == 0
+    assert got.dtype == np.float16 and got.shape == (10, 3, 64, 64)
+    assert got.tobytes() == ref.tobytes()
+
+
+def test_resolve_infer_chunk() -> None:
+    assert resolve_infer_chunk(None, "cpu", 16) == CPU_INFER_CHUNK
+    assert resolve_infer_chunk(None, "cuda", 16) == 0  # the whole batch
+    assert resolve_infer_chunk(8, "cuda", 16) == 8
+    assert resolve_infer_chunk(16, "cpu", 16) == 0 and resolve_infer_chunk(32, "cpu", 16) == 0
+    with pytest.raises(ValueError):
+        resolve_infer_chunk(0, "cpu", 16)
+
+
+def _reference_blend(pg: PatchGrid, x0: int, x1: int, patches: dict, c: int, fill: np.ndarray) -> np.ndarray:
+    """The plain weighted mean over the canvas rows ``0 .. H`` and columns ``x0 .. x1``."""
+    n = pg.output_size
+    w1 = blend_weights(n, pg.stride)
+    w2 = np.outer(w1, w1).astype(np.float32)
+    top = int(pg.output_start(0))
+    h = int(pg.output_start(pg.n_rows - 1)) + n - top
+    acc = np.zeros((c + 1, h, x1 - x0), np.float32)
+    for (r, col), m in sorted(patches.items()):
+        py, px = int(pg.output_start(r)) - top, int(pg.output_start(col)) - x0
+        a0, a1 = max(0, px), min(x1 - x0, px + n)
+        if a1 <= a0:
+            continue
+        acc[:c, py : py + n, a0:a1] += m[:, :, a0 - px : a1 - px].astype(np.float32) * w2[:, a0 - px : a1 - px]
+        acc[c, py : py + n, a0:a1] += w2[:, a0 - px : a1 - px]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = acc[:c] / acc[c]
+    return np.where(acc[c] > 0, mean, fill[:, None, None]).astype(np.float16), top
+
+
+def test_blender_emits_the_plain_weighted_mean() -> None:
+    pg = PatchGrid(700, 600, 96, 96, 64)
+    rng = np.random.default_rng(3)
+    c, x0, x1 = 3, -16, 500
+    fill = np.array([0.25, -1.0, 0.1], np.float32)
+    patches = {}
+    for r in range(pg.n_rows):
+        for col in range(pg.n_cols):
+            if rng.random() < 0.25:  # holes: the fill where no patch ran
+                continue
+            patches[(r, col)] = (rng.standard_normal((c, 96, 96)) * 2).astype(np.float16)
+    bl = MapBlender(pg, x0, x1, c, fill)
+    for p in sorted(patches):
+        bl.add(p, patches[p])
+    bl.finish()
+    ref, top = _reference_blend(pg, x0, x1, patches, c, fill)
+    for y0, ch in bl.chunks:
+        assert ch.dtype == np.float16
+        assert ch.tobytes() == np.ascontiguousarray(ref[:, y0 - top : y0 - top + ch.shape[1]]).tobytes(), y0
+
+
+def test_context_default_is_the_whole_batch() -> None:
+    assert {f.name: f.default for f in dataclasses.fields(EngineContext)}["infer_chunk"] == 0
