@@ -127,7 +127,8 @@ def main() -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps({**r, "machine": _machine()}) + "\n")
     print(f"\nmachine: {_machine()}\n")
-    print("| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* | post s* | stitch s | write s | peak RSS MB |")
+    print("| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* "
+          "| post s* | stitch s | write s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]

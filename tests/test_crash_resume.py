@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 
 from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
 

@@ -398,7 +398,7 @@ def test_position_dependent_model_one_consistent_answer(synth: dict, tmp_path: P
     da, db = gpd.read_parquet(tmp_path / "a" / "nuclei.parquet"), gpd.read_parquet(tmp_path / "b" / "nuclei.parquet")
     assert a.manifest["qc"]["seam_candidates"] > 100
     # tiling invariance: the same nuclei, the same outlines, whatever the blocks
-    assert sorted(da["id"]) == sorted(db["id"])
+    assert sorted(da["id"]) == sorted(db["id"]) and a.n_nuclei == b.n_nuclei == len(db)
     assert _max_overlap(list(da.geometry)) < 1.0
     # the whole-slide reference: the same blended maps post-processed as one image
     model = _PositionDependent(posdep)

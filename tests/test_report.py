@@ -24,7 +24,7 @@ import pytest
 import shapely
 from PIL import Image
 
-from wsi_nuclei import pipeline, report
+from wsi_nuclei import report
 from wsi_nuclei.cli import main
 from wsi_nuclei.pipeline import RunConfig, run
 from wsi_nuclei.schema import CLASS_COLORS, CLASS_NAMES

@@ -188,7 +188,8 @@ def test_fraction_in_box_matches_brute_force() -> None:
         expected = inside / ((x1 - x0) * (y1 - y0))
         assert tmap.fraction_in_box(x0, y0, x1, y1) == pytest.approx(expected, abs=1e-9)
     # vectorised form
-    xs0 = np.array([0, 10, 50]); ys0 = np.array([0, 5, 20])
+    xs0 = np.array([0, 10, 50])
+    ys0 = np.array([0, 5, 20])
     vec = tmap.fraction_in_box(xs0, ys0, xs0 + 32, ys0 + 16)
     assert isinstance(vec, np.ndarray) and vec.shape == (3,)
     for k in range(3):

@@ -85,10 +85,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="model name from 'wsi-nuclei models' (default: the bundled trained model; 'classic' without weights)")
     p.add_argument("--weights", help="weights file for the model (e.g. the official HoVer-Net PanNuke checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device (default: auto = cuda when available)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the network maps over 4 flips of each tile (about 4x slower, slightly more accurate; network models only)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the network maps over 4 "
+                                                      "flips of each tile (about 4x slower, slightly more accurate; "
+                                                      "network models only)")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "dicom", "image"],
                    help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
-    p.add_argument("--mpp", type=float_range(0.05, 20.0), help="microns per pixel at level 0, 0.05 to 20; overrides the file's value (required when the file has none)")
+    p.add_argument("--mpp", type=float_range(0.05, 20.0), help="microns per pixel at level 0, 0.05 to 20; overrides the "
+                                                               "file's value (required when the file has none)")
     p.add_argument("--regions", help="QuPath GeoJSON annotations (export): process only inside them and summarise per annotation")
     p.add_argument("--tissue", default="auto", choices=["auto", "none"],
                    help="auto: detect tissue on a thumbnail and skip tiles without tissue; none: process the whole image as one region (default: auto)")
@@ -105,7 +108,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:port); default: local, in-process")
     p.add_argument("--workers", type=int_range(1, 256), default=1, help="local Dask worker processes, 1 to 256; 1 = in-process threads (default: 1)")
     p.add_argument("--threads", type=int_range(1, 256), default=2, help="threads per local worker, 1 to 256 (default: 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder (a cohort run redoes every slide instead of skipping finished ones)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in the output folder (a cohort "
+                                                            "run redoes every slide instead of skipping finished ones)")
     p.add_argument("--geojson-plain", action="store_true", help="write nuclei.geojson and qupath.geojson (uncompressed) instead of the .geojson.gz files")
     p.add_argument("--no-qupath-hierarchy", dest="qupath_hierarchy", action="store_false",
                    help="do not write qupath.geojson.gz, the QuPath (>= 0.4) file whose region annotations hold their nuclei as "

@@ -389,10 +389,12 @@ def _instance_geometry(inst: np.ndarray, labels: np.ndarray, ox: int, oy: int) -
     sy = np.bincount(lab, weights=ys, minlength=nlab)[labels] + n * oy
     sx = np.bincount(lab, weights=xs, minlength=nlab)[labels] + n * ox
     big = np.iinfo(np.int64).max
-    y_min = np.full(nlab, big); np.minimum.at(y_min, lab, ys)
-    x_min = np.full(nlab, big); np.minimum.at(x_min, lab, xs)
-    y_max = np.full(nlab, -1); np.maximum.at(y_max, lab, ys)
-    x_max = np.full(nlab, -1); np.maximum.at(x_max, lab, xs)
+    y_min, x_min = np.full(nlab, big), np.full(nlab, big)
+    y_max, x_max = np.full(nlab, -1), np.full(nlab, -1)
+    np.minimum.at(y_min, lab, ys)
+    np.minimum.at(x_min, lab, xs)
+    np.maximum.at(y_max, lab, ys)
+    np.maximum.at(x_max, lab, xs)
     bbox = np.column_stack([y_min[labels] + oy, x_min[labels] + ox, y_max[labels] + 1 + oy, x_max[labels] + 1 + ox])
     return {"n": cnt, "cx": sx / n + 0.5, "cy": sy / n + 0.5, "bbox": bbox}
 

@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (as 'wsi-nuclei run --tta')")
     p.add_argument("--split", help="JSON {dataset: [image names]}: evaluate only these images (e.g. configs/val_split.json)")
-    p.add_argument("--radius-um", type=float, default=3.0, help="centroid pairing radius in um for detection/classification F1 (default: 3.0 = 12 px at 0.25 um/px)")
+    p.add_argument("--radius-um", type=float, default=3.0, help="centroid pairing radius in um for detection/classification F1 "
+                                                                "(default: 3.0 = 12 px at 0.25 um/px)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

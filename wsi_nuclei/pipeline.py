@@ -704,7 +704,7 @@ def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path
     decisions: dict[tuple[int, int], dict[int, tuple[int, Any]]] = {}
     for i, (r, c, k) in enumerate(cands.key.tolist()):
         decisions.setdefault((r, c), {})[k] = (int(res.status[i]), res.masks.get(i))
-    n_outside = n_tolerated = n_trimmed = 0
+    n_outside = n_tolerated = 0
     stage.label("regions")
     for i, (b, f) in enumerate(frames()):
         f, _ = apply_resolution(ctx, b, f, decisions.get(b, {}))

@@ -55,7 +55,8 @@ def _build_hovernet(spec: ModelSpec, weights: Path | None, device: str) -> Any:
 
 register(ModelSpec(
     name="wsi-nuclei-lite0",
-    description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
+    description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, CRCHisto points, "
+                "MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
     licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
     mpp=0.25, input_size=256, output_size=256, class_names=dict(PANNUKE_CLASSES),
     builder=_build_lite0, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True, tta=True,

@@ -1,0 +1,29 @@
+"""The code passes the project's lint bar (ruff: pyflakes and pycodestyle, pyproject.toml)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ruff() -> list[str] | None:
+    exe = Path(sys.executable).parent / "ruff"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("ruff")
+    return [found] if found else None
+
+
+def test_ruff_finds_nothing() -> None:
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extra: pip install -e '.[test]')")
+    res = subprocess.run([*ruff, "check", "--no-cache", "wsi_nuclei", "tests", "benchmarks", "scripts"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
