@@ -344,6 +344,47 @@ def _open_sink(raw: BinaryIO, gzip: bool, compresslevel: int) -> BinaryIO:
     )
 
 
+@contextlib.contextmanager
+def _atomic_sink(final: Path, gzip: bool, compresslevel: int) -> Iterator[BinaryIO]:
+    """A binary stream (gzipped or not) into a temporary file renamed to ``final`` on success."""
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as raw:
+            sink = _open_sink(raw, gzip, compresslevel)
+            try:
+                yield sink
+            finally:
+                if sink is not raw:
+                    sink.close()
+
+
+def _collection_head(metadata: Mapping[str, Any] | None) -> bytes:
+    """The opening of a FeatureCollection, up to and including ``"features":[`` and a newline,
+    with ``metadata`` (strict JSON) as a foreign member."""
+    header: dict[str, Any] = {"type": "FeatureCollection"}
+    if metadata is not None:
+        header["metadata"] = json.loads(
+            json.dumps(dict(metadata), allow_nan=False, sort_keys=True, default=str)
+        )
+    return (_dumps(header)[:-1] + ',"features":[\n').encode("ascii")
+
+
+def _detection_batches(frames: Iterable[pd.DataFrame] | pd.DataFrame, what: str,
+                       counts: dict[str, int]) -> Iterator[tuple[pd.DataFrame, list[bytes]]]:
+    """Nucleus tables as (frame, feature texts) batches with cleaned geometries: dropped
+    geometries leave their rows out; ``counts["repaired"]``/``counts["dropped"]`` accumulate."""
+    classes = _classification_texts()
+    for frame in _iter_batches(frames):
+        _require(frame, ("geometry", "class_id"), what)
+        cleaned, keep, rep = _clean_geometries(frame["geometry"].to_numpy(object))
+        counts["repaired"] += rep
+        counts["dropped"] += int((~keep).sum())
+        if not keep.all():
+            frame = frame.loc[keep]
+            cleaned = cleaned[keep]
+        if len(frame):
+            yield frame, _feature_chunk(frame.assign(geometry=cleaned), classes)
+
+
 def _classification_objects() -> dict[int, dict[str, Any]]:
     """QuPath classification objects per class id."""
     out: dict[int, dict[str, Any]] = {}
@@ -626,43 +667,22 @@ def write_nuclei_geojson(
     """
     t0 = time.perf_counter()
     final = _geojson_path(path, gzip)
-    header: dict[str, Any] = {"type": "FeatureCollection"}
-    if metadata is not None:
-        header["metadata"] = json.loads(
-            json.dumps(dict(metadata), allow_nan=False, sort_keys=True, default=str)
-        )
-    head = _dumps(header)[:-1] + ',"features":[\n'
-    classes = _classification_texts()
-    n_features = n_repaired = n_dropped = 0
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as raw:
-            sink = _open_sink(raw, gzip, compresslevel)
-            try:
-                sink.write(head.encode("ascii"))
-                for frame in _iter_batches(frames):
-                    _require(frame, ("geometry", "class_id"), "write_nuclei_geojson")
-                    cleaned, keep, rep = _clean_geometries(frame["geometry"].to_numpy(object))
-                    n_repaired += rep
-                    n_dropped += int((~keep).sum())
-                    if not keep.all():
-                        frame = frame.loc[keep]
-                        cleaned = cleaned[keep]
-                    if len(frame) == 0:
-                        continue
-                    features = _feature_chunk(frame.assign(geometry=cleaned), classes)
-                    if n_features:
-                        sink.write(b",\n")
-                    sink.write(b",\n".join(features))
-                    n_features += len(features)
-                sink.write(b"\n]}\n")
-            finally:
-                if sink is not raw:
-                    sink.close()
+    head = _collection_head(metadata)
+    counts = {"repaired": 0, "dropped": 0}
+    n_features = 0
+    with _atomic_sink(final, gzip, compresslevel) as sink:
+        sink.write(head)
+        for _, features in _detection_batches(frames, "write_nuclei_geojson", counts):
+            if n_features:
+                sink.write(b",\n")
+            sink.write(b",\n".join(features))
+            n_features += len(features)
+        sink.write(b"\n]}\n")
     return {
         "path": str(final),
         "n_features": n_features,
-        "n_repaired": n_repaired,
-        "n_dropped": n_dropped,
+        "n_repaired": counts["repaired"],
+        "n_dropped": counts["dropped"],
         "bytes": final.stat().st_size,
         "seconds": time.perf_counter() - t0,
     }
@@ -1147,14 +1167,8 @@ def write_regions_geojson(
             continue
         lines.append(_dumps(feature))
     text = '{"type": "FeatureCollection", "features": [\n' + ",\n".join(lines) + "\n]}\n"
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as raw:
-            sink = _open_sink(raw, gzip, 6)
-            try:
-                sink.write(text.encode("ascii"))
-            finally:
-                if sink is not raw:
-                    sink.close()
+    with _atomic_sink(final, gzip, 6) as sink:
+        sink.write(text.encode("ascii"))
     return {"path": str(final), "n_features": len(lines), "n_dropped": n_dropped}
 
 
@@ -1357,14 +1371,8 @@ def write_qupath_geojson(
         with contextlib.suppress(TypeError, ValueError):
             if features[i] is not None and not isinstance(r.id, bool) and int(r.id) == r.id:
                 index_of.setdefault(int(r.id), i)
-    header: dict[str, Any] = {"type": "FeatureCollection"}
-    if metadata is not None:
-        header["metadata"] = json.loads(
-            json.dumps(dict(metadata), allow_nan=False, sort_keys=True, default=str)
-        )
-    head = _dumps(header)[:-1] + ',"features":[\n'
-    classes = _classification_texts()
-    n_repaired = n_dropped = 0
+    head = _collection_head(metadata)
+    counts = {"repaired": 0, "dropped": 0}
     folder = Path(spill_dir) if spill_dir is not None else final.parent
     try:
         spill = _Spill(folder)
@@ -1372,17 +1380,7 @@ def write_qupath_geojson(
         _raise_disk_error(exc, folder, final.name)
         raise
     try:
-        for frame in _iter_batches(frames):
-            _require(frame, ("geometry", "class_id"), "write_qupath_geojson")
-            cleaned, keep, rep = _clean_geometries(frame["geometry"].to_numpy(object))
-            n_repaired += rep
-            n_dropped += int((~keep).sum())
-            if not keep.all():
-                frame = frame.loc[keep]
-                cleaned = cleaned[keep]
-            if len(frame) == 0:
-                continue
-            texts = _feature_chunk(frame.assign(geometry=cleaned), classes)
+        for frame, texts in _detection_batches(frames, "write_qupath_geojson", counts):
             if "region_id" in frame.columns:
                 rid = frame["region_id"].to_numpy(np.int64)
                 uniq, inverse = np.unique(rid, return_inverse=True)
@@ -1399,55 +1397,49 @@ def write_qupath_geojson(
         spill.fh.flush()
         n_nested_det = 0
         n_nested_ann = 0
-        with atomic_path(final) as tmp:
-            with open(tmp, "wb") as raw:
-                sink = _open_sink(raw, gzip, compresslevel)
-                try:
-                    sink.write(head.encode("ascii"))
-                    # depth-first, without recursion: (region index, next step) on a stack;
-                    # step 0 opens the annotation, 1 closes it after its children
-                    first_top = True
-                    stack: list[tuple[int, int]] = [(i, 0) for i in reversed(children.get(-1, []))]
-                    first_child: list[bool] = []
-                    while stack:
-                        i, step = stack.pop()
-                        feat = features[i]
-                        assert feat is not None
-                        if step == 1:
-                            n = spill.counts.get(i, 0)
-                            if n:
-                                if not first_child[-1]:
-                                    sink.write(b",\n")
-                                spill.copy(i, sink)
-                                n_nested_det += n
-                            first_child.pop()
-                            sink.write(b"\n]}}")
-                            continue
-                        if first_child:  # a nested annotation inside its parent's children
-                            if not first_child[-1]:
-                                sink.write(b",\n")
-                            first_child[-1] = False
-                            n_nested_ann += 1
-                        else:
-                            if not first_top:
-                                sink.write(b",\n")
-                            first_top = False
-                        text = _dumps(feat)
-                        # properties is the last member: reopen it to append childObjects
-                        sink.write(text[:-2].encode("ascii") + b',"childObjects":[\n')
-                        first_child.append(True)
-                        stack.append((i, 1))
-                        for c in reversed(children.get(i, [])):
-                            stack.append((c, 0))
-                    n_top = spill.counts.get(-1, 0)
-                    if n_top:
-                        if not first_top:
+        with _atomic_sink(final, gzip, compresslevel) as sink:
+            sink.write(head)
+            # depth-first, without recursion: (region index, next step) on a stack;
+            # step 0 opens the annotation, 1 closes it after its children
+            first_top = True
+            stack: list[tuple[int, int]] = [(i, 0) for i in reversed(children.get(-1, []))]
+            first_child: list[bool] = []
+            while stack:
+                i, step = stack.pop()
+                feat = features[i]
+                assert feat is not None
+                if step == 1:
+                    n = spill.counts.get(i, 0)
+                    if n:
+                        if not first_child[-1]:
                             sink.write(b",\n")
-                        spill.copy(-1, sink)
-                    sink.write(b"\n]}\n")
-                finally:
-                    if sink is not raw:
-                        sink.close()
+                        spill.copy(i, sink)
+                        n_nested_det += n
+                    first_child.pop()
+                    sink.write(b"\n]}}")
+                    continue
+                if first_child:  # a nested annotation inside its parent's children
+                    if not first_child[-1]:
+                        sink.write(b",\n")
+                    first_child[-1] = False
+                    n_nested_ann += 1
+                else:
+                    if not first_top:
+                        sink.write(b",\n")
+                    first_top = False
+                text = _dumps(feat)
+                # properties is the last member: reopen it to append childObjects
+                sink.write(text[:-2].encode("ascii") + b',"childObjects":[\n')
+                first_child.append(True)
+                stack.append((i, 1))
+                for c in reversed(children.get(i, [])):
+                    stack.append((c, 0))
+            n_top = spill.counts.get(-1, 0)
+            if n_top:
+                if not first_top:
+                    sink.write(b",\n")
+                spill.copy(-1, sink)
+            sink.write(b"\n]}\n")
     finally:
         spill.close()
     n_written = sum(1 for f in features if f is not None)
@@ -1458,8 +1450,8 @@ def write_qupath_geojson(
         "n_detections": n_nested_det + n_top,
         "n_nested_detections": n_nested_det,
         "n_top_level_detections": n_top,
-        "n_repaired": n_repaired,
-        "n_dropped": n_dropped,
+        "n_repaired": counts["repaired"],
+        "n_dropped": counts["dropped"],
         "n_regions_dropped": len(regions) - n_written,
         "bytes": final.stat().st_size,
         "seconds": time.perf_counter() - t0,
