@@ -84,11 +84,10 @@ def overlaps(geoms: list, min_area: float = 1.0) -> dict:
     """Pairs of distinct polygons intersecting by more than ``min_area`` (px²)."""
     import shapely
 
+    from wsi_nuclei.stitching import polygon_overlaps
+
     g = np.asarray(geoms, object)
-    a, b = shapely.STRtree(g).query(g, predicate="intersects")
-    sel = a < b
-    a, b = a[sel], b[sel]
-    inter = shapely.area(shapely.intersection(g[a], g[b])) if len(a) else np.zeros(0)
+    a, b, inter = polygon_overlaps(g)
     big = inter > min_area
     ratio = inter / np.minimum(shapely.area(g[a]), shapely.area(g[b])) if len(a) else np.zeros(0)
     return {"pairs_over_1px2": int(big.sum()), "pairs_touching": int(len(a)),

@@ -312,3 +312,16 @@ def test_every_nucleus_reaches_the_output_once(size: int, n: int, core: int, hal
     # the completion order of blocks does not matter
     rev = _stitch(truth, bg, mode, order[::-1].copy())
     assert sorted((tuple(ys), tuple(xs)) for ys, xs in rev) == sorted((tuple(ys), tuple(xs)) for ys, xs in out)
+
+
+def test_polygon_overlaps_hand_case() -> None:
+    from shapely.geometry import box
+
+    from wsi_nuclei.stitching import polygon_overlaps
+
+    # 0 and 1 share a 5 x 5 square; 2 touches 0 along x = 10 and 1 along y = 5; 3 is apart
+    geoms = [box(0, 0, 10, 10), box(5, 5, 15, 15), box(10, 0, 20, 5), box(50, 50, 60, 60)]
+    i, j, area = polygon_overlaps(geoms)
+    got = sorted(zip(i.tolist(), j.tolist(), area.tolist()))
+    assert got == [(0, 1, 25.0), (0, 2, 0.0), (1, 2, 0.0)]
+    assert [len(x) for x in polygon_overlaps(geoms[:1])] == [0, 0, 0]

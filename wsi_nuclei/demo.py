@@ -80,17 +80,11 @@ def _overlapping_pairs(geoms: np.ndarray, min_area: float = 1.0) -> int:
     """Pairs of polygons whose intersection exceeds ``min_area`` px²."""
     import shapely
 
-    if len(geoms) < 2:
-        return 0
-    if not isinstance(geoms[0], shapely.Geometry):  # GeoParquet stores WKB
+    from .stitching import polygon_overlaps
+
+    if len(geoms) and not isinstance(geoms[0], shapely.Geometry):  # GeoParquet stores WKB
         geoms = shapely.from_wkb(geoms)
-    tree = shapely.STRtree(geoms)
-    a, b = tree.query(geoms, predicate="intersects")
-    keep = a < b
-    if not keep.any():
-        return 0
-    inter = shapely.area(shapely.intersection(geoms[a[keep]], geoms[b[keep]]))
-    return int((inter > min_area).sum())
+    return int((polygon_overlaps(geoms)[2] > min_area).sum())
 
 
 def _true_centroids(inst: np.ndarray) -> np.ndarray:
