@@ -103,3 +103,4 @@ def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi
     np.testing.assert_allclose(low["prob_Inflammatory"], nuc["prob_Inflammatory"])  # kept for re-thresholding
     summ_b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summ_b["slide"]["n_nuclei_unclassified"] == len(low)
+    assert summ_b["qc"]["nuclei_unclassified_low_prob"] == len(low) and man["qc"]["nuclei_unclassified_low_prob"] == 0

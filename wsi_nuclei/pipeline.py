@@ -805,11 +805,15 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
     n_parts = st["n_final_parts"]
     min_prob = effective_min_class_prob(cfg, setup.spec)
 
-    def frames() -> Iterator[pd.DataFrame]:
+    def final_parts() -> Iterator[tuple[pd.DataFrame, dict[str, Any]]]:
+        """The final parts in block order, non-empty ones, with the class threshold applied."""
         for i in range(n_parts):
-            f, _ = load_part(final_dir / f"b{i:06d}.parquet")
+            f, meta_i = load_part(final_dir / f"b{i:06d}.parquet")
             if len(f):
-                yield unclassify_below(f, min_prob)
+                yield unclassify_below(f, min_prob), meta_i
+
+    def frames() -> Iterator[pd.DataFrame]:
+        return (f for f, _ in final_parts())
 
     slide = setup.slide
     t = time.perf_counter()
@@ -843,16 +847,10 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
     summ = RegionSummarizer(regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
                             not_measured=not_measured)
     counts: dict[str, int] = {}
-    unclassified = [0]
     n_total = 0
-    for i in range(n_parts):
-        f, meta_i = load_part(final_dir / f"b{i:06d}.parquet")
-        if not len(f):
-            continue
-        f = unclassify_below(f, min_prob)
+    for f, meta_i in final_parts():
         summ.add(f, (np.asarray(meta_i["member_rows"], np.int64), np.asarray(meta_i["member_ids"], np.int64)))
         n_total += len(f)
-        unclassified[0] += int((f["class_id"].to_numpy() == 0).sum()) if setup.spec.class_names else 0
         for k, v in f["class_name"].value_counts().items():
             counts[k] = counts.get(k, 0) + int(v)
     seconds["summaries"] = time.perf_counter() - t
@@ -879,7 +877,8 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
         **{f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3) for k in ("read", "infer", "post")},
     }
     qc["min_class_prob"] = min_prob
-    qc["nuclei_unclassified_low_prob"] = int(unclassified[0])
+    # nuclei of a model with classes have class 0 ("Nucleus") only by the threshold
+    qc["nuclei_unclassified_low_prob"] = counts.get(UNCLASSIFIED, 0) if setup.spec.class_names else 0
     warnings = []
     if setup.overlaps:
         warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
