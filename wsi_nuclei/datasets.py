@@ -90,7 +90,7 @@ def resample_sample(sample: Sample, target_mpp: float, *, tol: float = 0.02) -> 
         return sample
     h, w = sample.image.shape[:2]
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = np.asarray(Image.fromarray(sample.image).resize((nw, nh), Image.BILINEAR))
+    img = np.asarray(Image.fromarray(sample.image).resize((nw, nh), Image.Resampling.BILINEAR))
     info = dict(sample.info, source_mpp=sample.mpp)
     if sample.inst is None:  # pixel centres map as (p + 0.5) * scale - 0.5
         pts = sample.points if sample.points is not None else np.zeros((0, 2), np.float32)
@@ -98,7 +98,7 @@ def resample_sample(sample: Sample, target_mpp: float, *, tol: float = 0.02) -> 
         pts = np.column_stack([(pts[:, 0] + 0.5) * sx - 0.5, (pts[:, 1] + 0.5) * sy - 0.5])
         pts = np.clip(pts, 0, [nw - 1, nh - 1]).astype(np.float32)
         return Sample(sample.name, img, None, sample.classes, sample.allowed, target_mpp, info, pts)
-    inst = np.asarray(Image.fromarray(sample.inst.astype(np.int32)).resize((nw, nh), Image.NEAREST))
+    inst = np.asarray(Image.fromarray(sample.inst.astype(np.int32)).resize((nw, nh), Image.Resampling.NEAREST))
     return Sample(sample.name, img, inst.astype(np.int32), sample.classes, sample.allowed, target_mpp, info)
 
 

@@ -219,8 +219,7 @@ def read_patches(ctx: EngineContext, patches: tuple[tuple[int, int], ...]) -> tu
         img = slide.read_scaled((cx0 / s, cy0 / s, cx1 / s, cy1 / s), (cx1 - cx0, cy1 - cy0), target_mpp=ctx.read_mpp)
         pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
         if any(p for p in pad[0] + pad[1]):
-            mode = "reflect" if min(img.shape[:2]) > 1 else "edge"
-            img = np.pad(img, pad, mode=mode)
+            img = np.pad(img, pad, mode="reflect" if min(img.shape[:2]) > 1 else "edge")
         out[i] = img
     return out, time.perf_counter() - t
 
@@ -328,7 +327,7 @@ def process_block(ctx: EngineContext, block: tuple[int, int], window: np.ndarray
     r, c = block
     wx0, wy0, _, _ = bg.window_box(r, c)
     model = model_of(ctx)
-    stats = {"n_found": 0, "n_exclusive": 0, "n_candidates": 0, "n_cut_owned": 0}
+    stats: dict[str, float] = {"n_found": 0, "n_exclusive": 0, "n_candidates": 0, "n_cut_owned": 0}
     if window is not None:
         res = model.postprocess(_split(window, layout), origin=(wx0, wy0))
     elif not getattr(model, "needs_maps", True):  # e.g. the null model: no maps at all
@@ -357,7 +356,7 @@ def process_block(ctx: EngineContext, block: tuple[int, int], window: np.ndarray
                  n_cut_owned=int((cls.cut & cls.owner).sum()))
     data = nucleus_columns(ctx, inst, labels[idx], (wx0, wy0), geo, idx, res, block)
     with_mask = cls.candidate[idx] | ctx.all_masks
-    masks = []
+    masks: list[bytes | None] = []
     for k, i in enumerate(idx.tolist()):
         if with_mask[k]:
             y0, x0, y1, x1 = geo["bbox"][i]

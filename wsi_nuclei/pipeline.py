@@ -710,7 +710,7 @@ def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path
         f, _ = apply_resolution(ctx, b, f, decisions.get(b, {}))
         if len(f):
             f, _ = clean_frame(f)
-        member = ([], [])
+        member: tuple[list[int], list[int]] = ([], [])
         if len(f):
             m = region_membership(f["centroid_x"].to_numpy(), f["centroid_y"].to_numpy(), setup.regions,
                                   tolerance=setup.tolerance_px)

@@ -102,7 +102,7 @@ def _reflect101(n: int, pad: int, device: torch.device) -> torch.Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _sep_filter(x: torch.Tensor, kx: Sequence[float], ky: Sequence[float]) -> torch.Tensor:
+def _sep_filter(x: torch.Tensor, kx: Sequence[float] | np.ndarray, ky: Sequence[float] | np.ndarray) -> torch.Tensor:
     """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101).
 
     A sum of shifted slices in float32 rather than ``conv2d``: on recent GPUs cuDNN may run a

@@ -229,14 +229,15 @@ def _open_slide(run: _Run, slide_path: str | Path | None) -> Any:
     from .slide import open_slide
 
     if slide_path is not None:
-        path: Path | None = Path(slide_path)
+        path = Path(slide_path)
         if not path.is_file():
             raise InputNotFoundError(f"{path}: no such slide file")
     else:
-        path = _slide_location(run)
-        if path is None:
+        located = _slide_location(run)
+        if located is None:
             recorded = run.manifest.get("slide_path") or run.manifest.get("slide") or "nothing"
             raise InputNotFoundError(f"the slide of this run is not found (run.json records {recorded}); pass --slide PATH")
+        path = located
     backend = str(run.manifest.get("backend") or "auto")
     slide = open_slide(path, backend=backend if backend in ("openslide", "tiffslide", "dicom", "image") else "auto",
                        require_mpp=False)
@@ -588,10 +589,11 @@ def _class_table(summary: dict[str, Any]) -> list[tuple[int, str, tuple[int, int
     """(class id, name, colour) of the summary's classes (``Nucleus`` = class 0)."""
     by_name = {v: k for k, v in CLASS_NAMES.items()}
     by_name[UNCLASSIFIED] = 0
-    out = []
+    out: list[tuple[int, str, tuple[int, int, int]]] = []
     for name in summary.get("class_names", []):
         cid = by_name.get(name, 0)
-        out.append((cid, name, tuple(CLASS_COLORS.get(cid, CLASS_COLORS[0]))))
+        r, g, b = CLASS_COLORS.get(cid, CLASS_COLORS[0])
+        out.append((cid, str(name), (int(r), int(g), int(b))))
     return out
 
 

