@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -79,6 +80,36 @@ class _JsonStream:
                     continue
             self._pos = end
             return obj
+
+    def members(self) -> Iterator[str]:
+        """Consume the next object member by member: yields each key (its ``:`` consumed); the
+        caller consumes the member's value before the next key is read."""
+        self.expect("{")
+        if self.peek() == "}":
+            self.expect("}")
+            return
+        while True:
+            key = self.value()
+            if not isinstance(key, str):
+                raise json.JSONDecodeError("object key is not a string", "", 0)
+            self.expect(":")
+            yield key
+            if self.expect(",}") == "}":
+                return
+
+    def elements(self) -> Iterator[int]:
+        """Consume the next array element by element: yields each index; the caller consumes
+        the element before the next one is read."""
+        self.expect("[")
+        if self.peek() == "]":
+            self.expect("]")
+            return
+        i = 0
+        while True:
+            yield i
+            i += 1
+            if self.expect(",]") == "]":
+                return
 
     def at_end(self) -> bool:
         """True when only whitespace is left."""

@@ -234,49 +234,19 @@ def _walk_feature(stream: _JsonStream, where: str, out: _Problems) -> None:
     if stream.peek() != "{":
         _check_feature(stream.value(), where, out)
         return
-    stream.expect("{")
     feat: dict[str, Any] = {}
-    n_children: int | None = None
-    if stream.peek() == "}":
-        stream.expect("}")
-    else:
-        while True:
-            key = stream.value()
-            if not isinstance(key, str):
-                raise json.JSONDecodeError("object key is not a string", "", 0)
-            stream.expect(":")
-            if key == "properties" and stream.peek() == "{":
-                stream.expect("{")
-                props: dict[str, Any] = {}
-                if stream.peek() == "}":
-                    stream.expect("}")
+    for key in stream.members():
+        if key == "properties" and stream.peek() == "{":
+            props: dict[str, Any] = {}
+            for pkey in stream.members():
+                if pkey in ("childObjects", "children") and stream.peek() == "[":
+                    for k in stream.elements():
+                        _walk_feature(stream, f"{where}.childObjects[{k}]", out)
                 else:
-                    while True:
-                        pkey = stream.value()
-                        if not isinstance(pkey, str):
-                            raise json.JSONDecodeError("object key is not a string", "", 0)
-                        stream.expect(":")
-                        if pkey in ("childObjects", "children") and stream.peek() == "[":
-                            stream.expect("[")
-                            n_children = 0
-                            if stream.peek() == "]":
-                                stream.expect("]")
-                            else:
-                                while True:
-                                    _walk_feature(stream, f"{where}.childObjects[{n_children}]",
-                                                  out)
-                                    n_children += 1
-                                    if stream.expect(",]") == "]":
-                                        break
-                        else:
-                            props[pkey] = stream.value()
-                        if stream.expect(",}") == "}":
-                            break
-                feat[key] = props
-            else:
-                feat[key] = stream.value()
-            if stream.expect(",}") == "}":
-                break
+                    props[pkey] = stream.value()
+            feat[key] = props
+        else:
+            feat[key] = stream.value()
     _check_feature(feat, where, out)
 
 
@@ -320,47 +290,26 @@ def _walk_container(
     if first == "[":
         if require_feature_collection:
             out.append("top level is a JSON array of features; write a FeatureCollection")
-        stream.expect("[")
         n = 0
-        if stream.peek() == "]":
-            stream.expect("]")
-            return 0
-        while True:
+        for _ in stream.elements():
             _walk_feature(stream, f"[{n}]", out)
             n += 1
-            if stream.expect(",]") == "]":
-                return n
+        return n
     if first != "{":
         stream.value()  # raises the parse error, or decodes a scalar
         out.append("top level is not a GeoJSON object")
         return 0
-    stream.expect("{")
     members: dict[str, Any] = {}
     n = 0
     saw_features = False
-    if stream.peek() == "}":
-        stream.expect("}")
-    else:
-        while True:
-            key = stream.value()
-            if not isinstance(key, str):
-                raise json.JSONDecodeError("object key is not a string", "", 0)
-            stream.expect(":")
-            if key == "features" and stream.peek() == "[":
-                saw_features = True
-                stream.expect("[")
-                if stream.peek() == "]":
-                    stream.expect("]")
-                else:
-                    while True:
-                        _walk_feature(stream, f"features[{n}]", out)
-                        n += 1
-                        if stream.expect(",]") == "]":
-                            break
-            else:
-                members[key] = stream.value()
-            if stream.expect(",}") == "}":
-                break
+    for key in stream.members():
+        if key == "features" and stream.peek() == "[":
+            saw_features = True
+            for _ in stream.elements():
+                _walk_feature(stream, f"features[{n}]", out)
+                n += 1
+        else:
+            members[key] = stream.value()
     ftype = members.get("type")
     if ftype == "FeatureCollection":
         if not saw_features:
