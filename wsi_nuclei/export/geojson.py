@@ -33,9 +33,10 @@ def write_nuclei_geojson(
                         "classification": {"name": "Neoplastic", "color": [255, 0, 0]},
                         "measurements": {"Nucleus: Area µm^2": 31.2, ..., "Region ID": 0}}}
 
-    Geometries are cleaned with :func:`clean_polygon` (dropped ones are counted); coordinates
-    have at most 2 decimals; measurements follow :data:`MEASUREMENTS` and NaN values are
-    omitted; nuclei of class 0 are named ``"Nucleus"``. The output is strict ASCII JSON and is
+    Geometries are cleaned with :func:`~wsi_nuclei.export.clean_polygon` (dropped ones are
+    counted); coordinates have at most 2 decimals; measurements follow
+    :data:`wsi_nuclei.schema.MEASUREMENTS` and NaN values are omitted; nuclei of class 0 are
+    named ``"Nucleus"``. The output is strict ASCII JSON and is
     byte-for-byte deterministic for the same input (fixed key order, gzip ``mtime=0``). It is
     written under a temporary name and renamed when complete.
 
