@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from wsi_nuclei import export, schema
+from wsi_nuclei import schema
 from wsi_nuclei.export import (
     check_qupath_geojson,
     clean_frame,
@@ -31,6 +31,7 @@ from wsi_nuclei.export import (
     write_nuclei_parquet,
     write_regions_geojson,
 )
+from wsi_nuclei.export import _format, _jsonstream
 
 MORPH = ["area_um2", "perimeter_um", "circularity", "solidity", "eccentricity",
          "major_axis_um", "minor_axis_um"]
@@ -124,11 +125,10 @@ def reference_feature(row: pd.Series, poly: Polygon) -> dict[str, Any]:
         return out
 
     measurements: dict[str, Any] = {}
-    for col, (name, dec) in export.MEASUREMENTS.items():
+    for col, (name, dec) in schema.MEASUREMENTS.items():
         v = float(row[col])
         if not math.isnan(v):
-            measurements[name] = _r(v, dec)
-    measurements["Region ID"] = int(row["region_id"])
+            measurements[name] = _r(v, dec) if dec else int(v)
     cid = int(row["class_id"])
     return {
         "type": "Feature",
@@ -233,7 +233,7 @@ def test_clean_frame_counts_and_drops() -> None:
 
 
 def _texts(values: np.ndarray, decimals: int) -> list[str]:
-    chars, mask = export._number_chars(values, decimals)
+    chars, mask = _format._number_chars(values, decimals)
     return [bytes(c[m]).decode() for c, m in zip(chars, mask)]
 
 
@@ -298,8 +298,7 @@ def test_geojson_features_match_reference(tmp_path: Path) -> None:
     assert "Nucleus: Solidity" not in props[4]["measurements"]
     assert props[4]["measurements"]["Nucleus: Area µm^2"] == 12.0
     assert props[2]["measurements"]["Region ID"] == -1
-    assert set(props[0]["measurements"]) == {name for name, _ in export.MEASUREMENTS.values()} \
-        | {"Region ID"}
+    assert set(props[0]["measurements"]) == {name for name, _ in schema.MEASUREMENTS.values()}
     assert "\\u00b5" in text and "µ" not in text  # ASCII output, µ escaped
 
 
@@ -323,10 +322,10 @@ def test_geojson_gz_passes_validator_and_is_deterministic(tmp_path: Path) -> Non
 
 
 def test_geojson_one_big_frame_is_sliced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(export, "_FORMAT_BATCH", 37)
+    monkeypatch.setattr(_format, "_FORMAT_BATCH", 37)
     frame = random_frames(1, 300, seed=3)[0]
     write_nuclei_geojson(frame, tmp_path / "one.geojson", gzip=False)
-    monkeypatch.setattr(export, "_FORMAT_BATCH", 10_000)
+    monkeypatch.setattr(_format, "_FORMAT_BATCH", 10_000)
     write_nuclei_geojson([frame], tmp_path / "two.geojson", gzip=False)
     assert (tmp_path / "one.geojson").read_bytes() == (tmp_path / "two.geojson").read_bytes()
 
@@ -674,6 +673,6 @@ def test_validator_streams_across_chunk_boundaries(tmp_path: Path,
     bad = _write(tmp_path / "bad.geojson", _mutated(BAD_FEATURES["3 decimals"][0]))
     expected_bad = check_qupath_geojson(bad)
     for chunk in (1, 7, 4096):
-        monkeypatch.setattr(export._JsonStream, "_CHUNK", chunk)
+        monkeypatch.setattr(_jsonstream._JsonStream, "_CHUNK", chunk)
         assert check_qupath_geojson(tmp_path / "s.geojson") == []
         assert check_qupath_geojson(bad) == expected_bad

@@ -19,16 +19,18 @@ import pytest
 import shapely
 from shapely.geometry import Polygon, box
 
-from wsi_nuclei import export, schema
+from wsi_nuclei import schema
 from wsi_nuclei.cli import main as cli_main
 from wsi_nuclei.export import (
     check_qupath_geojson,
     nucleus_uuid,
     region_annotation_ids,
     region_parents,
+    write_nuclei_geojson,
     write_qupath_geojson,
     write_regions_geojson,
 )
+from wsi_nuclei.export import _format, annotations, qupath
 from wsi_nuclei.pipeline import RunConfig, run
 from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.tissue import Region, load_regions
@@ -132,10 +134,10 @@ def test_region_ids_kept_derived_and_distinct() -> None:
     moved = [Region(1, "Tissue 1", box(0, 0, 10, 11), "tissue")]
     assert region_annotation_ids(moved, "slideA")[0] != t_a  # another outline, another id
     # the derived id is uuid5 of fingerprint, source, region id and outline
-    outline = export._dumps(export._geometry_json(geom))
+    outline = _format._dumps(annotations._geometry_json(geom))
     import hashlib
     key = f"slideA|tissue|1|{hashlib.sha256(outline.encode()).hexdigest()[:32]}"
-    assert t_a == str(uuid.uuid5(export._REGION_NAMESPACE, key))
+    assert t_a == str(uuid.uuid5(annotations._REGION_NAMESPACE, key))
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,7 +191,6 @@ def test_hierarchy_file_known_nesting(tmp_path: Path, gzip_it: bool) -> None:
     kids = by_name["outer"]["feature"]["properties"]["childObjects"]
     assert [k["properties"]["objectType"] for k in kids] == ["annotation", "detection", "detection"]
     # the nucleus features are those of nuclei.geojson
-    write_nuclei_geojson = export.write_nuclei_geojson
     write_nuclei_geojson(frames, tmp_path / "n.geojson", gzip=False)
     flat = {f["id"]: f for f in _read(tmp_path / "n.geojson")["features"]}
     nested = {k["id"]: k for k in by_name["innermost"]["feature"]["properties"]["childObjects"]}
@@ -401,7 +402,7 @@ def test_full_disk_while_spilling_is_one_output_error(tmp_path: Path, monkeypatc
     def full(self: Any, group: int, features: list[bytes]) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export._Spill, "add", full)
+    monkeypatch.setattr(qupath._Spill, "add", full)
     with pytest.raises(OutputError, match="No space left on device"):
         write_qupath_geojson(_nuclei(POINTS), REGIONS, None, tmp_path / "h.geojson.gz")
     assert list(tmp_path.iterdir()) == []  # neither the file nor the spill is left behind

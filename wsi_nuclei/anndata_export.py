@@ -8,8 +8,8 @@ Layout (one observation per nucleus, in the row order of ``nuclei.parquet``):
   ``area_um2``, ``perimeter_um``, ``circularity``, ``solidity``, ``eccentricity``,
   ``major_axis_um``, ``minor_axis_um``, ``region_id`` and ``region`` (categorical region name),
   and ``centroid_x``, ``centroid_y`` (level-0 px);
-- ``X``: the morphology columns as a float32 matrix (``var`` names them), so that scanpy's
-  functions have features to work on;
+- ``X``: the morphology columns (:data:`wsi_nuclei.schema.MORPHOLOGY_COLUMNS`) as a float32
+  matrix (``var`` names them), so that scanpy's functions have features to work on;
 - ``obsm['spatial']``: centroids in µm, columns (x, y), as squidpy expects;
 - ``uns['wsi_nuclei']``: slide name and fingerprint, µm/px, model name and weights sha256
   (``""`` for a model without weights), class-probability threshold, reliability note, package
@@ -30,13 +30,10 @@ import pandas as pd
 
 from ._io import atomic_path, json_ready
 from .errors import WsiNucleiError
-from .schema import CLASS_NAMES, PROB_COLUMNS
+from .schema import CLASS_NAMES, MORPHOLOGY_COLUMNS, PROB_COLUMNS
 
-__all__ = ["MORPHOLOGY_COLUMNS", "require_anndata", "write_anndata", "nuclei_anndata"]
+__all__ = ["require_anndata", "write_anndata", "nuclei_anndata"]
 
-#: Morphology columns of nuclei.parquet carried into ``obs`` and ``X``.
-MORPHOLOGY_COLUMNS: tuple[str, ...] = ("area_um2", "perimeter_um", "circularity", "solidity", "eccentricity",
-                                       "major_axis_um", "minor_axis_um")
 INSTALL_HINT = "pip install 'wsi-nuclei[anndata]'"
 
 

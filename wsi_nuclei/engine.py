@@ -409,7 +409,7 @@ def nucleus_columns(ctx: EngineContext, inst: np.ndarray, labels: np.ndarray, or
 
     from .export import nucleus_uuid
     from .postprocess import measure_instances
-    from .schema import PROB_COLUMNS, class_name
+    from .schema import MORPHOLOGY_COLUMNS, PROB_COLUMNS, class_name
 
     ox, oy = origin
     m = measure_instances(inst, labels, ctx.model_mpp)
@@ -434,7 +434,7 @@ def nucleus_columns(ctx: EngineContext, inst: np.ndarray, labels: np.ndarray, or
     probs = res.class_probs[idx] if res.class_probs is not None else np.full((n, 5), np.nan, np.float32)
     for j, col in enumerate(PROB_COLUMNS):
         data[col] = probs[:, j].astype(np.float32)
-    for col in ("area_um2", "perimeter_um", "circularity", "solidity", "eccentricity", "major_axis_um", "minor_axis_um"):
+    for col in MORPHOLOGY_COLUMNS:
         data[col] = np.asarray(m[col], np.float32)
     data["region_id"] = np.full(n, -1, np.int32)
     data["geometry"] = geoms

@@ -26,6 +26,7 @@ from skimage.measure import find_contours
 from skimage.segmentation import watershed
 
 from .models.base import InstanceResult
+from .schema import MORPHOLOGY_COLUMNS
 
 __all__ = ["HVParams", "hv_to_instances", "classify_instances", "measure_instances"]
 
@@ -312,9 +313,7 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
     n = len(labels)
     out: dict[str, np.ndarray | list] = {
         "polygon": [],
-        **{k: np.full(n, np.nan, np.float64) for k in (
-            "centroid_x", "centroid_y", "area_um2", "perimeter_um", "circularity", "solidity",
-            "eccentricity", "major_axis_um", "minor_axis_um")},
+        **{k: np.full(n, np.nan, np.float64) for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)},
     }
     if n == 0:
         return out
