@@ -509,7 +509,8 @@ def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Pat
     block in the middle of a big single file) changes the fingerprint; a copy does not."""
     import shutil
 
-    from wsi_nuclei.slide import _fingerprint, pixel_files
+    from wsi_nuclei.slide import pixel_files
+    from wsi_nuclei.slide._integrity import fingerprint
 
     idx = tmp_path / "s.mrxs"
     idx.write_bytes(b"index" * 10)
@@ -518,15 +519,15 @@ def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Pat
     (data / "Data0000.dat").write_bytes(bytes(5 * 2**20))
     (data / "Slidedat.ini").write_text("[GENERAL]")
     assert [p.name for p in pixel_files(idx)] == ["s.mrxs", "Data0000.dat", "Slidedat.ini"]
-    a = _fingerprint(idx, (100, 100))
+    a = fingerprint(idx, (100, 100))
     with open(data / "Data0000.dat", "r+b") as fh:  # a byte in a sampled middle block
         fh.seek(5 * 2**20 * 4 // 9)
         fh.write(b"\x01")
-    b = _fingerprint(idx, (100, 100))
+    b = fingerprint(idx, (100, 100))
     assert a != b
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(idx, copy / "s.mrxs")
     shutil.copytree(data, copy / "s")
-    assert _fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
-    assert _fingerprint(copy / "s.mrxs", (100, 101)) != b
+    assert fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
+    assert fingerprint(copy / "s.mrxs", (100, 101)) != b
