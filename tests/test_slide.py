@@ -17,7 +17,7 @@ from wsi_nuclei.errors import (
     UnsupportedSlideError,
     WsiNucleiError,
 )
-from wsi_nuclei.slide import open_slide, scale_info
+from wsi_nuclei.slide import BACKENDS, open_slide, scale_info
 
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "tcga-cr-7395-01a-01-ts1.svs"
@@ -464,6 +464,18 @@ def test_random_bytes_and_empty(tmp_path: Path) -> None:
         open_slide(empty)
     with pytest.raises(UnsupportedSlideError, match="directory"):
         open_slide(tmp_path)
+
+
+def test_backends_are_tried_in_registry_order(tmp_path: Path) -> None:
+    """BACKENDS (and the CLI's --backend choices) list the registered backends in priority
+    order; a file no backend claims is tried with each of them, in that order."""
+    assert BACKENDS == ("openslide", "tiffslide", "dicom", "image")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a slide\n" * 100)
+    with pytest.raises(UnsupportedSlideError, match="no backend can read it") as exc:
+        open_slide(junk)
+    tried = str(exc.value).split("no backend can read it (", 1)[1]
+    assert [tried.index(f"{b}: ") for b in BACKENDS] == sorted(tried.index(f"{b}: ") for b in BACKENDS)
 
 
 def test_bad_arguments(tmp_path: Path, he_image: np.ndarray) -> None:

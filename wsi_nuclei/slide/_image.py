@@ -86,7 +86,4 @@ def _tiff_array_to_yxs(data: np.ndarray, axes: str) -> np.ndarray:
     return data
 
 
-# ---- DICOM ---------------------------------------------------------------------------------
-
-
 register_backend("image", _ImageReader, containers=("tiff", "png", "jpeg", "image"))

@@ -1,4 +1,4 @@
-"""Opening a slide: :func:`open_slide` tries the registered backends and returns a :class:`Slide`."""
+"""Opening a slide: :func:`open_slide` tries the registered backends, returns a :class:`Slide`."""
 
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ class _Backend:
 _BACKENDS: dict[str, _Backend] = {}
 
 
-def register_backend(name: str, opener: Callable[[Path], Reader], containers: Iterable[str]) -> None:
+def register_backend(
+    name: str, opener: Callable[[Path], Reader], containers: Iterable[str]
+) -> None:
     """Register a slide backend.
 
     Parameters
@@ -68,7 +70,7 @@ def get_opener(name: str) -> Callable[[Path], Reader]:
 
 
 def auto_order(kind: str) -> list[str]:
-    """Backends to try, in order, for a file of container ``kind`` (every backend if none claims it)."""
+    """Backends to try, in order, for a file of container ``kind`` (all when none claims it)."""
     return [b.name for b in _BACKENDS.values() if kind in b.containers] or list(_BACKENDS)
 
 
