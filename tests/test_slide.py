@@ -17,7 +17,7 @@ from wsi_nuclei.errors import (
     UnsupportedSlideError,
     WsiNucleiError,
 )
-from wsi_nuclei.slide import open_slide, scale_info
+from wsi_nuclei.slide import BACKENDS, open_slide, scale_info
 
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "tcga-cr-7395-01a-01-ts1.svs"
@@ -466,6 +466,18 @@ def test_random_bytes_and_empty(tmp_path: Path) -> None:
         open_slide(tmp_path)
 
 
+def test_backends_are_tried_in_registry_order(tmp_path: Path) -> None:
+    """BACKENDS (and the CLI's --backend choices) list the registered backends in priority
+    order; a file no backend claims is tried with each of them, in that order."""
+    assert BACKENDS == ("openslide", "tiffslide", "dicom", "image")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a slide\n" * 100)
+    with pytest.raises(UnsupportedSlideError, match="no backend can read it") as exc:
+        open_slide(junk)
+    tried = str(exc.value).split("no backend can read it (", 1)[1]
+    assert [tried.index(f"{b}: ") for b in BACKENDS] == sorted(tried.index(f"{b}: ") for b in BACKENDS)
+
+
 def test_bad_arguments(tmp_path: Path, he_image: np.ndarray) -> None:
     path = tmp_path / "x.png"
     Image.fromarray(he_image).save(path)
@@ -509,7 +521,8 @@ def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Pat
     block in the middle of a big single file) changes the fingerprint; a copy does not."""
     import shutil
 
-    from wsi_nuclei.slide import _fingerprint, pixel_files
+    from wsi_nuclei.slide import pixel_files
+    from wsi_nuclei.slide._integrity import fingerprint
 
     idx = tmp_path / "s.mrxs"
     idx.write_bytes(b"index" * 10)
@@ -518,15 +531,15 @@ def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Pat
     (data / "Data0000.dat").write_bytes(bytes(5 * 2**20))
     (data / "Slidedat.ini").write_text("[GENERAL]")
     assert [p.name for p in pixel_files(idx)] == ["s.mrxs", "Data0000.dat", "Slidedat.ini"]
-    a = _fingerprint(idx, (100, 100))
+    a = fingerprint(idx, (100, 100))
     with open(data / "Data0000.dat", "r+b") as fh:  # a byte in a sampled middle block
         fh.seek(5 * 2**20 * 4 // 9)
         fh.write(b"\x01")
-    b = _fingerprint(idx, (100, 100))
+    b = fingerprint(idx, (100, 100))
     assert a != b
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(idx, copy / "s.mrxs")
     shutil.copytree(data, copy / "s")
-    assert _fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
-    assert _fingerprint(copy / "s.mrxs", (100, 101)) != b
+    assert fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
+    assert fingerprint(copy / "s.mrxs", (100, 101)) != b

@@ -73,6 +73,8 @@ def float_range(lo: float, hi: float, *, lo_open: bool = False):
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from .slide import BACKENDS
+
     p.add_argument("slides", nargs="+", metavar="SLIDE",
                    help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp; "
                    "several slides, a folder (the slides directly inside it, by extension; a MIRAX .mrxs with its data folder "
@@ -88,7 +90,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the network maps over 4 "
                                                       "flips of each tile (about 4x slower, slightly more accurate; "
                                                       "network models only)")
-    p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "dicom", "image"],
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
     p.add_argument("--mpp", type=float_range(0.05, 20.0), help="microns per pixel at level 0, 0.05 to 20; overrides the "
                                                                "file's value (required when the file has none)")

@@ -103,7 +103,7 @@ def open_run_slide(run_dir: str | Path, slide_path: str | Path | None = None) ->
 
 
 def _open_slide(run: _Run, slide_path: str | Path | None) -> Any:
-    from ..slide import open_slide
+    from ..slide import BACKENDS, open_slide
 
     if slide_path is not None:
         path = Path(slide_path)
@@ -116,7 +116,7 @@ def _open_slide(run: _Run, slide_path: str | Path | None) -> Any:
             raise InputNotFoundError(f"the slide of this run is not found (run.json records {recorded}); pass --slide PATH")
         path = located
     backend = str(run.manifest.get("backend") or "auto")
-    slide = open_slide(path, backend=backend if backend in ("openslide", "tiffslide", "dicom", "image") else "auto",
+    slide = open_slide(path, backend=backend if backend in BACKENDS else "auto",
                        require_mpp=False)
     want = run.manifest.get("fingerprint")
     if want and slide.fingerprint != want:
