@@ -73,7 +73,7 @@ def float_range(lo: float, hi: float, *, lo_open: bool = False):
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from .slide import BACKENDS
+    from .slide import BACKENDS, MPP_RANGE
 
     p.add_argument("slides", nargs="+", metavar="SLIDE",
                    help="whole-slide image (any format OpenSlide/tiffslide read, DICOM WSI) or a plain PNG/JPEG/TIFF with --mpp; "
@@ -92,7 +92,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                                                       "network models only)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="slide reader; when the chosen one cannot open the file the others are tried (default: auto)")
-    p.add_argument("--mpp", type=float_range(0.05, 20.0), help="microns per pixel at level 0, 0.05 to 20; overrides the "
+    p.add_argument("--mpp", type=float_range(*MPP_RANGE), help=f"microns per pixel at level 0, {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}; overrides the "
                                                                "file's value (required when the file has none)")
     p.add_argument("--regions", help="QuPath GeoJSON annotations (export): process only inside them and summarise per annotation")
     p.add_argument("--tissue", default="auto", choices=["auto", "none"],

@@ -27,16 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputNotFoundError, WsiNucleiError
+from .slide import SLIDE_EXTENSIONS
 
-__all__ = ["SLIDE_EXTENSIONS", "CohortResult", "expand_inputs", "output_names", "run_cohort", "COHORT_TABLE"]
+__all__ = ["CohortResult", "expand_inputs", "output_names", "run_cohort", "COHORT_TABLE"]
 
-#: File endings taken as slides when a folder is listed or a glob is expanded (lower case): the
-#: formats of OpenSlide, tiffslide (OME-TIFF, generic TIFF), single-file DICOM WSI and the plain
-#: images the ``image`` backend reads with ``--mpp``. ``.ome.tif(f)`` ends in ``.tif(f)``.
-SLIDE_EXTENSIONS: tuple[str, ...] = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff",
-    ".dcm", ".dicom", ".png", ".jpg", ".jpeg",
-)
 #: Name of the cohort table a cohort run writes under ``--out``.
 COHORT_TABLE = "cohort.csv"
 _GLOB_CHARS = set("*?[")
@@ -67,7 +61,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
     ----------
     inputs : sequence of str
         Slide files, folders of slides (listed, not recursively; entries whose name ends in one
-        of :data:`SLIDE_EXTENSIONS`; a MIRAX ``.mrxs`` and its data folder count once) and glob
+        of :data:`wsi_nuclei.slide.SLIDE_EXTENSIONS`; a MIRAX ``.mrxs`` and its data folder count once) and glob
         patterns (``*``, ``?``, ``[...]``; expanded here, so they may be quoted; ``**`` recurses;
         matches are kept when their name ends in a slide extension). A folder whose own name
         ends in a slide extension is taken as a slide (and refused by the reader).

@@ -37,11 +37,12 @@ from ._base import BaseSlide, scale_info
 from ._integrity import pixel_files
 from ._mpp import MPP_RANGE
 from ._open import Slide, open_slide
-from ._registry import backend_names
+from ._registry import backend_names, slide_extensions
 
 __all__ = [
     "BACKENDS",
     "MPP_RANGE",
+    "SLIDE_EXTENSIONS",
     "BaseSlide",
     "Slide",
     "open_slide",
@@ -51,3 +52,5 @@ __all__ = [
 
 #: Backend names accepted by :func:`open_slide` (besides ``"auto"``), in priority order.
 BACKENDS: tuple[str, ...] = backend_names()
+#: File endings (lower case) of the files the backends read, e.g. to list the slides of a folder.
+SLIDE_EXTENSIONS: tuple[str, ...] = slide_extensions()

@@ -65,4 +65,6 @@ class _OpenSlideReader(Reader):
         self._osr.close()
 
 
-register_backend("openslide", _OpenSlideReader, containers=("tiff", "dicom"))
+# the formats OpenSlide reads (a .ome.tif(f) ends in .tif(f))
+register_backend("openslide", _OpenSlideReader, containers=("tiff", "dicom"),
+                 extensions=(".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"))

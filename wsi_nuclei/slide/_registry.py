@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._base import Reader
 
-__all__ = ["CONTAINERS", "auto_order", "backend_names", "get_opener", "register_backend", "sniff"]
+__all__ = ["CONTAINERS", "auto_order", "backend_names", "get_opener", "register_backend", "slide_extensions", "sniff"]
 
 #: Container kinds :func:`sniff` returns (``"other"``: not recognised).
 CONTAINERS: tuple[str, ...] = ("tiff", "dicom", "png", "jpeg", "image", "other")
@@ -32,13 +32,14 @@ class _Backend:
     name: str
     opener: Callable[[Path], Reader]
     containers: tuple[str, ...]
+    extensions: tuple[str, ...]
 
 
 _BACKENDS: dict[str, _Backend] = {}
 
 
 def register_backend(
-    name: str, opener: Callable[[Path], Reader], containers: Iterable[str]
+    name: str, opener: Callable[[Path], Reader], containers: Iterable[str], extensions: Iterable[str] = ()
 ) -> None:
     """Register a slide backend.
 
@@ -51,17 +52,25 @@ def register_backend(
         or raises when it cannot read the file.
     containers : iterable of str
         The :data:`CONTAINERS` the backend is tried for under ``backend="auto"``.
+    extensions : iterable of str
+        File endings (lower case, with the dot) of the slides the backend reads: a folder or glob
+        given to a cohort run takes the files with any registered ending as slides.
     """
     kinds = tuple(containers)
     unknown = [k for k in kinds if k not in CONTAINERS]
     if name == "auto" or name in _BACKENDS or unknown:
         raise ValueError(f"cannot register slide backend {name!r} (containers {kinds})")
-    _BACKENDS[name] = _Backend(name, opener, kinds)
+    _BACKENDS[name] = _Backend(name, opener, kinds, tuple(e.lower() for e in extensions))
 
 
 def backend_names() -> tuple[str, ...]:
     """Registered backend names in priority (registration) order."""
     return tuple(_BACKENDS)
+
+
+def slide_extensions() -> tuple[str, ...]:
+    """File endings of all registered backends, each once, in priority order."""
+    return tuple(dict.fromkeys(e for b in _BACKENDS.values() for e in b.extensions))
 
 
 def get_opener(name: str) -> Callable[[Path], Reader]:

@@ -56,4 +56,4 @@ class _TiffSlideReader(Reader):
         self._ts.close()
 
 
-register_backend("tiffslide", _TiffSlideReader, containers=("tiff",))
+register_backend("tiffslide", _TiffSlideReader, containers=("tiff",), extensions=(".svs", ".tif", ".tiff", ".qptiff"))
