@@ -380,7 +380,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     plan = RunPlan(
         slide_name=slide_name, fingerprint=slide.fingerprint, model=spec.name, model_sha=model_sha,
         weights=str(weights_path) if weights_path else None, device=device,
-        precision="fp16-autocast" if device == "cuda" else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
+        precision="fp16-autocast" if device == "cuda" and spec.fp16 else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
