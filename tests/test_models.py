@@ -15,9 +15,9 @@ from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.inference import predict_instances, predict_maps
 from wsi_nuclei.metrics import panoptic_quality
-from wsi_nuclei.models.base import InstanceResult
 from wsi_nuclei.models import (
     PANNUKE_CLASSES,
+    InstanceResult,
     default_model_name,
     find_weights,
     get_spec,
@@ -55,6 +55,28 @@ def test_registry_lists_every_model_with_metadata() -> None:
     for name in ("classic", "null"):
         assert specs[name].class_names == {} and not specs[name].needs_weights
         assert find_weights(specs[name]) is None
+
+
+def test_registry_is_a_leaf_that_model_modules_register_into() -> None:
+    """Importing the registry imports no model module; a model module imports alone (no
+    cycle) and registers itself; the built-in order does not depend on which came first."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import wsi_nuclei.models as m\n"
+            "print(sorted(k for k in sys.modules if k.startswith('wsi_nuclei.models.') and k.split('.')[2] in "
+            "('lite', 'hovernet', 'classic', 'maps', 'effunet')))\n"
+            "import wsi_nuclei.models.hovernet\n"
+            "print(list(m._registry._REGISTRY))\n"
+            "print([s.name for s in m.list_models()], 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "[]",
+        "['hovernet-pannuke']",
+        "['wsi-nuclei-lite0', 'hovernet-pannuke', 'classic', 'null'] False",
+    ]
 
 
 def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:

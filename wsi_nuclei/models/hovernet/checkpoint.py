@@ -49,7 +49,8 @@ def official_state_dict_layout(
     Parameters
     ----------
     nr_types : int or None
-        Type-head channels (6 for PanNuke); ``None``/0 for segmentation only.
+        Channels of the checkpoint's type head (6 for PanNuke); ``None``/0 for a
+        segmentation-only checkpoint.
 
     Returns
     -------
