@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_gpu: --device cuda but no CUDA device is available (use --device cpu to test the script)", file=sys.stderr)
         return 1
     torch.set_num_threads(a.threads)
-    from wsi_nuclei.models.registry import default_model_name, load_model
+    from wsi_nuclei.models import default_model_name, load_model
 
     name = default_model_name()
     res: dict = {"model": name, "device": a.device, "batch": a.batch, "torch": torch.__version__,

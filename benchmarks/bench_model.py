@@ -29,7 +29,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from wsi_nuclei.models.registry import default_model_name, load_model
+    from wsi_nuclei.models import default_model_name, load_model
     from wsi_nuclei.synthetic import make_nuclei_image
 
     name = args.model or default_model_name()

@@ -119,7 +119,7 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     import shapely
 
     from wsi_nuclei.engine import MapBlender, fill_values, infer_patches, model_of, read_patches
-    from wsi_nuclei.models.registry import default_model_name, find_weights, get_spec
+    from wsi_nuclei.models import default_model_name, find_weights, get_spec
     from wsi_nuclei.pipeline import RunConfig, _context, _open, make_plan
     from wsi_nuclei.postprocess import measure_instances
 
@@ -165,7 +165,7 @@ def _shift_variance(slide: Path, model_name: str | None) -> dict:
     """Foreground IoU (np >= threshold) of the blended maps of one 1024 px model-resolution
     region and of the same region shifted by 1 and by 32 px (overlap only)."""
     from wsi_nuclei.inference import predict_maps
-    from wsi_nuclei.models.registry import default_model_name, load_model
+    from wsi_nuclei.models import default_model_name, load_model
     from wsi_nuclei.slide import open_slide
 
     model = load_model(model_name or default_model_name(), device="cpu")

@@ -4,7 +4,7 @@ Usage::
 
     python scripts/export_weights.py runs/v3/stage3/best.pt wsi_nuclei/models/weights/wsi-nuclei-lite0-v3.pt
 
-Then record the printed sha256 as DEFAULT_WEIGHTS_SHA256 in wsi_nuclei/models/zoo.py.
+Then record the printed sha256 as DEFAULT_WEIGHTS_SHA256 in wsi_nuclei/models/lite.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from wsi_nuclei.models.registry import sha256_of
+from wsi_nuclei.models import sha256_file
 
 
 def main(src: str, dest: str) -> int:
@@ -24,7 +24,7 @@ def main(src: str, dest: str) -> int:
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     torch.save(half, dest)
     print(f"{dest}: {Path(dest).stat().st_size / 1e6:.1f} MB, epoch {ck.get('epoch')}, metrics {ck.get('metrics')}")
-    print(f"sha256 {sha256_of(dest)}")
+    print(f"sha256 {sha256_file(dest)}")
     return 0
 
 

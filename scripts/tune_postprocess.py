@@ -157,7 +157,7 @@ def _calibrate(all_val: dict, params: HVParams) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from wsi_nuclei.models.registry import load_model
+    from wsi_nuclei.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="weights file of wsi-nuclei-lite0")
@@ -176,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     model = load_model("wsi-nuclei-lite0", weights=a.weights)
     model.tta = a.tta
-    from wsi_nuclei.models.registry import sha256_of
+    from wsi_nuclei.models import sha256_file
 
     # cached maps belong to these exact weights and this patch grid
-    tag = sha256_of(a.weights)[:16] + f"-s{model.spec.stride}" + ("-tta" if a.tta else "")
+    tag = sha256_file(a.weights)[:16] + f"-s{model.spec.stride}" + ("-tta" if a.tta else "")
     split = {k: v for k, v in json.loads(Path(a.split).read_text()).items() if not k.startswith("_")}
     root = Path(a.data_root)
     t0 = time.time()

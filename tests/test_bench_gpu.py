@@ -20,7 +20,7 @@ def _load():
 
 @pytest.mark.usefixtures("torch_one_thread")
 def test_bench_gpu_on_cpu_reports_each_stage(tmp_path: Path) -> None:
-    from wsi_nuclei.models.registry import find_weights, get_spec
+    from wsi_nuclei.models import find_weights, get_spec
 
     if find_weights(get_spec("wsi-nuclei-lite0")) is None:
         pytest.skip("bundled weights absent")

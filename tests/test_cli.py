@@ -311,7 +311,7 @@ def test_errors_through_the_console_script(tmp_path: Path, small_slide: Path) ->
 # models, summarize, demo, a real slide
 # --------------------------------------------------------------------------------------------
 def test_models_lists_every_model(capsys: pytest.CaptureFixture, home: Path) -> None:
-    from wsi_nuclei.models.registry import list_models, weights_status
+    from wsi_nuclei.models import list_models, weights_status
 
     code, out, err = _run_cli(["models"], capsys)
     assert code == 0 and err == ""

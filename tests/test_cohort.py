@@ -95,18 +95,18 @@ def test_output_names_disambiguate_equal_stems_deterministically(tmp_path: Path)
 def test_cohort_run_one_model_load_failures_continue_table_and_resume(
         slides: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_nuclei import engine, pipeline
-    from wsi_nuclei.models import registry
+    from wsi_nuclei import models
 
     bad = tmp_path / "bad.svs"
     bad.write_bytes(b"not a slide" * 100)
     loads: list[str] = []
-    real_load = registry.load_model
+    real_load = models.load_model
 
     def counting_load(name, **kw):  # type: ignore[no-untyped-def]
         loads.append(name)
         return real_load(name, **kw)
 
-    monkeypatch.setattr(registry, "load_model", counting_load)
+    monkeypatch.setattr(models, "load_model", counting_load)
     engine._MODELS.clear()
     out = tmp_path / "out"
     argv = ["run", str(slides["dir"]), str(bad), str(slides["dir"] / "sub" / "*.tif"), *OPTS, "--out", str(out)]

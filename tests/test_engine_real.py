@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    from wsi_nuclei.models.registry import find_weights, get_spec, load_model
+    from wsi_nuclei.models import find_weights, get_spec, load_model
 
     spec = get_spec("wsi-nuclei-lite0")
     if find_weights(spec) is None:

@@ -21,21 +21,21 @@ import pytest
 import torch
 
 from wsi_nuclei.errors import ModelError
+from wsi_nuclei.models import InstanceResult, get_spec, load_model, sha256_file
 from wsi_nuclei.models import fetch as fetch_mod
-from wsi_nuclei.models import hovernet as hn
-from wsi_nuclei.models.base import InstanceResult
 from wsi_nuclei.models.fetch import (
     HOVERNET_PANNUKE_SIZE,
     HOVERNET_PANNUKE_URL,
     default_cache_dir,
     fetch_weights,
 )
-from wsi_nuclei.models.hovernet import (
-    HoVerNetPanNuke,
-    build_hovernet_fast,
+from wsi_nuclei.models.hovernet.checkpoint import (
+    load_hovernet_fast,
     load_official_checkpoint,
     official_state_dict_layout,
 )
+from wsi_nuclei.models.hovernet.net import HoVerNetFast, build_hovernet_fast
+from wsi_nuclei.models.maps import MapModel
 
 #: Keys/shapes read off the official source: vqdang/hover_net models/hovernet/net_desc.py
 #: (HoVerNet, mode="fast": conv0 with key "/", ksize 3 decoder) and net_utils.py
@@ -69,8 +69,9 @@ VERIFIED_SHAPES: dict[str, tuple[int, ...]] = {
 OFFICIAL_KEY_COUNT = 668
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _map_model(state: dict[str, torch.Tensor]) -> MapModel:
+    """``hovernet-pannuke`` on the CPU with the weights of ``state``, as the registry builds it."""
+    return MapModel(get_spec("hovernet-pannuke"), load_hovernet_fast(state), "cpu")
 
 
 def _is_tf_conv(key: str) -> bool:
@@ -118,7 +119,7 @@ def official_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A random checkpoint in the official container layout, and its sha256."""
     path = tmp_path_factory.mktemp("weights") / "hovernet_fast_pannuke_type_tf2pytorch.tar"
     torch.save({"desc": _random_official_state()}, path, _use_new_zipfile_serialization=False)
-    return path, _sha256(path)
+    return path, sha256_file(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_load_strict_and_forward(official_like: tuple[Path, str]) -> None:
     state = load_official_checkpoint(path, expected_sha256=sha)
     keys = build_hovernet_fast(6).load_state_dict(state, strict=True)
     assert not keys.missing_keys and not keys.unexpected_keys
-    net = HoVerNetPanNuke(state, device="cpu")  # strict load (assign) inside
+    net = _map_model(state)  # strict load (assign) inside
     loaded = net.net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert not any(t.is_meta for t in loaded.values())
@@ -208,7 +209,7 @@ def test_module_prefix_and_counters_accepted(tmp_path: Path) -> None:
     assert int(loaded["conv0.bn.num_batches_tracked"]) == 7
     assert int(loaded["d0.blk_bna.bn.num_batches_tracked"]) == 0
     with torch.device("meta"):
-        assert list(loaded) == list(hn.HoVerNetFast().state_dict())
+        assert list(loaded) == list(HoVerNetFast().state_dict())
 
 
 def test_bad_sha_refused_before_unpickling(
@@ -269,7 +270,7 @@ def test_mismatching_state_dict_refused(
     path = tmp_path / "bad.tar"
     torch.save({"desc": _cheap_state(**changes)}, path)
     with pytest.raises(ModelError, match=message) as info:
-        load_official_checkpoint(path, expected_sha256=_sha256(path))
+        load_official_checkpoint(path, expected_sha256=sha256_file(path))
     assert "\n" not in str(info.value)
 
 
@@ -299,13 +300,14 @@ def test_non_finite_and_bad_unpool_refused(tmp_path: Path) -> None:
 # NucleusModel wrapper
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cheap_model() -> HoVerNetPanNuke:
-    return HoVerNetPanNuke(_cheap_state(), device="cpu")
+def cheap_model() -> MapModel:
+    return _map_model(_cheap_state())
 
 
 def test_postprocess_delegates_to_hv_to_instances(
-    cheap_model: HoVerNetPanNuke, monkeypatch: pytest.MonkeyPatch
+    cheap_model: MapModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    expected = get_spec("hovernet-pannuke").hv_params()  # HoVer-Net's default thresholds
     calls = []
     sentinel = InstanceResult(
         inst=np.zeros((164, 164), np.int32),
@@ -315,8 +317,8 @@ def test_postprocess_delegates_to_hv_to_instances(
         class_probs=np.zeros((0, 5), np.float32),
     )
 
-    def _stub(np_prob, hv, tp_prob=None, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append((np_prob, hv, tp_prob, kwargs))
+    def _stub(np_prob, hv, tp_prob=None, params=None):  # type: ignore[no-untyped-def]
+        calls.append((np_prob, hv, tp_prob, params))
         return sentinel
 
     stub = types.ModuleType("wsi_nuclei.postprocess")
@@ -328,12 +330,12 @@ def test_postprocess_delegates_to_hv_to_instances(
         "tp": np.zeros((6, 164, 164), np.float32),
     }
     assert cheap_model.postprocess(raw) is sentinel
-    ((np_prob, hv, tp_prob, kwargs),) = calls
+    ((np_prob, hv, tp_prob, params),) = calls
     assert np_prob is raw["np"] and hv is raw["hv"] and tp_prob is raw["tp"]
-    assert kwargs == {}
+    assert params == expected
 
 
-def test_infer_small_tiles(cheap_model: HoVerNetPanNuke) -> None:
+def test_infer_small_tiles(cheap_model: MapModel) -> None:
     """Any side that is a multiple of 8 (>= 96) works; the output is the input minus 92."""
     raws = cheap_model.infer(np.full((2, 96, 104, 3), 200, np.uint8))
     assert [sorted(r) for r in raws] == [["hv", "np", "tp"]] * 2
@@ -341,15 +343,14 @@ def test_infer_small_tiles(cheap_model: HoVerNetPanNuke) -> None:
 
 
 def test_registry_builds_hovernet(tmp_path: Path) -> None:
-    """``load_model`` -> zoo builder -> :meth:`HoVerNetPanNuke.from_checkpoint`."""
-    from wsi_nuclei.models.registry import load_model
-
+    """``load_model`` -> the hovernet builder -> :func:`load_hovernet_fast` in a :class:`MapModel`."""
     path = tmp_path / "user.tar"
     state = {"module." + k: v for k, v in _cheap_state().items()}
     state["module.conv0.bn.num_batches_tracked"] = torch.tensor(7)
     torch.save({"desc": state}, path)
     model = load_model("hovernet-pannuke", weights=path, device="cpu")
-    assert isinstance(model, HoVerNetPanNuke)
+    assert isinstance(model, MapModel)
+    assert not model.hv_tanh and not model.channels_last  # the official model runs as published
     assert int(model.net.state_dict()["conv0.bn.num_batches_tracked"]) == 7
     assert (model.spec.name, model.spec.input_size, model.spec.output_size) == (
         "hovernet-pannuke",
@@ -358,22 +359,17 @@ def test_registry_builds_hovernet(tmp_path: Path) -> None:
     )
 
 
-def test_infer_rejects_bad_batches(cheap_model: HoVerNetPanNuke) -> None:
+def test_infer_rejects_bad_batches(cheap_model: MapModel) -> None:
     with pytest.raises(ValueError, match="uint8"):
         cheap_model.infer(np.zeros((1, 256, 256, 3), np.float32))
     with pytest.raises(ValueError, match="multiple of 8"):
         cheap_model.infer(np.zeros((1, 250, 256, 3), np.uint8))
 
 
-def test_missing_weights_and_devices() -> None:
+def test_missing_weights_says_how_to_fetch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WSI_NUCLEI_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(ModelError, match="models fetch"):
-        HoVerNetPanNuke(None)
-    with pytest.raises(ModelError, match="unsupported device|invalid device"):
-        hn._select_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="CUDA is not available"):
-            hn._select_device("cuda")
-        assert hn._select_device("auto").type == "cpu"
+        load_model("hovernet-pannuke", device="cpu")
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.inference import predict_instances, predict_maps
 from wsi_nuclei.metrics import panoptic_quality
-from wsi_nuclei.models.base import InstanceResult
-from wsi_nuclei.models.registry import (
+from wsi_nuclei.models import (
     PANNUKE_CLASSES,
+    InstanceResult,
     default_model_name,
     find_weights,
     get_spec,
@@ -55,6 +55,28 @@ def test_registry_lists_every_model_with_metadata() -> None:
     for name in ("classic", "null"):
         assert specs[name].class_names == {} and not specs[name].needs_weights
         assert find_weights(specs[name]) is None
+
+
+def test_registry_is_a_leaf_that_model_modules_register_into() -> None:
+    """Importing the registry imports no model module; a model module imports alone (no
+    cycle) and registers itself; the built-in order does not depend on which came first."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import wsi_nuclei.models as m\n"
+            "print(sorted(k for k in sys.modules if k.startswith('wsi_nuclei.models.') and k.split('.')[2] in "
+            "('lite', 'hovernet', 'classic', 'maps', 'effunet')))\n"
+            "import wsi_nuclei.models.hovernet\n"
+            "print(list(m._registry._REGISTRY))\n"
+            "print([s.name for s in m.list_models()], 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "[]",
+        "['hovernet-pannuke']",
+        "['wsi-nuclei-lite0', 'hovernet-pannuke', 'classic', 'null'] False",
+    ]
 
 
 def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:
@@ -235,12 +257,12 @@ def _good_state_dict(half: bool = False) -> dict:
 
 
 def test_lite0_weights_file_loads_and_predicts(tmp_path: Path) -> None:
-    from wsi_nuclei.models.torchmodel import HoVerMapModel
+    from wsi_nuclei.models.maps import MapModel
 
     p = tmp_path / "w.pt"
     torch.save({"model": _good_state_dict(half=True), "epoch": 3}, p)  # best.pt layout, fp16
     model = load_model("wsi-nuclei-lite0", weights=p, device="cpu")
-    assert isinstance(model, HoVerMapModel)
+    assert isinstance(model, MapModel)
     (raw,) = model.infer(np.zeros((1, 256, 256, 3), np.uint8) + 128)
     assert raw["np"].shape == (256, 256) and raw["hv"].shape == (2, 256, 256) and raw["tp"].shape == (6, 256, 256)
     assert raw["np"].min() >= 0 and raw["np"].max() <= 1
@@ -403,14 +425,14 @@ class _GradientNet(torch.nn.Module):
 
 
 def test_flip_tta_undoes_each_flip_of_the_distance_maps() -> None:
-    from wsi_nuclei.models.registry import get_spec
-    from wsi_nuclei.models.torchmodel import HoVerMapModel
+    from wsi_nuclei.models import get_spec
+    from wsi_nuclei.models.maps import MapModel
 
     rng = np.random.default_rng(3)
     tiles = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     spec = get_spec("wsi-nuclei-lite0")
-    plain = HoVerMapModel(spec, _GradientNet()).infer(tiles)
-    tta = HoVerMapModel(spec, _GradientNet(), tta=True).infer(tiles)
+    plain = MapModel(spec, _GradientNet()).infer(tiles)
+    tta = MapModel(spec, _GradientNet(), tta=True).infer(tiles)
     for a, b in zip(plain, tta):
         assert np.abs(a["hv"]).max() > 0.01  # the maps are not trivially zero
         for k in ("np", "hv", "tp"):
@@ -422,8 +444,8 @@ def test_flip_tta_undoes_each_flip_of_the_distance_maps() -> None:
             out["hv"] = out["hv"] + torch.linspace(-0.5, 0.5, x.shape[-1]).view(1, 1, 1, -1)
             return out
 
-    a = HoVerMapModel(spec, _Shifted()).infer(tiles)[0]["hv"]
-    b = HoVerMapModel(spec, _Shifted(), tta=True).infer(tiles)[0]["hv"]
+    a = MapModel(spec, _Shifted()).infer(tiles)[0]["hv"]
+    b = MapModel(spec, _Shifted(), tta=True).infer(tiles)[0]["hv"]
     assert np.abs(a - b).max() > 0.1
 
 

@@ -376,17 +376,16 @@ class _PositionDependent:
 @pytest.fixture
 def posdep():
     from wsi_nuclei import engine
-    from wsi_nuclei.models import registry
+    from wsi_nuclei.models import ModelSpec, _registry, register_model
 
-    registry._ensure_builtin()
-    spec = registry.ModelSpec(
+    spec = ModelSpec(
         name="test-position-dependent", description="test", licence="test", mpp=0.25, input_size=128, output_size=128,
         class_names={}, builder=lambda spec, weights, device: _PositionDependent(spec), output_border=16, halo=48,
     )
-    registry.register(spec)
+    register_model(spec)
     engine._MODELS.clear()
     yield spec
-    del registry._REGISTRY[spec.name]
+    del _registry._REGISTRY[spec.name]
     engine._MODELS.clear()
 
 
@@ -603,17 +602,16 @@ class _Classic164:
 @pytest.fixture
 def classic164():
     from wsi_nuclei import engine
-    from wsi_nuclei.models import registry
+    from wsi_nuclei.models import ModelSpec, _registry, register_model
 
-    registry._ensure_builtin()
-    spec = registry.ModelSpec(
+    spec = ModelSpec(
         name="test-classic-164", description="test", licence="test", mpp=0.25, input_size=256, output_size=164,
         class_names={}, builder=lambda spec, weights, device: _Classic164(spec),
     )
-    registry.register(spec)
+    register_model(spec)
     engine._MODELS.clear()
     yield spec.name
-    del registry._REGISTRY[spec.name]
+    del _registry._REGISTRY[spec.name]
     engine._MODELS.clear()
 
 

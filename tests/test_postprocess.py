@@ -307,7 +307,7 @@ def test_classify_instances_never_assigns_an_excluded_class() -> None:
 
 
 def test_model_spec_excludes_classes_it_has_no_labels_for() -> None:
-    from wsi_nuclei.models.registry import get_spec
+    from wsi_nuclei.models import get_spec
 
     spec = get_spec("wsi-nuclei-lite0")
     assert spec.class_support["Dead"] == "none"

@@ -166,7 +166,7 @@ def test_same_result_twice_and_from_tensors() -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lite_model():
-    from wsi_nuclei.models.registry import load_model
+    from wsi_nuclei.models import load_model
 
     return load_model("wsi-nuclei-lite0", device="cpu")
 
@@ -211,7 +211,7 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_model_uses_the_forced_backend(lite_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_nuclei.models.registry import load_model
+    from wsi_nuclei.models import load_model
 
     assert lite_model.postprocess_backend == "numpy"  # CPU default
     monkeypatch.setenv(BACKEND_ENV, "torch")
@@ -231,7 +231,7 @@ def test_model_uses_the_forced_backend(lite_model, monkeypatch: pytest.MonkeyPat
 
 def test_resume_key_records_the_torch_post_processing(monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_nuclei.inference import ArraySlide
-    from wsi_nuclei.models.registry import get_spec
+    from wsi_nuclei.models import get_spec
     from wsi_nuclei.pipeline import RunConfig, make_plan
 
     spec = get_spec("wsi-nuclei-lite0")

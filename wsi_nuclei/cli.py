@@ -271,7 +271,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .models.registry import get_spec, list_models, weights_status
+    from .models import get_spec, list_models, weights_status
 
     if args.action == "fetch":
         from .models.fetch import default_cache_dir, fetch_weights

@@ -183,12 +183,12 @@ def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    from .models.registry import default_model_name, find_weights, get_spec, sha256_of
+    from .models import default_model_name, find_weights, get_spec, sha256_file
     from .slide import open_slide
 
     spec = get_spec(cfg.model or default_model_name())
     weights = find_weights(spec, cfg.weights)
-    sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_of(weights) if weights else None)
+    sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_file(weights) if weights else None)
     with open_slide(slide, backend=cfg.backend, mpp=cfg.mpp) as s:
         fingerprint = s.fingerprint
     model = m.get("model") or {}

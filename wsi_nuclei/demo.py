@@ -43,7 +43,7 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
     # limit (in every tile alike), and --size 1024 reported 'NOT exact' for a model miss
     write_pyramidal_tiff(slide_path, rgb, mpp=0.25, compression="deflate")
     del rgb
-    from .models.registry import get_spec
+    from .models import get_spec
 
     spec = get_spec(model)
     print(f"model: {spec.name} ({spec.description})", file=sys.stderr)

@@ -109,7 +109,7 @@ def model_of(ctx: EngineContext) -> Any:
         return _INSTANCES[name]
     with _MODELS_LOCK:
         if ctx.model not in _MODELS:
-            from .models.registry import load_model
+            from .models import load_model
 
             name, weights, device, tta = ctx.model
             if ctx.torch_threads:  # one process per worker: share the cores, no oversubscription

@@ -63,7 +63,7 @@ def _split_names(split_file: str | None, dataset: Path) -> list[str] | None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import format_table
-    from .models.registry import default_model_name, load_model
+    from .models import default_model_name, load_model
 
     if args.split:  # configs/val_split.json resolves from any working directory (see find_config)
         from ._io import find_config

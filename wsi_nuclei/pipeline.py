@@ -294,7 +294,7 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     """The plan stage (see the module docstring)."""
     import shapely
 
-    from .models.registry import sha256_of
+    from .models import sha256_file
     from .postprocess_torch import postprocess_backend
     from .slide import scale_info
     from .tissue import Region, TissueMap, detect_tissue_on_slide, overlapping_regions, rasterize_regions
@@ -375,12 +375,12 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     if not active or not any(st.batches for st in strips):
         raise NoTissueError("no tissue to process")
 
-    model_sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_of(weights_path) if weights_path else None)
+    model_sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_file(weights_path) if weights_path else None)
     regions_hash = hashlib.sha256(b"".join(r.geometry.wkb for r in regions)).hexdigest()[:16]
     plan = RunPlan(
         slide_name=slide_name, fingerprint=slide.fingerprint, model=spec.name, model_sha=model_sha,
         weights=str(weights_path) if weights_path else None, device=device,
-        precision="fp16-autocast" if device == "cuda" else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
+        precision="fp16-autocast" if device == "cuda" and spec.fp16 else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
         scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
         batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
         regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
@@ -511,7 +511,7 @@ def _finished_parts(parts: Path, plan: RunPlan) -> set[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
-    from .models.registry import default_model_name, find_weights, get_spec, require_tta, resolve_device
+    from .models import default_model_name, find_weights, get_spec, require_tta, resolve_device
     from .tissue import load_regions
 
     t0 = time.perf_counter()

@@ -384,11 +384,11 @@ def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> 
     """
     from .evaluation import evaluate_predictions
     from .inference import predict_instances
-    from .models.registry import get_spec
-    from .models.torchmodel import HoVerMapModel
+    from .models import get_spec
+    from .models.maps import MapModel
 
     spec = get_spec("wsi-nuclei-lite0")
-    wrapped = HoVerMapModel(spec, model, device, params=spec.hv_params())
+    wrapped = MapModel(spec, model, device, params=spec.hv_params())
     per: dict[str, list[dict]] = {}
     for s in val:
         res = predict_instances(wrapped, s.image)
@@ -517,13 +517,14 @@ def _finished(out: Path, total_steps: int) -> bool:
 
 def _train_stage(args: argparse.Namespace) -> Path:
     """One training run (one stage)."""
+    from .models import resolve_device
     from .models.effunet import EffUNet, load_imagenet_encoder
 
     if args.resume and _finished(Path(args.out), args.epochs * args.steps_per_epoch):
         print(f"{args.out}: already finished", flush=True)
         return Path(args.out) / "best.pt"
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.config:

@@ -46,7 +46,7 @@ class InstanceResult:
 
 
 class NucleusModel(Protocol):
-    """What the pipeline needs from a model (see :mod:`wsi_nuclei.models.registry`)."""
+    """What the pipeline needs from a model (see :mod:`wsi_nuclei.models`)."""
 
     spec: Any  # ModelSpec
 

@@ -8,20 +8,20 @@ distance-transform watershed to split touching nuclei. Classes are unknown (clas
 ``null``: no network at all: emits a fixed lattice of disc-shaped "nuclei" over the slide (no
 image analysis), so that a benchmark measures the engine alone — reading, blending, blocks,
 seams, measurements and writers — without model cost.
+
+Importing this module registers both (``classic`` and ``null``); the image-analysis libraries
+are imported when a tile is segmented, so that listing the models stays cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.color import rgb2hed
-from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 
-from ..postprocess import _fill_small_holes
+from ._registry import ModelSpec, register_model
 from .base import InstanceResult
 
 
@@ -50,6 +50,13 @@ def classic_instances(rgb: np.ndarray, params: ClassicParams = ClassicParams()) 
     InstanceResult
         Instances 1..N (class 0, probability = mean normalised haematoxylin density).
     """
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2hed
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    from ..postprocess import _fill_small_holes
+
     h = rgb2hed(rgb)[..., 0]
     h = ndi.gaussian_filter(h, params.smooth_sigma)
     fg = h > params.h_threshold
@@ -157,3 +164,28 @@ class NullModel:
         inst = lut[inst]
         m = len(present)
         return InstanceResult(inst, np.arange(1, m + 1, dtype=np.int32), np.zeros(m, np.int8), np.ones(m, np.float32))
+
+
+def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> ClassicModel:
+    return ClassicModel(spec)
+
+
+def _build_null(spec: ModelSpec, weights: Path | None, device: str) -> NullModel:
+    return NullModel(spec)
+
+
+register_model(ModelSpec(
+    name="classic",
+    description="Classical baseline, no weights: haematoxylin deconvolution, fixed threshold, distance-transform watershed; no classes",
+    licence="Apache-2.0 (code only)",
+    mpp=0.25, input_size=256, output_size=256, class_names={},
+    builder=_build_classic,
+))
+
+register_model(ModelSpec(
+    name="null",
+    description="No network: a fixed pattern of disc nuclei per tile; measures the engine (read, tile, own, measure, write) without model cost",
+    licence="Apache-2.0 (code only)",
+    mpp=0.25, input_size=256, output_size=256, class_names={},
+    builder=_build_null,
+))

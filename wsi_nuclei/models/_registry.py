@@ -1,15 +1,21 @@
-"""Model registry: name -> builder, weights file, sha256, licence, resolution, classes.
+"""The model registry (a leaf): name -> :class:`ModelSpec`, and :func:`load_model`.
 
-In the spirit of timm: :func:`list_models` shows what exists, :func:`load_model` builds one
-ready for :mod:`wsi_nuclei.pipeline`. Weights are either bundled in the package
-(``wsi_nuclei/models/weights/``), given by the user (``--weights PATH``) or looked up in the
-cache folder (:func:`wsi_nuclei.models.fetch.default_cache_dir`). Nothing is downloaded unless
-the user runs ``wsi-nuclei models fetch NAME``.
+In the spirit of timm: model modules *register themselves* with :func:`register_model`;
+this module imports none of them at import time. The first :func:`list_models`,
+:func:`get_spec` or :func:`load_model` imports the built-in model modules
+(:data:`_BUILTIN_MODULES`), whose import registers their specs. Weights are either bundled in
+the package (``wsi_nuclei/models/weights/``), given by the user (``--weights PATH``) or looked
+up in the cache folder (:func:`wsi_nuclei.models.fetch.default_cache_dir`). Nothing is
+downloaded unless the user runs ``wsi-nuclei models fetch NAME``.
+
+Everything the engine needs to know about a model -- resolution, patch geometry, context
+(``output_border``) and post-processing halo, thresholds, TTA capability, how its maps are
+read -- is a field of its :class:`ModelSpec`; the engine never asks what class a model is.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,8 @@ from typing import Any
 
 from ..errors import ModelError
 from ..schema import CLASS_COLORS, CLASS_NAMES
+from ._device import resolve_device
+from .fetch import default_cache_dir, sha256_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -60,6 +68,14 @@ class ModelSpec:
     min_class_prob: float = 0.0
     #: tissues the class head was trained and validated on, in words
     trained_on: str = ""
+    #: map models (:class:`~wsi_nuclei.models.maps.MapModel`): the network's ``hv`` output was
+    #: trained through a tanh (the official HoVer-Net's is linear and is used as it is)
+    hv_tanh: bool = True
+    #: map models on CUDA: run the network under float16 autocast (False: float32, as the
+    #: official HoVer-Net was validated)
+    fp16: bool = True
+    #: map models: channels-last memory format on the CPU too (on CUDA it is always used)
+    channels_last_cpu: bool = True
 
     @property
     def stride(self) -> int:
@@ -108,44 +124,65 @@ class ModelSpec:
         return note
 
 
+#: The modules that register the built-in models, in the order ``list_models`` shows them.
+_BUILTIN_MODULES: tuple[str, ...] = ("lite", "hovernet", "classic")
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_BUILTIN_DONE = False
+
+PANNUKE_CLASSES: dict[int, str] = dict(CLASS_NAMES)
 
 
-def register(spec: ModelSpec) -> ModelSpec:
-    """Add a model to the registry (the name must be new)."""
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry (the name must be new); returns ``spec``."""
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} already registered")
     _REGISTRY[spec.name] = spec
     return spec
 
 
+def _ensure_builtin_models() -> None:
+    """Import the built-in model modules once (each registers its models on import)."""
+    global _BUILTIN_DONE
+    if not _BUILTIN_DONE:
+        _BUILTIN_DONE = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{module}")
+
+
+def _module_rank(spec: ModelSpec) -> int:
+    """Position of the module that registered ``spec`` (its builder's) in the built-in list."""
+    module = getattr(spec.builder, "__module__", "") or ""
+    for i, name in enumerate(_BUILTIN_MODULES):
+        if module == f"{__package__}.{name}":
+            return i
+    return len(_BUILTIN_MODULES)
+
+
+def _ordered() -> list[ModelSpec]:
+    """Registered specs: built-in modules in :data:`_BUILTIN_MODULES` order, each in its own
+    registration order, then the others (whichever module was imported first)."""
+    specs = list(_REGISTRY.values())
+    return sorted(specs, key=_module_rank)  # stable: registration order within a module
+
+
 def list_models() -> list[ModelSpec]:
-    """All registered models, in registration order."""
-    _ensure_builtin()
-    return list(_REGISTRY.values())
+    """All registered models (built-in ones first, in a fixed order)."""
+    _ensure_builtin_models()
+    return _ordered()
 
 
 def get_spec(name: str) -> ModelSpec:
     """The spec of model ``name``; :class:`ModelError` if unknown."""
-    _ensure_builtin()
+    _ensure_builtin_models()
     if name not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(s.name for s in _ordered())}")
     return _REGISTRY[name]
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path | None:
     """Where the weights of ``spec`` are: ``weights`` if given, else bundled, else the cache."""
-    if not spec.needs_weights:
+    if spec.weights_file is None:
         if weights is not None:
             raise ModelError(f"model {spec.name!r} has no weights; drop --weights {weights}")
         return None
@@ -154,10 +191,8 @@ def find_weights(spec: ModelSpec, weights: str | Path | None = None) -> Path | N
         if not p.is_file():
             raise ModelError(f"weights file not found: {p}")
         return p
-    from .fetch import default_cache_dir
-
     for folder in (WEIGHTS_DIR, default_cache_dir()):
-        p = folder / spec.weights_file  # type: ignore[operator]
+        p = folder / spec.weights_file
         if p.is_file():
             return p
     return None
@@ -171,22 +206,6 @@ def weights_status(spec: ModelSpec) -> str:
     if p is None:
         return "missing"
     return "bundled" if p.parent == WEIGHTS_DIR else f"present ({p})"
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; refuses ``cuda`` without a GPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        from ..errors import DeviceError
-
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
-        raise DeviceError(f"--device cuda: no CUDA GPU is usable here ({build}); use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
-    return device
 
 
 def require_tta(spec: ModelSpec) -> None:
@@ -206,7 +225,7 @@ def load_model(name: str, *, weights: str | Path | None = None, device: str = "a
         hint = f"pass --weights PATH or run 'wsi-nuclei models fetch {name}'" if spec.url else "pass --weights PATH"
         raise ModelError(f"weights for model {name!r} ({spec.weights_file}) not found: {hint}")
     if path is not None and spec.sha256 and weights is None:
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         if digest != spec.sha256:
             raise ModelError(f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)")
     if tta:
@@ -219,21 +238,7 @@ def load_model(name: str, *, weights: str | Path | None = None, device: str = "a
 
 def default_model_name() -> str:
     """The bundled trained model if its weights are present, else the classical baseline."""
-    _ensure_builtin()
-    for spec in _REGISTRY.values():
+    for spec in list_models():
         if spec.bundled and find_weights(spec) is not None:
             return spec.name
     return "classic"
-
-
-_BUILTIN_DONE = False
-
-
-def _ensure_builtin() -> None:
-    global _BUILTIN_DONE
-    if not _BUILTIN_DONE:
-        _BUILTIN_DONE = True
-        from . import zoo  # noqa: F401  (registers the built-in models)
-
-
-PANNUKE_CLASSES: dict[int, str] = dict(CLASS_NAMES)
