@@ -31,7 +31,7 @@ from wsi_nuclei.export import (
 )
 from wsi_nuclei.pipeline import RunConfig, run
 from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
-from wsi_nuclei.tissue import Region, load_regions
+from wsi_nuclei.regions import Region, load_regions
 
 # ------------------------------------------------------------------------------------------
 # helpers
