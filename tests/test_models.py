@@ -14,7 +14,7 @@ import torch
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.inference import predict_instances, predict_maps
-from wsi_nuclei.metrics import panoptic_quality
+from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.models.base import InstanceResult
 from wsi_nuclei.models.registry import (
     PANNUKE_CLASSES,
@@ -442,7 +442,7 @@ def test_bundled_model_quality_on_the_validation_split(nuclei_dir: Path) -> None
     through the engine's path (binary PQ 0.544), well above the classical baseline (PQ 0.37)."""
     import json
 
-    from wsi_nuclei.evaluate import evaluate_model
+    from wsi_nuclei.eval.command import evaluate_model
 
     spec = get_spec("wsi-nuclei-lite0")
     if find_weights(spec) is None:

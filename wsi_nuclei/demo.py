@@ -16,7 +16,7 @@ import numpy as np
 
 def compare_with_truth(found_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> dict[str, int]:
     """One-to-one centroid matching within ``radius``; counts of matched/missed/extra nuclei."""
-    from .metrics import match_centroids
+    from .eval import match_centroids
 
     pairs, un_true, un_pred = match_centroids(np.asarray(true_xy, float).reshape(-1, 2), np.asarray(found_xy, float).reshape(-1, 2), radius)
     return {"true": len(true_xy), "found": len(found_xy), "matched": len(pairs), "missed": len(un_true), "extra": len(un_pred)}
