@@ -13,7 +13,7 @@ import pytest
 from shapely.geometry import box
 
 from wsi_nuclei.cli import main
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 anndata = pytest.importorskip("anndata", reason="the optional 'anndata' extra is not installed")
 gpd = pytest.importorskip("geopandas")

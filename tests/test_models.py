@@ -87,7 +87,7 @@ def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:
 
 def _synthetic(seed: int = 3, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     try:
-        from wsi_nuclei.synthetic import make_nuclei_image
+        from wsi_nuclei.demo import make_nuclei_image
     except ImportError:  # draw dark purple discs on pink
         from skimage.draw import disk
 

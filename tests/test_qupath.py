@@ -30,7 +30,7 @@ from wsi_nuclei.export import (
     write_regions_geojson,
 )
 from wsi_nuclei.pipeline import RunConfig, run
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.regions import Region, load_regions
 
 # ------------------------------------------------------------------------------------------
