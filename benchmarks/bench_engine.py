@@ -47,7 +47,7 @@ def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: in
     tmp = Path(tempfile.mkdtemp(prefix="wsi-nuclei-bench-"))
     info: dict = {"case": case, "arg": arg}
     if case == "overhead":
-        from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+        from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
         size = int(arg)
         rgb, _, _ = make_nuclei_image(size, size, seed=1)
@@ -56,7 +56,7 @@ def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: in
         del rgb
         cfg = RunConfig(slide=slide, out=tmp / "out", model="null", tissue="none", quiet=True)
     elif case == "memory":
-        from wsi_nuclei.synthetic import SyntheticSlide
+        from wsi_nuclei.demo import SyntheticSlide
 
         size = int(arg)
         cfg = RunConfig(slide=SyntheticSlide(size, size, mpp=0.25, tissue_fraction=0.1, seed=0), out=tmp / "out", model="null", quiet=True)

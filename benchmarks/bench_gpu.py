@@ -36,7 +36,7 @@ def _sync(device: str) -> None:
 
 
 def _tiles(n_in: int, batch: int) -> np.ndarray:
-    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.demo import make_nuclei_image
 
     rgb, _, _ = make_nuclei_image(n_in * 4, n_in * 4, seed=3)
     tiles = np.stack([rgb[y : y + n_in, x : x + n_in] for y in range(0, 4 * n_in, n_in) for x in range(0, 4 * n_in, n_in)])
@@ -58,7 +58,7 @@ def _network(model, batch: np.ndarray, n: int, device: str) -> float:
 def _block_maps(model, size: int = 1216) -> dict[str, np.ndarray]:
     """Blended maps of a synthetic H&E-like region of ``size`` px, through the engine."""
     from wsi_nuclei.inference import predict_maps
-    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.demo import make_nuclei_image
 
     rgb, _, _ = make_nuclei_image(size, size, seed=5)
     return predict_maps(model, rgb)

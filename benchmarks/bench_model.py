@@ -29,8 +29,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from wsi_nuclei.demo import make_nuclei_image
     from wsi_nuclei.models import default_model_name, load_model
-    from wsi_nuclei.synthetic import make_nuclei_image
 
     name = args.model or default_model_name()
     model = load_model(name, device=args.device, tta=args.tta)

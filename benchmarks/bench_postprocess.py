@@ -74,7 +74,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)  # the numpy path's OpenCV calls get the same cores
-    from wsi_nuclei.metrics import panoptic_quality
+    from wsi_nuclei.eval import panoptic_quality
     from wsi_nuclei.models import load_model
     from wsi_nuclei.postprocess import hv_to_instances
     from wsi_nuclei.postprocess_torch import hv_to_instances_torch

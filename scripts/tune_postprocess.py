@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from wsi_nuclei.datasets import read_dataset
-from wsi_nuclei.evaluation import evaluate_predictions
+from wsi_nuclei.eval import evaluate_predictions, panoptic_quality
 from wsi_nuclei.inference import predict_maps
-from wsi_nuclei.metrics import panoptic_quality
 from wsi_nuclei.postprocess import HVParams, hv_to_instances
 
 
@@ -79,7 +78,7 @@ def _class_f1(items, params: HVParams) -> dict[str, float]:
 def _paired(items, params: HVParams) -> tuple[list[np.ndarray], list[np.ndarray], list[list]]:
     """Per image: allowed sets of the annotated nuclei paired with predictions, and for each
     pair the instance's pixel class probabilities (so any temperature can be applied)."""
-    from wsi_nuclei.metrics import instance_centroids, match_centroids
+    from wsi_nuclei.eval import instance_centroids, match_centroids
 
     out = []
     for s, m in items:
@@ -115,7 +114,7 @@ def _scores(paired, t: float) -> tuple[float, np.ndarray, np.ndarray]:
 
 
 def _calibrate(all_val: dict, params: HVParams) -> dict:
-    from wsi_nuclei.metrics import expected_calibration_error
+    from wsi_nuclei.eval import expected_calibration_error
 
     temps = [round(float(t), 2) for t in np.arange(0.5, 3.01, 0.1)]
     data = {d: _paired(items, params) for d, items in all_val.items()

@@ -13,7 +13,7 @@ import pytest
 from shapely.geometry import box
 
 from wsi_nuclei.cli import main
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 anndata = pytest.importorskip("anndata", reason="the optional 'anndata' extra is not installed")
 gpd = pytest.importorskip("geopandas")
@@ -76,7 +76,7 @@ def test_run_anndata_matches_the_parquet(slide: Path, tmp_path: Path, capsys: py
 
 def test_anndata_with_classes() -> None:
     from wsi_nuclei.anndata_export import nuclei_anndata
-    from wsi_nuclei.tissue import Region
+    from wsi_nuclei.regions import Region
 
     df = pd.DataFrame({
         "id": ["n1", "n2", "n3"], "class_id": [2, 1, 0], "class_name": ["Inflammatory", "Neoplastic", "Nucleus"],

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from wsi_nuclei.cli import main
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 FINAL = ("nuclei.geojson.gz", "nuclei.geojson", "nuclei.parquet", "tissue.geojson", "summary.csv", "summary.json", "run.json")
 

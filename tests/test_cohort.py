@@ -12,7 +12,7 @@ import pytest
 from wsi_nuclei.cli import main
 from wsi_nuclei.cohort import expand_inputs, output_names
 from wsi_nuclei.errors import InputNotFoundError
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 OPTS = ["--model", "classic", "--tissue", "none", "--no-report", "-q"]  # -q last (some runs drop it)
 

@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_resume.py"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.metrics import instance_overlap, pq_from_overlap
+from wsi_nuclei.eval import instance_overlap, pq_from_overlap
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests of the evaluate command's aggregation (wsi_nuclei.evaluation) on synthetic records."""
+"""Tests of the evaluate command's aggregation (wsi_nuclei.eval.aggregate) on synthetic records."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from wsi_nuclei import metrics as M
-from wsi_nuclei.evaluation import default_class_groups, evaluate_predictions, format_table
+import wsi_nuclei.eval as M
+from wsi_nuclei.eval import default_class_groups, evaluate_predictions, format_table
 
 
 def _squares(positions: list[tuple[int, int]], size: int = 6, shape: int = 64) -> np.ndarray:

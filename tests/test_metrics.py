@@ -1,4 +1,4 @@
-"""Tests of wsi_nuclei.metrics on tiny hand-computed cases, edge cases and a brute-force check."""
+"""Tests of the wsi_nuclei.eval metrics on tiny hand-computed cases, edge cases and a brute-force check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from wsi_nuclei import metrics as M
+import wsi_nuclei.eval as M
 
 # --------------------------------------------------------------------------------------------
 # A small hand-computed scene (6 x 6)

@@ -14,7 +14,7 @@ import torch
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.inference import predict_instances, predict_maps
-from wsi_nuclei.metrics import panoptic_quality
+from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.models import (
     PANNUKE_CLASSES,
     InstanceResult,
@@ -109,7 +109,7 @@ def test_unknown_model_and_missing_weights(tmp_path: Path) -> None:
 
 def _synthetic(seed: int = 3, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     try:
-        from wsi_nuclei.synthetic import make_nuclei_image
+        from wsi_nuclei.demo import make_nuclei_image
     except ImportError:  # draw dark purple discs on pink
         from skimage.draw import disk
 
@@ -464,7 +464,7 @@ def test_bundled_model_quality_on_the_validation_split(nuclei_dir: Path) -> None
     through the engine's path (binary PQ 0.544), well above the classical baseline (PQ 0.37)."""
     import json
 
-    from wsi_nuclei.evaluate import evaluate_model
+    from wsi_nuclei.eval.command import evaluate_model
 
     spec = get_spec("wsi-nuclei-lite0")
     if find_weights(spec) is None:

@@ -27,7 +27,7 @@ from wsi_nuclei.errors import MissingMppError, OutputError, OwnershipError
 from wsi_nuclei.export import check_qupath_geojson
 from wsi_nuclei.pipeline import OUTPUT_NAMES, RunConfig, run
 from wsi_nuclei.schema import NUCLEUS_COLUMNS
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import compare_with_truth, make_nuclei_image, write_pyramidal_tiff
 
 SIZE = 1024
 FINAL = ("nuclei.geojson.gz", *OUTPUT_NAMES)
@@ -37,16 +37,9 @@ FINAL = ("nuclei.geojson.gz", *OUTPUT_NAMES)
 # helpers
 # --------------------------------------------------------------------------------------------
 def _match(found: np.ndarray, truth: np.ndarray, radius: float) -> dict[str, int]:
-    """Nearest-neighbour matching of centroids (the nuclei are >= 16 px apart, so nearest is
-    one-to-one when it is within ``radius``)."""
-    found = np.asarray(found, float).reshape(-1, 2)
-    truth = np.asarray(truth, float).reshape(-1, 2)
-    d, j = cKDTree(found).query(truth) if len(found) else (np.full(len(truth), np.inf), np.zeros(len(truth), int))
-    ok = d <= radius
-    used = j[ok]
-    n_shared = len(used) - len(np.unique(used))  # a found nucleus matched to two true ones
-    return {"true": len(truth), "found": len(found), "matched": int(ok.sum()) - n_shared,
-            "missed": int((~ok).sum()) + n_shared, "extra": len(found) - len(np.unique(used))}
+    """One-to-one matching of centroids within ``radius`` (the package's one matcher,
+    :func:`wsi_nuclei.eval.match_centroids`): counts of matched/missed/extra nuclei."""
+    return compare_with_truth(found, truth, radius)
 
 
 def _max_overlap(geoms: list) -> float:

@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from wsi_nuclei.metrics import panoptic_quality
+from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.postprocess import HVParams, hv_to_instances
 from wsi_nuclei.postprocess_torch import (
     BACKEND_ENV,

@@ -13,7 +13,7 @@ import pytest
 
 from wsi_nuclei._progress import EtaEstimator, Progress, format_seconds
 from wsi_nuclei.cli import main
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 STAGES = ("tissue", "patches", "stitching", "writing")
 

@@ -32,8 +32,8 @@ from wsi_nuclei.export import (
 )
 from wsi_nuclei.export import _format, annotations, qupath
 from wsi_nuclei.pipeline import RunConfig, run
-from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
-from wsi_nuclei.tissue import Region, load_regions
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.regions import Region, load_regions
 
 # ------------------------------------------------------------------------------------------
 # helpers

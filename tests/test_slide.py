@@ -247,7 +247,7 @@ def _write_dicom(
 
 @pytest.fixture(scope="module")
 def he_image() -> np.ndarray:
-    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.demo import make_nuclei_image
 
     return make_nuclei_image(230, 260, seed=5)[0]
 
@@ -490,7 +490,7 @@ def test_bad_arguments(tmp_path: Path, he_image: np.ndarray) -> None:
 
 def test_corrupt_tile_data_is_wrapped(tmp_path: Path) -> None:
     """Garbage inside a tile surfaces as UnsupportedSlideError, never a backend traceback."""
-    from wsi_nuclei.synthetic import make_nuclei_image, write_pyramidal_tiff
+    from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
     rgb = make_nuclei_image(512, 768, seed=1)[0]  # 3 x 2 tiles; opening reads the middle
     path = write_pyramidal_tiff(tmp_path / "s.svs", rgb, levels=1, compression="jpeg")

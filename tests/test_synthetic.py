@@ -1,4 +1,4 @@
-"""Tests for wsi_nuclei.synthetic: nuclei images, pyramidal TIFFs and the procedural slide."""
+"""Tests for the synthetic fixtures of wsi_nuclei.demo: nuclei images, pyramidal TIFFs and the procedural slide."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
 from wsi_nuclei.slide import open_slide, scale_info
-from wsi_nuclei.synthetic import (
+from wsi_nuclei.demo import (
     NUCLEUS_DTYPE,
     SyntheticSlide,
     make_nuclei_image,

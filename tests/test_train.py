@@ -118,7 +118,7 @@ def test_partial_label_nll_gradient_is_free_within_the_allowed_set() -> None:
 
 def _make_image(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     try:
-        from wsi_nuclei.synthetic import make_nuclei_image
+        from wsi_nuclei.demo import make_nuclei_image
 
         rgb, inst, _ = make_nuclei_image(size, size, seed=seed, min_radius=5, max_radius=10)
         return rgb, inst
@@ -348,7 +348,7 @@ def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
 
 def test_hed_jitter_strength() -> None:
     """Strength 0 keeps the image (up to the HED round trip); larger strengths move it more."""
-    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.demo import make_nuclei_image
     from wsi_nuclei.train import _hed_jitter
 
     img = make_nuclei_image(64, 64, seed=1)[0]

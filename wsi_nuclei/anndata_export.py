@@ -54,7 +54,7 @@ def nuclei_anndata(nuclei: pd.DataFrame, *, regions: Sequence[Any] = (), classes
     ----------
     nuclei : pandas.DataFrame
         The columns of ``nuclei.parquet`` (``geometry`` is not needed and not used).
-    regions : sequence of wsi_nuclei.tissue.Region
+    regions : sequence of wsi_nuclei.regions.Region
         The run's regions, for the ``region`` names (a ``region_id`` without a region is named
         ``"region <id>"``; ``-1``, outside every region, is missing).
     classes : sequence of str, optional
@@ -116,7 +116,7 @@ def write_anndata(parquet: str | Path, path: str | Path, *, regions: Sequence[An
         The run's ``nuclei.parquet``.
     path : str or pathlib.Path
         The ``.h5ad`` to write.
-    regions : sequence of wsi_nuclei.tissue.Region
+    regions : sequence of wsi_nuclei.regions.Region
         The run's regions (names for ``obs['region']``).
     classes : sequence of str, optional
         The model's class names in class-id order (see :func:`nuclei_anndata`).

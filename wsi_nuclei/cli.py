@@ -314,7 +314,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import run_evaluate
+    from .eval.command import run_evaluate
 
     return run_evaluate(args)
 
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_args(pt)
     pt.set_defaults(func=_cmd_train)
 
-    from .evaluate import add_arguments as eval_args
+    from .eval.command import add_arguments as eval_args
 
     pe = sub.add_parser("evaluate", formatter_class=fmt, help="evaluate a model on an annotated dataset (PQ, mPQ, AJI, Dice, F1)",
                         description="Evaluate a model on a dataset (shared format or PanNuke fold): binary PQ/DQ/SQ, mPQ, AJI, Dice, "

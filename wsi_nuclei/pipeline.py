@@ -297,7 +297,8 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     from .models import sha256_file
     from .postprocess_torch import postprocess_backend
     from .slide import scale_info
-    from .tissue import Region, TissueMap, detect_tissue_on_slide, overlapping_regions, rasterize_regions
+    from .regions import Region, overlapping_regions, rasterize_regions
+    from .tissue import TissueMap, detect_tissue_on_slide
 
     t = time.perf_counter()
     sinfo = scale_info(slide, spec.mpp) if hasattr(slide, "best_level_for_mpp") else {}
@@ -512,7 +513,7 @@ def _finished_parts(parts: Path, plan: RunPlan) -> set[tuple[int, int]]:
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
     from .models import default_model_name, find_weights, get_spec, require_tta, resolve_device
-    from .tissue import load_regions
+    from .regions import load_regions
 
     t0 = time.perf_counter()
     model_name = cfg.model or default_model_name()
@@ -681,7 +682,7 @@ def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path
     from .engine import apply_resolution, collect_candidates
     from .export import clean_frame
     from .stitching import check_resolution, resolve_seams
-    from .tissue import region_membership
+    from .regions import region_membership
 
     def frames() -> Iterator[tuple[tuple[int, int], pd.DataFrame]]:
         for b in plan.active:

@@ -164,7 +164,7 @@ class RegionSummarizer:
             One batch of nuclei (:data:`wsi_nuclei.schema.NUCLEUS_COLUMNS`).
         membership : (rows, region_ids), optional
             Every (nucleus row, region id) pair when a nucleus may belong to several regions
-            (nested or overlapping annotations; :func:`wsi_nuclei.tissue.region_membership`):
+            (nested or overlapping annotations; :func:`wsi_nuclei.regions.region_membership`):
             each region counts all nuclei it contains. By default each nucleus belongs to its
             ``region_id`` only. The whole slide counts every nucleus with ``region_id != -1``
             once either way.

@@ -382,7 +382,7 @@ def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> 
     paired within 3 µm) and ``<dataset>/cls_f1`` (mean F1 over the class groups of the labels,
     where they have classes; point-labelled datasets give only the last two).
     """
-    from .evaluation import evaluate_predictions
+    from .eval import evaluate_predictions
     from .inference import predict_instances
     from .models import get_spec
     from .models.maps import MapModel

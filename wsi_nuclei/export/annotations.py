@@ -335,7 +335,7 @@ def write_regions_geojson(
     A detected tissue region becomes ``{"type": "Feature", "id": <uuid>, "geometry": ...,
     "properties": {"objectType": "annotation", "name": <region name>, "classification":
     {"name": "Tissue", "color": [r, g, b]}, "measurements": {...}, "metadata": {"region_id":
-    ..., "source": ...}}}``. A user region (read with :func:`wsi_nuclei.tissue.load_regions`)
+    ..., "source": ...}}}``. A user region (read with :func:`wsi_nuclei.regions.load_regions`)
     comes back as the user's annotation: same ``id`` (when it is a UUID), same ``name``,
     ``classification``, ``isLocked``, ``color`` and other properties, with our measurements
     and metadata added (see :func:`region_annotation_ids` for the ids). QuPath does *not* nest

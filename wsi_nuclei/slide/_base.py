@@ -26,7 +26,7 @@ _LEVEL_TOLERANCE = 0.01
 
 
 class BaseSlide(abc.ABC):
-    """Pixel access shared by :class:`Slide` and :class:`wsi_nuclei.synthetic.SyntheticSlide`.
+    """Pixel access shared by :class:`Slide` and :class:`wsi_nuclei.demo.SyntheticSlide`.
 
     Subclasses set the geometry attributes in ``__init__`` and implement
     :meth:`_read_inbounds`; everything else (padding, resampling, thumbnails, level choice)

@@ -1,10 +1,10 @@
 """Aggregation of the ``evaluate`` command: score predictions against an annotated dataset.
 
 :func:`evaluate_predictions` consumes one record per image (ground truth and prediction as
-instance maps), computes every metric of :mod:`wsi_nuclei.metrics` per image and combines them
+instance maps), computes every metric of :mod:`wsi_nuclei.eval` per image and combines them
 over the dataset into a JSON-ready dict; :func:`format_table` renders it for the terminal.
 
-Conventions (details in :mod:`wsi_nuclei.metrics`):
+Conventions (details in :mod:`wsi_nuclei.eval.instance` and :mod:`wsi_nuclei.eval.detection`):
 
 * binary PQ/DQ/SQ: mean over images (HoVer-Net/Kumar/PanNuke ``bPQ``) *and* pooled counts;
 * AJI and Dice: mean over images;
@@ -14,7 +14,7 @@ Conventions (details in :mod:`wsi_nuclei.metrics`):
   are listed under ``excluded_classes``. A class-c prediction matched (IoU > 0.5) to a true
   nucleus that is not labelled c exactly but may be c (e.g. unknown, 31) is ignored rather
   than counted as a false positive (``true_allowed`` of
-  :func:`wsi_nuclei.metrics.multiclass_pq`).
+  :func:`wsi_nuclei.eval.instance.multiclass_pq`).
 
 Undefined values (e.g. PQ of a dataset with no nuclei at all) are ``None`` in the output, so
 ``json.dumps(results, allow_nan=False)`` works.
@@ -27,39 +27,26 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from wsi_nuclei.metrics import (
-    PANNUKE_CLASSES,
-    UNKNOWN_ALLOWED,
+from .._io import json_ready
+from ..schema import CLASS_NAMES
+from ._common import IntArray, nanmean
+from .classes import PANNUKE_CLASS_IDS, UNKNOWN_ALLOWED, classes_to_allowed
+from .detection import detection_scores_from_pairs, instance_centroids, match_centroids
+from .instance import (
     aggregate_multiclass_pq,
     aggregate_pq,
     aji_from_overlap,
-    classes_to_allowed,
-    default_class_groups,
-    detection_scores_from_pairs,
     dice_from_overlap,
-    instance_centroids,
     instance_overlap,
-    match_centroids,
     multiclass_pq_from_overlap,
     pq_from_overlap,
 )
-from wsi_nuclei._io import json_ready
-from wsi_nuclei.schema import CLASS_NAMES
 
-# ``default_class_groups`` lives in :mod:`wsi_nuclei.metrics` (the detection scores default to
-# it) and is re-exported here.
-__all__ = ["default_class_groups", "evaluate_predictions", "format_table"]
+__all__ = ["evaluate_predictions", "format_table"]
 
 
-def _mean(values: list[float]) -> float:
-    arr = np.asarray(values, np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else math.nan
-
-
-def _true_allowed(record: Mapping[str, Any], n_ids: int) -> npt.NDArray[np.int64]:
+def _true_allowed(record: Mapping[str, Any], n_ids: int) -> IntArray:
     """Allowed bitmask per true id: ``true_allowed``, else derived from ``true_classes``,
     else all unknown."""
     allowed = record.get("true_allowed")
@@ -174,7 +161,7 @@ def evaluate_predictions(
 
         pq = pq_from_overlap(ov, iou_threshold)
         pq_rows.append(pq)
-        row: dict[str, Any] = {
+        row = {
             "name": name,
             "mpp": mpp,
             "n_true": n_true,
@@ -226,7 +213,7 @@ def evaluate_predictions(
                 ov,
                 true_classes,
                 pred_class_table,
-                classes=PANNUKE_CLASSES,
+                classes=PANNUKE_CLASS_IDS,
                 true_allowed=allowed,
                 iou_threshold=iou_threshold,
             )
@@ -248,11 +235,11 @@ def evaluate_predictions(
         "segmentation": {
             "pq": aggregate_pq(pq_rows),
             "aji": {
-                "mean": _mean([r["aji"] for r in per_image]),
+                "mean": nanmean([r["aji"] for r in per_image]),
                 "n_images_scored": sum(not math.isnan(r["aji"]) for r in per_image),
             },
             "dice": {
-                "mean": _mean([r["dice"] for r in per_image]),
+                "mean": nanmean([r["dice"] for r in per_image]),
                 "n_images_scored": sum(not math.isnan(r["dice"]) for r in per_image),
             },
         },
@@ -275,7 +262,7 @@ def evaluate_predictions(
         for gname, g in detection["groups"].items():
             groups[gname] = {
                 "mask": g["mask"],
-                "classes": [CLASS_NAMES[c] for c in PANNUKE_CLASSES if g["mask"] >> (c - 1) & 1],
+                "classes": [CLASS_NAMES[c] for c in PANNUKE_CLASS_IDS if g["mask"] >> (c - 1) & 1],
                 **{k: g[k] for k in ("f1", "tp", "fp", "fn", "fp_d", "fn_d", "n_true", "n_pred")},
             }
         results["classification"] = {
@@ -284,10 +271,10 @@ def evaluate_predictions(
             "n_correct": detection["n_correct"],
             "groups": groups,
         }
-        agg = aggregate_multiclass_pq(mpq_rows, PANNUKE_CLASSES)
+        agg = aggregate_multiclass_pq(mpq_rows, PANNUKE_CLASS_IDS)
         for row, m in zip([r for r in per_image if r.get("labels") != "points"], mpq_rows):
             stats = [m["per_class"][c] for c in agg["classes"]]
-            row["mpq"] = _mean([s["pq"] for s in stats if s["n_true"] > 0])
+            row["mpq"] = nanmean([s["pq"] for s in stats if s["n_true"] > 0])
         results["mpq"] = {
             "classes": [CLASS_NAMES[c] for c in agg["classes"]],
             "excluded_classes": [CLASS_NAMES[c] for c in agg["excluded_classes"]],

@@ -1,7 +1,7 @@
 """``wsi-nuclei evaluate``: run a model on annotated datasets and report the standard metrics.
 
 Images are resampled to the model's resolution, predicted whole (maps stitched over a sliding
-window, then post-processed once) and scored with :func:`wsi_nuclei.evaluation.evaluate_predictions`:
+window, then post-processed once) and scored with :func:`wsi_nuclei.eval.evaluate_predictions`:
 binary PQ/DQ/SQ, mPQ over the classes with exact labels, AJI, Dice, detection P/R/F1 with
 centroids paired within 3 µm (12 px at 0.25 µm/px, as HoVer-Net) and per-class F1 for the class
 groups present (e.g. CoNSeP: Inflammatory, Connective, Neoplastic|Epithelial).
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_path
-from .datasets import read_dataset
-from .errors import DatasetError
+from .._io import atomic_path
+from ..datasets import read_dataset
+from ..errors import DatasetError
 
 
 def evaluate_model(model: Any, dataset: str | Path, *, names: list[str] | None = None, radius_um: float = 3.0,
@@ -28,8 +28,8 @@ def evaluate_model(model: Any, dataset: str | Path, *, names: list[str] | None =
     """Evaluate ``model`` on one dataset (optionally only the images ``names``)."""
     from tqdm import tqdm
 
-    from .evaluation import evaluate_predictions
-    from .inference import predict_instances
+    from ..inference import predict_instances
+    from .aggregate import evaluate_predictions
 
     samples = read_dataset(dataset, target_mpp=model.spec.mpp, names=names)
     t0 = time.perf_counter()
@@ -62,11 +62,11 @@ def _split_names(split_file: str | None, dataset: Path) -> list[str] | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import format_table
-    from .models import default_model_name, load_model
+    from ..models import default_model_name, load_model
+    from .aggregate import format_table
 
     if args.split:  # configs/val_split.json resolves from any working directory (see find_config)
-        from ._io import find_config
+        from .._io import find_config
 
         args.split = str(find_config(args.split))
     model_name = args.model or default_model_name()

@@ -4,6 +4,13 @@ The slide is generated in code (no download, no third-party data): an H&E-like p
 TIFF at 0.25 µm/px with non-overlapping elliptical nuclei, many of them straddling tile
 borders. The full pipeline runs on it and the result is compared with the known nuclei:
 each must be found exactly once (centroid within 3 µm), none duplicated.
+
+The package also holds the synthetic fixtures the demo, the tests and the benchmarks share;
+nothing in the runtime pipeline imports it:
+
+* :mod:`wsi_nuclei.demo.synthetic`: :func:`make_nuclei_image` (an H&E-like image with known,
+  non-overlapping nuclei) and :func:`write_pyramidal_tiff` (an Aperio-style pyramidal TIFF);
+* :class:`SyntheticSlide`: a procedural slide of any size with ground truth, read on demand.
 """
 
 from __future__ import annotations
@@ -13,10 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
+from ._slide import SyntheticSlide
+from .synthetic import NUCLEUS_DTYPE, make_nuclei_image, write_pyramidal_tiff
+
+__all__ = [
+    "run_demo",
+    "compare_with_truth",
+    "NUCLEUS_DTYPE",
+    "SyntheticSlide",
+    "make_nuclei_image",
+    "write_pyramidal_tiff",
+]
+
 
 def compare_with_truth(found_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> dict[str, int]:
-    """One-to-one centroid matching within ``radius``; counts of matched/missed/extra nuclei."""
-    from .metrics import match_centroids
+    """One-to-one centroid matching within ``radius``; counts of matched/missed/extra nuclei.
+
+    The pairing is :func:`wsi_nuclei.eval.match_centroids` (the package's one matcher).
+    """
+    from ..eval import match_centroids
 
     pairs, un_true, un_pred = match_centroids(np.asarray(true_xy, float).reshape(-1, 2), np.asarray(found_xy, float).reshape(-1, 2), radius)
     return {"true": len(true_xy), "found": len(found_xy), "matched": len(pairs), "missed": len(un_true), "extra": len(un_pred)}
@@ -24,9 +46,8 @@ def compare_with_truth(found_xy: np.ndarray, true_xy: np.ndarray, radius: float)
 
 def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str = "classic", overwrite: bool = False, quiet: bool = False) -> int:
     """Generate the synthetic slide, run the pipeline, print the comparison; 0 when exact."""
-    from .errors import OutputError
-    from .pipeline import RunConfig, run
-    from .synthetic import make_nuclei_image, write_pyramidal_tiff
+    from ..errors import OutputError
+    from ..pipeline import RunConfig, run
 
     out = Path(out)
     slide_path = out / "synthetic-slide.svs"
@@ -43,7 +64,7 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
     # limit (in every tile alike), and --size 1024 reported 'NOT exact' for a model miss
     write_pyramidal_tiff(slide_path, rgb, mpp=0.25, compression="deflate")
     del rgb
-    from .models import get_spec
+    from ..models import get_spec
 
     spec = get_spec(model)
     print(f"model: {spec.name} ({spec.description})", file=sys.stderr)
@@ -80,7 +101,7 @@ def _overlapping_pairs(geoms: np.ndarray, min_area: float = 1.0) -> int:
     """Pairs of polygons whose intersection exceeds ``min_area`` px²."""
     import shapely
 
-    from .stitching import polygon_overlaps
+    from ..stitching import polygon_overlaps
 
     if len(geoms) and not isinstance(geoms[0], shapely.Geometry):  # GeoParquet stores WKB
         geoms = shapely.from_wkb(geoms)
