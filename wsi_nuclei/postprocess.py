@@ -311,8 +311,9 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         ``minor_axis_um`` (of the ellipse with the same second moments, as scikit-image).
     """
     n = len(labels)
+    polygons: list[np.ndarray | None] = []
     out: dict[str, np.ndarray | list] = {
-        "polygon": [],
+        "polygon": polygons,
         **{k: np.full(n, np.nan, np.float64) for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)},
     }
     if n == 0:
@@ -322,7 +323,7 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
     for i, label in enumerate(labels):
         sl = objects[label - 1] if label - 1 < len(objects) else None
         if sl is None:
-            out["polygon"].append(None)
+            polygons.append(None)
             continue
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
         pm = padded[y0 : y1 + 2, x0 : x1 + 2] == label  # 1-px empty border around the object
@@ -347,7 +348,7 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         out["eccentricity"][i] = np.sqrt(max(0.0, 1 - (minor / major) ** 2)) if major > 0 else 0.0
         ring = _ring(pm.astype(np.float32))
         if ring is None or len(ring) < 4:
-            out["polygon"].append(None)
+            polygons.append(None)
             continue
         perim = _perimeter(mask)
         out["perimeter_um"][i] = perim * mpp
@@ -357,10 +358,10 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         out["solidity"][i] = min(1.0, _ring_area(ring) / hull_area) if hull_area > 0 else np.nan
         approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
         if len(approx) < 3:
-            out["polygon"].append(None)
+            polygons.append(None)
             continue
         poly = approx.astype(np.float64)
         poly[:, 0] += x0
         poly[:, 1] += y0
-        out["polygon"].append(poly)
+        polygons.append(poly)
     return out
