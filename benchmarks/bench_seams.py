@@ -120,7 +120,8 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
 
     from wsi_nuclei.engine import MapBlender, fill_values, infer_patches, model_of, read_patches
     from wsi_nuclei.models import default_model_name, find_weights, get_spec
-    from wsi_nuclei.pipeline import RunConfig, _context, _open, make_plan
+    from wsi_nuclei.pipeline import RunConfig, make_plan
+    from wsi_nuclei.pipeline.plan import _context, _open
     from wsi_nuclei.postprocess import measure_instances
 
     cfg = RunConfig(slide=str(slide), model=model or default_model_name())

@@ -94,7 +94,8 @@ def test_output_names_disambiguate_equal_stems_deterministically(tmp_path: Path)
 # --------------------------------------------------------------------------------------------
 def test_cohort_run_one_model_load_failures_continue_table_and_resume(
         slides: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_nuclei import engine, pipeline
+    from wsi_nuclei import engine
+    from wsi_nuclei.pipeline import _run as pipeline_run
     from wsi_nuclei import models
 
     bad = tmp_path / "bad.svs"
@@ -152,18 +153,18 @@ def test_cohort_run_one_model_load_failures_continue_table_and_resume(
     out2 = tmp_path / "out2"
     argv2 = ["run", str(slides["a"]), str(slides["b"]), str(slides["a2"]), *OPTS[:-1], "--block-size", "128",
              "--out", str(out2)]
-    real_write = pipeline._write
+    real_write = pipeline_run._write
 
     def interrupt_b(cfg, *a, **kw):  # type: ignore[no-untyped-def]
         if Path(cfg.slide).name == "b.svs":
             raise KeyboardInterrupt
         return real_write(cfg, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "_write", interrupt_b)
+    monkeypatch.setattr(pipeline_run, "_write", interrupt_b)
     assert main(argv2) == 130
     assert (out2 / "a-1" / "run.json").is_file() and not (out2 / "b" / "run.json").exists()
     assert not (out2 / "a-2").exists() and not (out2 / "cohort.csv").exists()
-    monkeypatch.setattr(pipeline, "_write", real_write)
+    monkeypatch.setattr(pipeline_run, "_write", real_write)
     capsys.readouterr()
     assert main(argv2) == 0
     cap = capsys.readouterr()

@@ -21,13 +21,13 @@ import pytest
 import shapely
 from PIL import Image
 from scipy.spatial import cKDTree
-
 from wsi_nuclei import pipeline
+from wsi_nuclei.demo import compare_with_truth, make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.errors import MissingMppError, OutputError, OwnershipError
 from wsi_nuclei.export import check_qupath_geojson
 from wsi_nuclei.pipeline import OUTPUT_NAMES, RunConfig, run
+from wsi_nuclei.pipeline import _stages as pipeline_stages
 from wsi_nuclei.schema import NUCLEUS_COLUMNS
-from wsi_nuclei.demo import compare_with_truth, make_nuclei_image, write_pyramidal_tiff
 
 SIZE = 1024
 FINAL = ("nuclei.geojson.gz", *OUTPUT_NAMES)
@@ -159,7 +159,6 @@ def test_every_known_nucleus_found_exactly_once(synth: dict, base: Path) -> None
     # tiling is invisible: the classic model run on the whole image at once finds the same
     # nuclei, with the same centroids (up to float rounding)
     from scipy import ndimage as ndi
-
     from wsi_nuclei.models.classic import classic_instances
 
     # beyond the slide edge the engine's canvas is glass (white): give the whole image the same
@@ -270,10 +269,10 @@ def test_crashed_run_resumes_from_finished_blocks(synth: dict, base: Path, monke
             raise RuntimeError("simulated crash after two finished blocks")
         real_save(frame, stats, path)
 
-    monkeypatch.setattr(pipeline, "save_part", crashing_save)
+    monkeypatch.setattr(pipeline_stages, "save_part", crashing_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(synth["s25"], out, batch_size=4, block_size=256)
-    monkeypatch.setattr(pipeline, "save_part", real_save)
+    monkeypatch.setattr(pipeline_stages, "save_part", real_save)
     for name in FINAL:
         assert not (out / name).exists(), f"{name} written by a crashed run"
     parts = sorted((out / ".work" / "blocks").glob("*.parquet"))
@@ -347,7 +346,6 @@ class _PositionDependent:
 
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         from scipy import ndimage as ndi
-
         from wsi_nuclei.datasets import hv_targets
 
         out = []
@@ -631,7 +629,6 @@ def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, 
 # --------------------------------------------------------------------------------------------
 def test_out_of_memory_halves_the_batch_and_completes(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
-
     from wsi_nuclei.models.classic import ClassicModel
 
     real = ClassicModel.infer

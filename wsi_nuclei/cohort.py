@@ -245,7 +245,8 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
     OutputError
         ``cohort.csv`` cannot be written.
     """
-    from .pipeline import _client, run
+    from .pipeline import run
+    from .pipeline._stages import _client
     from .summary import duplicate_slides, summarize_runs
 
     t0 = time.perf_counter()

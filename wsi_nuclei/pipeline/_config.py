@@ -1,0 +1,88 @@
+"""What a run is asked to do and what it returns: :class:`RunConfig`, :class:`RunResult`, the
+names of the output files and the default output folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Largest level-0 -> model upsampling accepted (0.25 -> 1.0 µm/px, i.e. 10x scans).
+MAX_UPSAMPLING = 4.0
+
+#: Final output files (GeoJSON name depends on --geojson-plain).
+OUTPUT_NAMES = ("nuclei.parquet", "tissue.geojson", "summary.csv", "summary.json", "run.json")
+
+_WORK = ".work"
+
+#: Patches run where their output lies within this margin (model px) of tissue: a function
+#: of the slide only, so that the blended maps do not depend on the blocks.
+TISSUE_MARGIN_PX = 64
+
+#: Nuclei this close (in thumbnail pixels) to a detected tissue outline belong to it: the
+#: outline comes from a coarse thumbnail (about 8 µm/px).
+TISSUE_TOLERANCE_THUMB_PX = 4.0
+
+
+@dataclass
+class RunConfig:
+    """Options of one run (mirrors ``wsi-nuclei run``)."""
+
+    slide: Any  # path, or an object with the Slide interface (e.g. SyntheticSlide)
+    out: str | Path | None = None
+    model: str | None = None  # None: the default model
+    weights: str | Path | None = None
+    device: str = "auto"
+    tta: bool = False  # flip test-time augmentation (4x network time)
+    backend: str = "auto"
+    mpp: float | None = None
+    regions: str | Path | None = None
+    tissue: str = "auto"  # "auto" (detect) or "none" (process everything)
+    halo: int | None = None  # block halo, model px; None: the model's (96)
+    block_size: int = 1024  # post-processing block core, model px
+    strip_blocks: int = 8  # blocks per strip (bounds the band of maps held in memory)
+    batch_size: int = 16
+    max_in_flight: int = 4
+    #: patches per network call (a batch is run in chunks of this size, one call at a time per
+    #: process; bounds the network's activation memory). None: 2 on the CPU, the whole batch on CUDA
+    infer_chunk: int | None = None
+    scheduler: str | None = None
+    workers: int = 1  # local worker processes (1: in-process threads)
+    threads: int = 2  # threads per local worker
+    overwrite: bool = False
+    geojson_plain: bool = False
+    qupath_hierarchy: bool = True  # write qupath.geojson(.gz): regions holding their nuclei
+    strict_ownership: bool = False
+    quiet: bool = False
+    keep_work: bool = False
+    min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    report: bool = True  # write report.html (visual QC) after the other outputs
+    anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
+    client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    files: dict[str, Path]
+    n_nuclei: int
+    counts: dict[str, int]
+    patches_total: int
+    patches_run: int
+    seconds: dict[str, float]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def default_out_dir(slide_path: str | Path) -> Path:
+    """``./wsi-nuclei-out/<slide stem>/``."""
+    name = Path(str(slide_path)).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return Path("wsi-nuclei-out") / name[: -len(ext)]
+    return Path("wsi-nuclei-out") / Path(name).stem
+
+
+def qupath_name(cfg: RunConfig) -> str:
+    """File name of the QuPath hierarchy file (``--geojson-plain`` decides the ``.gz``)."""
+    return "qupath.geojson" if cfg.geojson_plain else "qupath.geojson.gz"

@@ -1,0 +1,66 @@
+"""Part files: one GeoParquet file per finished block under ``<out>/.work/`` (written to a
+temporary name, then renamed, so a part exists exactly when it is complete), read back on
+resume and for stitching.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._io import atomic_path
+from .plan import RunPlan
+
+_STATS_KEY = b"wsi_nuclei_block_stats"
+
+
+def _part_path(parts: Path, block: tuple[int, int]) -> Path:
+    return parts / f"r{block[0]:05d}_c{block[1]:05d}.parquet"
+
+
+def save_part(frame: pd.DataFrame, stats: dict[str, Any], path: Path) -> None:
+    """Write a block's table with its stats in the file's key-value metadata, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    f = frame.copy()
+    f["geometry"] = shapely.to_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
+    table = pa.Table.from_pandas(f, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _STATS_KEY: json.dumps(stats).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def load_part(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A block's table and stats (see :func:`save_part`)."""
+    import pyarrow.parquet as pq
+    import shapely
+
+    table = pq.read_table(path)
+    stats = json.loads((table.schema.metadata or {}).get(_STATS_KEY, b"{}"))
+    f = table.to_pandas()
+    f["geometry"] = shapely.from_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
+    return f, stats
+
+
+def _finished_parts(parts: Path, plan: RunPlan) -> set[tuple[int, int]]:
+    """Blocks whose part file is complete and readable (anything else is redone)."""
+    import pyarrow.parquet as pq
+
+    done = set()
+    for b in plan.active:
+        p = _part_path(parts, b)
+        if not p.is_file():
+            continue
+        try:
+            if _STATS_KEY in (pq.read_schema(p).metadata or {}):
+                done.add(b)
+                continue
+        except Exception:  # a damaged part: redo the block
+            pass
+        p.unlink(missing_ok=True)
+    return done
