@@ -30,9 +30,12 @@ so both cover exactly the same pixels.
 The random weights. A He-normal network (``torch.manual_seed(--seed)``) whose batch norms are
 then calibrated on two patches of the slide (one forward pass in training mode with cumulative
 statistics, so every layer is normalised instead of growing to logits in the hundreds); the
-HV head is scaled so its output has unit spread, and the NP head's foreground bias is set so
-that ``--fg`` (default 30 %) of the calibration pixels are nucleus: post-processing then does
-real work in both tools.
+NP head's foreground bias is set so that ``--fg`` (default 30 %) of the calibration pixels are
+nucleus; the HV branch gets the NP branch's weights with both channels the foreground margin at
+unit spread (random HV maps are pixel noise, in which TIAToolbox's Sobel markers find no nucleus
+at all; blob-shaped HV maps give markers inside the foreground in both tools); the type head's
+background logit is lowered by 100 so every instance gets one of the 5 classes. Post-processing
+then does real work in both tools.
 
 TIAToolbox imports torchvision, which has no CPU build here (the PyPI wheel is the CUDA one
 and fails to import on the CPU build of torch). With ``--torchvision-shim auto`` (default: only
@@ -72,6 +75,7 @@ DEFAULT_SLIDE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
 MODEL_MPP = 0.25
 TIA_MODEL = "hovernet_fast-pannuke"
 TOOLS = ("wsi-nuclei", "tiatoolbox")
+KEYS = ("wall_s", "cpu_s", "peak_rss_mb", "tree_peak_rss_mb", "patches", "nuclei")
 
 
 # --------------------------------------------------------------------------------------
@@ -209,13 +213,23 @@ def make_state_dict(seed: int = 0, patches=None, fg: float = 0.3) -> OrderedDict
         net.eval()
         with torch.no_grad():
             out = net(x)
-            hv_head = net.decoder["hv"].u0.conv
-            hv_head.weight /= out["hv"].std()
-            hv_head.bias.zero_()
             diff = out["np"][:, 1] - out["np"][:, 0]
             threshold = torch.quantile(diff.flatten().float(), 1.0 - fg)
             np_head = net.decoder["np"].u0.conv
             np_head.bias[1] -= threshold  # softmax(np)[1] > 0.5 exactly where diff > threshold
+            # HV: random HV maps are pixel noise, in which TIAToolbox's Sobel-based markers find
+            # no nucleus at all. Give the HV branch the NP branch's weights, its two channels both
+            # the foreground margin scaled to unit spread: a landscape of blobs, whose Sobel
+            # gradients make markers inside the foreground in both tools' post-processing.
+            net.decoder["hv"].load_state_dict(net.decoder["np"].state_dict())
+            hv_head = net.decoder["hv"].u0.conv
+            margin_w = np_head.weight[1] - np_head.weight[0]
+            margin_b = np_head.bias[1] - np_head.bias[0]
+            scale = (diff - threshold).std()
+            hv_head.weight.copy_(torch.stack([margin_w, margin_w]) / scale)
+            hv_head.bias.copy_(torch.stack([margin_b, margin_b]) / scale)
+            # TP: no background wins the type argmax, so every instance gets one of the 5 classes
+            net.decoder["tp"].u0.conv.bias[0] -= 100.0
     sd = OrderedDict((k, v.detach().clone().contiguous()) for k, v in net.state_dict().items())
     for k, v in sd.items():
         if k.endswith("num_batches_tracked"):
@@ -227,7 +241,7 @@ def weights_file(work: Path, slide: str, seed: int, fg: float) -> Path:
     """The state dict for ``seed`` under ``work`` (built and saved once)."""
     import torch
 
-    path = work / f"hovernet-fast-random-seed{seed}-fg{round(fg * 100)}.pth"
+    path = work / f"hovernet-fast-random-v2-seed{seed}-fg{round(fg * 100)}.pth"
     if not path.exists():
         sd = make_state_dict(seed, _calibration_patches(slide), fg)
         tmp = path.with_suffix(".tmp")
@@ -297,17 +311,17 @@ def _tia_child(a: argparse.Namespace) -> int:
     image = WSIReader.open(a.slide, mpp=(a.mpp, a.mpp)) if a.mpp else a.slide
     out_dir = Path(a.out)
     t0 = time.perf_counter()
-    out = seg.run([image], patch_mode=False, save_dir=out_dir, overwrite=True, output_type="annotationstore",
+    # QuPath JSON: the counterpart of wsi-nuclei's qupath.geojson.gz; TIAToolbox's default
+    # "annotationstore" needs sqlite3 load_extension, which this Python lacks
+    out = seg.run([image], patch_mode=False, save_dir=out_dir, overwrite=True, output_type="qupath",
                   auto_get_mask=not a.no_mask, device="cpu", batch_size=a.batch_size)
     run_s = time.perf_counter() - t0
-    paths = list(out.values()) if isinstance(out, dict) else [out]
+    paths = [Path(str(q)) for v in (out.values() if isinstance(out, dict) else [out]) for q in (v if isinstance(v, list) else [v])]
     nuclei = 0
-    from tiatoolbox.annotation.storage import SQLiteStore
-
-    for p in paths:
-        p = Path(str(p))
-        if p.suffix == ".db":
-            nuclei += len(SQLiteStore(p))
+    for path in paths:
+        if path.suffix == ".json" and path.is_file():
+            doc = json.loads(path.read_text())
+            nuclei += len(doc.get("features", []) if isinstance(doc, dict) else doc)
     Path(a.result).write_text(json.dumps({"patches": counter["patches"], "forward_calls": counter["calls"], "nuclei": nuclei,
                                           "run_s": round(run_s, 2), "outputs": [str(p) for p in paths],
                                           "torchvision_shim": sorted(set(SHIM_REQUESTS)) if shim else None}))
@@ -367,6 +381,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0
     poller.join()
     return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
             "tree_peak_rss_mb": round(peak["tree"] / 2**20, 1), "user_s": round(ru.ru_utime, 1), "sys_s": round(ru.ru_stime, 1),
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
             "output_tail": output[-2000:]}
 
 
@@ -374,17 +389,17 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0
 # table
 # --------------------------------------------------------------------------------------
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per tool and the ratios wsi-nuclei / TIAToolbox of wall time, peak RSS, patches and nuclei."""
+    """Medians per tool and the ratios wsi-nuclei / TIAToolbox of wall time, CPU time, peak RSS, patches and nuclei."""
     med: dict[str, dict[str, float | None]] = {}
     for tool in TOOLS:
         mine = [r for r in runs if r["tool"] == tool and r.get("rc") == 0]
         med[tool] = {}
-        for key in ("wall_s", "peak_rss_mb", "tree_peak_rss_mb", "patches", "nuclei"):
+        for key in KEYS:
             vals = [r[key] for r in mine if r.get(key) is not None]
             med[tool][key] = statistics.median(vals) if vals else None
         med[tool]["runs"] = len(mine)
     ratios = {}
-    for key in ("wall_s", "peak_rss_mb", "tree_peak_rss_mb", "patches", "nuclei"):
+    for key in KEYS:
         a, b = med["wsi-nuclei"][key], med["tiatoolbox"][key]
         ratios[key] = round(a / b, 3) if a is not None and b else None
     return {"median": med, "ratio_wsi_over_tia": ratios}
@@ -393,7 +408,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def format_table(summary: dict[str, Any]) -> str:
     """Markdown table of the medians and ratios."""
     med, ratios = summary["median"], summary["ratio_wsi_over_tia"]
-    rows = [("wall time (s)", "wall_s", "{:.1f}"), ("peak RSS, process (MB)", "peak_rss_mb", "{:.0f}"),
+    rows = [("wall time (s)", "wall_s", "{:.1f}"), ("CPU time, user + system (s)", "cpu_s", "{:.1f}"), ("peak RSS, process (MB)", "peak_rss_mb", "{:.0f}"),
             ("peak RSS, process tree (MB)", "tree_peak_rss_mb", "{:.0f}"), ("network patches", "patches", "{:.0f}"),
             ("output nuclei (random weights)", "nuclei", "{:.0f}")]
 

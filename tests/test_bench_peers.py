@@ -90,6 +90,7 @@ def test_measure_sees_child_memory_and_time() -> None:
     code = "import time, numpy as np; a = np.ones(300 * 2**20 // 8); time.sleep(0.6)"
     run = _load().measure([sys.executable, "-c", code], poll_s=0.05)
     assert run["rc"] == 0 and run["wall_s"] >= 0.6
+    assert abs(run["cpu_s"] - run["user_s"] - run["sys_s"]) <= 0.11
     assert run["peak_rss_mb"] >= 300 and run["tree_peak_rss_mb"] >= 250
 
 
