@@ -676,3 +676,16 @@ def test_validator_streams_across_chunk_boundaries(tmp_path: Path,
         monkeypatch.setattr(_jsonstream._JsonStream, "_CHUNK", chunk)
         assert check_qupath_geojson(tmp_path / "s.geojson") == []
         assert check_qupath_geojson(bad) == expected_bad
+
+
+def test_coordinates_of_a_read_only_geometry_array() -> None:
+    """pandas 3 (copy-on-write) returns read-only arrays; shapely < 2.2's to_ragged_array
+    rejected them ("buffer source array is read-only") and the GeoJSON writers failed."""
+    from wsi_nuclei.export._format import _coordinates_text
+
+    polys = np.array([box(0, 0, 2, 1), box(5, 5, 6, 7)], dtype=object)
+    polys.flags.writeable = False
+    text, offsets = _coordinates_text(polys)
+    first = json.loads(text[offsets[0] : offsets[1]].decode())
+    assert first[0][0] == first[0][-1] and len(first[0]) == 5
+    assert sorted(map(tuple, first[0][:4])) == [(0, 0), (0, 1), (2, 0), (2, 1)]

@@ -38,11 +38,17 @@ def _classification_texts() -> dict[int, bytes]:
     return {cid: _dumps(obj).encode("ascii") for cid, obj in _classification_objects().items()}
 
 
+def _ragged(polys: np.ndarray) -> tuple[object, np.ndarray, tuple[np.ndarray, ...]]:
+    """``shapely.to_ragged_array`` of a copy: shapely < 2.2 needs a writable array, and pandas 3
+    (copy-on-write) hands out read-only ones."""
+    return shapely.to_ragged_array(np.array(polys, dtype=object))
+
+
 def _polygon_coordinates(polys: np.ndarray) -> list[list[list[list[float]]]]:
     """GeoJSON Polygon ``coordinates`` (lists of rings of [x, y]) for an array of Polygons."""
     if len(polys) == 0:
         return []
-    _, coords, (ring_off, poly_off) = shapely.to_ragged_array(polys)
+    _, coords, (ring_off, poly_off) = _ragged(polys)
     pts = _round_coords(coords).tolist()
     ring_off = ring_off.tolist()
     poly_off = poly_off.tolist()
@@ -153,7 +159,7 @@ def _coordinates_text(polys: np.ndarray) -> tuple[bytes, np.ndarray]:
 
     The text of a polygon is exactly ``json.dumps(coordinates, separators=(",", ":"))`` of its
     rounded coordinates (``[[[x,y],...],[hole...]]``)."""
-    _, coords, (ring_off, poly_off) = shapely.to_ragged_array(polys)
+    _, coords, (ring_off, poly_off) = _ragged(polys)
     n_pts = len(coords)
     n_rings = len(ring_off) - 1
     ring_of_pt = np.repeat(np.arange(n_rings), np.diff(ring_off))
