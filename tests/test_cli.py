@@ -530,3 +530,30 @@ def test_help_models_and_summarize_do_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_internal_error_is_one_line_and_exit_70(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A bug (an exception that is not a WsiNucleiError) gives one line and exit 70, not a
+    traceback; WSI_NUCLEI_TRACEBACK=1 lets the exception through."""
+    from wsi_nuclei import cli
+
+    def broken(args: object) -> int:
+        raise ValueError("buffer source array is read-only\nsecond line")
+
+    parser = cli.build_parser()
+    real_parse = parser.parse_args
+
+    def parse(argv: object = None) -> object:
+        ns = real_parse(["models"])
+        ns.func = broken
+        return ns
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.delenv("WSI_NUCLEI_TRACEBACK", raising=False)
+    assert cli.main(["models"]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: ValueError: buffer source array is read-only (a bug" in err
+    monkeypatch.setenv("WSI_NUCLEI_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="read-only"):
+        cli.main(["models"])

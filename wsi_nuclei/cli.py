@@ -7,6 +7,7 @@ its :class:`~wsi_nuclei.errors.WsiNucleiError` class (see ``wsi-nuclei --help``)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from . import __version__
 from .errors import OwnershipError, WsiNucleiError
 
+#: Exit code of an unexpected exception (EX_SOFTWARE of sysexits.h).
+INTERNAL_ERROR = 70
 EXIT_CODES = """\
 exit codes:
   0  success
@@ -26,6 +29,7 @@ exit codes:
   7  output not writable or disk full, results exist without --overwrite, or another run holds --out
   8  unknown model, missing or mismatching weights, failed fetch
   9  malformed training/evaluation dataset
+  70 internal error (a bug: one line; WSI_NUCLEI_TRACEBACK=1 shows the traceback)
   130 interrupted (Ctrl-C); a rerun resumes from the finished batches
 """
 
@@ -452,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("WSI_NUCLEI_TRACEBACK"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"wsi-nuclei: internal error: {type(exc).__name__}: {first} (a bug; rerun with WSI_NUCLEI_TRACEBACK=1 "
+              "for the traceback and report it)", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":
