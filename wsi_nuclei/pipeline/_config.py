@@ -64,6 +64,9 @@ class RunConfig:
 
 @dataclass
 class RunResult:
+    """What :func:`~wsi_nuclei.pipeline.run` returns: the output folder and files, the nucleus count and
+    counts per class, the patches planned and run, the seconds per stage and the run manifest
+    (``run.json``)."""
     out_dir: Path
     files: dict[str, Path]
     n_nuclei: int

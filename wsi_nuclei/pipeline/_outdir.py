@@ -14,6 +14,8 @@ from ._config import _WORK
 
 
 def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
+    """Check ``out`` before anything is written: existing results need ``overwrite`` (unless an
+    interrupted run left them), and the folder must be writable (:class:`OutputError` otherwise)."""
     existing = [n for n in names if (out / n).exists()]
     # outputs of a run that was interrupted while writing them (its work folder is there and
     # run.json, written last, is not) are not results: rerunning the same command replaces them
@@ -40,12 +42,14 @@ class _Lock:
         self.fh, self.owned, self.closed = fh, True, False
 
     def close(self) -> None:
+        """Release the lock (idempotent)."""
         if not self.closed:
             self.fh.close()
             self.closed = True
 
 
 def _lock(out: Path) -> _Lock:
+    """Take the folder lock or raise :class:`OutputError` naming the run that holds it."""
     import fcntl
 
     path = out / _LOCK

@@ -18,6 +18,7 @@ _STATS_KEY = b"wsi_nuclei_block_stats"
 
 
 def _part_path(parts: Path, block: tuple[int, int]) -> Path:
+    """Part file of ``block`` (row, column) under the parts folder."""
     return parts / f"r{block[0]:05d}_c{block[1]:05d}.parquet"
 
 

@@ -87,6 +87,8 @@ def _plan_line(cfg: RunConfig, plan: RunPlan, setup: _Setup) -> str:
 
 def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, names: list[str], t0: float,
                        progress: Progress | None = None) -> RunResult:
+    """Execute (resuming from finished parts when the run key matches), stitch and write a planned
+    run; the work folder is removed after the outputs are written (unless ``keep_work``)."""
     progress = progress if progress is not None else Progress(enabled=False)
     seconds: dict[str, float] = {"plan": setup.seconds}
     work = out / _WORK

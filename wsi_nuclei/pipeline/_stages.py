@@ -51,6 +51,9 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
 
 def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int, int]], cfg: RunConfig,
              progress: Progress | None = None) -> dict[str, float]:
+    """Run the engine over the strips that hold unfinished blocks (``todo``), one part file per
+    finished block; the engine's totals (seconds per task kind, patches, peak band memory, OOM
+    splits, retries)."""
     from ..engine import DaskExecutor, patches_for_window, run_strip
 
     progress = progress if progress is not None else Progress(enabled=False)
@@ -115,6 +118,8 @@ def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final
 
 
 def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path, stage: Any) -> dict[str, Any]:
+    """Resolve the seam candidates of all blocks, apply the decisions to each part, clean the
+    geometries, assign regions and write the final parts to ``final_dir``; the stitch statistics."""
     from ..engine import apply_resolution, collect_candidates
     from ..export import clean_frame
     from ..regions import region_membership

@@ -84,6 +84,8 @@ def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: P
 
 def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
                    engine_stats: dict, seconds: dict[str, float], t0: float, done: set, stage: Any) -> RunResult:
+    """Stream the final parts into every output (GeoJSON, QuPath hierarchy, GeoParquet, AnnData,
+    region annotations, summaries, run.json last), each atomic; the :class:`RunResult`."""
     from dataclasses import replace
 
     from ..export import region_annotation_ids, write_nuclei_geojson, write_nuclei_parquet, write_qupath_geojson, write_regions_geojson

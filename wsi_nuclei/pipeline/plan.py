@@ -68,10 +68,13 @@ class RunPlan:
 
     @property
     def n_patches(self) -> int:
+        """Network patches the plan runs (all strips)."""
         return sum(s.n_patches for s in self.strips)
 
 
 def _open(cfg: RunConfig) -> tuple[Any, Any]:
+    """The slide of a run and the identity of its source (path, backend, --mpp) for the run key;
+    an in-memory slide object is its own source."""
     if isinstance(cfg.slide, (str, Path)):
         from ..slide import open_slide
 
@@ -256,6 +259,7 @@ def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -
 
 
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
+    """The engine's context of a planned run (what every task needs, picklable)."""
     return EngineContext(
         setup.source, (plan.model, plan.weights, plan.device, plan.tta), plan.patches, plan.blocks, plan.scale,
         plan.read_mpp, plan.slide_mpp, plan.model_mpp, plan.fingerprint, plan.strict,
