@@ -108,7 +108,7 @@ def test_cohort_run_one_model_load_failures_continue_table_and_resume(
         return real_load(name, **kw)
 
     monkeypatch.setattr(models, "load_model", counting_load)
-    engine._MODELS.clear()
+    engine.clear_model_cache()
     out = tmp_path / "out"
     argv = ["run", str(slides["dir"]), str(bad), str(slides["dir"] / "sub" / "*.tif"), *OPTS, "--out", str(out)]
     assert main(argv) == 3  # the one failure's exit code

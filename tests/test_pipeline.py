@@ -291,12 +291,12 @@ def test_rerun_after_losing_outputs_reuses_kept_parts(synth: dict, base: Path, m
     with pytest.raises(OutputError, match="--overwrite"):  # the other half still exists
         _run(synth["s25"], out, block_size=256)
     # no patch is read again: every block comes from the part files
-    from wsi_nuclei import engine
+    from wsi_nuclei.engine import _executor  # run_strip reads patches through this name
 
     def no_read(*args, **kwargs):
         raise RuntimeError("a patch was read again")
 
-    monkeypatch.setattr(engine, "read_patches", no_read)
+    monkeypatch.setattr(_executor, "read_patches", no_read)
     res = _run(synth["s25"], out, overwrite=True, block_size=256)
     assert res.manifest["qc"]["blocks_resumed"] == 16 and res.patches_run == 0
     _same_outputs(base, out)
@@ -374,10 +374,10 @@ def posdep():
         class_names={}, builder=lambda spec, weights, device: _PositionDependent(spec), output_border=16, halo=48,
     )
     register_model(spec)
-    engine._MODELS.clear()
+    engine.clear_model_cache()
     yield spec
     del _registry._REGISTRY[spec.name]
-    engine._MODELS.clear()
+    engine.clear_model_cache()
 
 
 def test_position_dependent_model_one_consistent_answer(synth: dict, tmp_path: Path, posdep) -> None:
@@ -600,10 +600,10 @@ def classic164():
         class_names={}, builder=lambda spec, weights, device: _Classic164(spec),
     )
     register_model(spec)
-    engine._MODELS.clear()
+    engine.clear_model_cache()
     yield spec.name
     del _registry._REGISTRY[spec.name]
-    engine._MODELS.clear()
+    engine.clear_model_cache()
 
 
 def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, classic164: str, base: Path) -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-from wsi_nuclei.engine import _instance_geometry
+from wsi_nuclei.engine._blocks import _instance_geometry
 from wsi_nuclei.stitching import (
     Candidates,
     Resolution,
