@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from scipy.special import logsumexp
 
-from wsi_nuclei.train import DatasetEntry, _load_entries, hovernet_loss, main, make_batch, partial_label_nll, point_label_map
+from wsi_nuclei.train import DatasetEntry, hovernet_loss, main, make_batch, partial_label_nll, point_label_map
+from wsi_nuclei.train._data import _load_entries
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -341,7 +342,7 @@ def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
         weights = np.array([1, w, 1])
         got = float(partial_label_nll(logits, b["allowed"], b["mask"] * torch.tensor([[[1, w, 1]]])))
         assert got == pytest.approx((nll * weights).sum() / weights.sum(), rel=1e-5)
-    from wsi_nuclei.train import _labelled_px
+    from wsi_nuclei.train.losses import _labelled_px
 
     assert _labelled_px(torch.tensor([0, 1, 2, 4, 17, 30, 31], dtype=torch.uint8)).tolist() == [False, True, True, True, True, False, False]
 
@@ -349,7 +350,7 @@ def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
 def test_hed_jitter_strength() -> None:
     """Strength 0 keeps the image (up to the HED round trip); larger strengths move it more."""
     from wsi_nuclei.demo import make_nuclei_image
-    from wsi_nuclei.train import _hed_jitter
+    from wsi_nuclei.train._data import _hed_jitter
 
     img = make_nuclei_image(64, 64, seed=1)[0]
     same = _hed_jitter(img, np.random.default_rng(0), 0.0)

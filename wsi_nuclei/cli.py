@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("name", nargs="?", help="model name for fetch")
     pm.set_defaults(func=_cmd_models)
 
-    from .train_options import add_arguments as train_args
+    from .train.options import add_arguments as train_args
 
     pt = sub.add_parser("train", formatter_class=fmt, help="train the HoVer-Net-style model on annotated datasets",
                         description="Train the default network on datasets in the shared format or official PanNuke folds; "
