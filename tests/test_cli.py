@@ -535,7 +535,7 @@ def test_help_models_and_summarize_do_not_import_torch() -> None:
 def test_internal_error_is_one_line_and_exit_70(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """A bug (an exception that is not a WsiNucleiError) gives one line and exit 70, not a
     traceback; WSI_NUCLEI_TRACEBACK=1 lets the exception through."""
-    from wsi_nuclei import cli
+    from wsi_nuclei.cli import _main as cli
 
     def broken(args: object) -> int:
         raise ValueError("buffer source array is read-only\nsecond line")
