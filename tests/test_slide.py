@@ -543,3 +543,20 @@ def test_fingerprint_covers_every_pixel_file_of_a_mirax_like_slide(tmp_path: Pat
     shutil.copytree(data, copy / "s")
     assert fingerprint(copy / "s.mrxs", (100, 100)) == b  # content, not place or time
     assert fingerprint(copy / "s.mrxs", (100, 101)) != b
+
+
+def test_rgb_converter_floats_and_16_bit_grey() -> None:
+    """The one RGB converter (slide readers and tissue detection): floats in 0..1 or 0..255,
+    16-bit grey PIL images to three 8-bit channels (the DICOM reader pastes them as tiles)."""
+    from PIL import Image
+
+    from wsi_nuclei._rgb import pil_to_rgb, to_rgb_uint8
+
+    unit = np.array([[[0.0, 0.5, 1.0]]])
+    assert to_rgb_uint8(unit).tolist() == [[[0, 128, 255]]]
+    assert to_rgb_uint8(unit * 255.0).tolist() == [[[0, 128, 255]]]
+    assert to_rgb_uint8(np.array([[[np.nan, 300.0, -4.0]]])).tolist() == [[[0, 255, 0]]]
+    grey16 = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))
+    out = pil_to_rgb(grey16)
+    assert out.shape == (1, 3, 3) and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 128, 255] and (out[..., 0] == out[..., 2]).all()

@@ -22,8 +22,8 @@ def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     ----------
     arr : numpy.ndarray
         ``(H, W)`` grey, ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB or ``(H, W, 4+)`` RGBA.
-        bool is 0/255, other integers are scaled from their full range, floats from 0..1
-        (clipped).
+        bool is 0/255, other integers are scaled from their full range, floats from 0..1 when
+        their maximum is at most 1 and from 0..255 otherwise (clipped; NaN is 0).
 
     Returns
     -------
@@ -39,7 +39,9 @@ def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
         elif np.issubdtype(a.dtype, np.integer):
             a = (a.astype(np.float64) * (255.0 / np.iinfo(a.dtype).max)).round().astype(np.uint8)
         else:
-            a = (np.clip(a, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+            a = np.nan_to_num(a.astype(np.float64))
+            top = 1.0 if not a.size or float(a.max()) <= 1.0 else 255.0
+            a = (np.clip(a, 0.0, top) * (255.0 / top)).round().astype(np.uint8)
     c = a.shape[2]
     if c == 3:
         return a
@@ -69,15 +71,15 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(H, W, 3)`` uint8; for the 16- and 32-bit integer modes (``I;16*``, ``I``) ``(H, W)``
-        uint8 grey scaled to 8 bits (pass it through :func:`to_rgb_uint8` for three channels).
+        ``(H, W, 3)`` uint8; the 16- and 32-bit integer modes (``I;16*``, ``I``) are grey scaled
+        to 8 bits.
     """
     if img.mode in ("RGB", "L", "RGBA", "LA"):
         return to_rgb_uint8(np.asarray(img))
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        return np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
+        return to_rgb_uint8(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8))
     if "transparency" in img.info or img.mode in ("P", "PA"):
         return to_rgb_uint8(np.asarray(img.convert("RGBA")))
     return np.asarray(img.convert("RGB"))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InputNotFoundError, WsiNucleiError
+from .errors import InputNotFoundError, WsiNucleiError, first_line
 from .slide import SLIDE_EXTENSIONS
 
 __all__ = ["CohortResult", "expand_inputs", "output_names", "run_cohort", "COHORT_TABLE"]
@@ -199,11 +199,6 @@ def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
     return wanted == found and (run_dir / "summary.json").is_file()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
                names: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
                report: Callable[[Any], None] | None = None) -> CohortResult:
@@ -280,8 +275,8 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
             except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the cohort
                 code = getattr(exc, "exit_code", 1)
                 what = "" if isinstance(exc, WsiNucleiError) else f"unexpected {type(exc).__name__}: "
-                log(f"wsi-nuclei: error: {slide}: {what}{_one_line(exc)}")
-                res.failed.append((slide, _one_line(exc), int(code)))
+                log(f"wsi-nuclei: error: {slide}: {what}{first_line(exc)}")
+                res.failed.append((slide, first_line(exc), int(code)))
                 # the engine cancels a failed slide's tasks, so the client (and the model its
                 # workers loaded) serves the next slide; one that broke down is replaced
                 if client is not None and getattr(client, "status", "running") != "running":

@@ -71,3 +71,10 @@ class DatasetError(WsiNucleiError):
 class OwnershipError(RuntimeError):
     """The tile-ownership invariant was violated (a nucleus larger than the halo). A bug or a
     mis-configured halo, not a user input problem."""
+
+
+def first_line(exc: BaseException) -> str:
+    """First line of an exception's message, or its class name when the message is empty (every
+    error the user sees is one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

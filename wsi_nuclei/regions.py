@@ -28,7 +28,7 @@ import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon as _draw_polygon
 
-from .errors import RegionsFileError
+from .errors import RegionsFileError, first_line
 
 __all__ = [
     "Region",
@@ -180,12 +180,6 @@ def rasterize_regions(
 # --------------------------------------------------------------------------------------------
 # User regions (QuPath GeoJSON)
 # --------------------------------------------------------------------------------------------
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception's message (error messages must fit on one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_json_file(path: Path) -> Any:
     """Parse a (possibly gzip-compressed) JSON file, raising RegionsFileError on failure."""
     try:
@@ -194,14 +188,14 @@ def _read_json_file(path: Path) -> Any:
         raise RegionsFileError(f"regions file {path}: file not found") from None
     except OSError as exc:
         raise RegionsFileError(
-            f"regions file {path}: cannot read ({exc.strerror or _one_line(exc)})"
+            f"regions file {path}: cannot read ({exc.strerror or first_line(exc)})"
         ) from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
             raise RegionsFileError(
-                f"regions file {path}: corrupt gzip data ({_one_line(exc)})"
+                f"regions file {path}: corrupt gzip data ({first_line(exc)})"
             ) from None
     elif path.suffix.lower() == ".gz":
         raise RegionsFileError(f"regions file {path}: named .gz but not gzip-compressed")
@@ -301,7 +295,7 @@ def _feature_geometry(geom_dict: Any, where: str) -> Polygon | MultiPolygon | No
             geom = shapely.geometry.shape(geom_dict)
     except Exception as exc:  # shapely raises several types on malformed coordinates
         raise RegionsFileError(
-            f"{where}: malformed {kind} coordinates ({_one_line(exc)})"
+            f"{where}: malformed {kind} coordinates ({first_line(exc)})"
         ) from None
     if geom.is_empty:
         raise RegionsFileError(f"{where}: empty {kind}")

@@ -24,6 +24,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage import measure, morphology
 from skimage.filters import threshold_otsu
 
+from ._rgb import to_rgb_uint8
 from .errors import NoTissueError
 from .regions import Region, _as_xy, _polygonal_part
 
@@ -50,19 +51,11 @@ _DEFAULT_MIN_AREA_PX = 64
 # Colour helpers
 # --------------------------------------------------------------------------------------------
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Return ``image`` as an HxWx3 uint8 array (alpha 0 becomes white, floats are rescaled)."""
+    """``image`` (HxWx3 RGB or HxWx4 RGBA) as HxWx3 uint8 (:func:`wsi_nuclei._rgb.to_rgb_uint8`)."""
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"expected an HxWx3 RGB (or HxWx4 RGBA) array, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
-    if arr.shape[2] == 4:
-        rgb = arr[..., :3].copy()
-        rgb[arr[..., 3] == 0] = 255
-        return rgb
-    return arr
+    return to_rgb_uint8(arr)
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import OwnershipError, WsiNucleiError
+from ..errors import OwnershipError, WsiNucleiError, first_line
 from ._args import EXIT_CODES, INTERNAL_ERROR, RESOLUTION_POLICY, _add_run_args, int_range
 from ._commands import _cmd_demo, _cmd_evaluate, _cmd_models, _cmd_overlay, _cmd_report, _cmd_run, _cmd_summarize, _cmd_train
 
@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except WsiNucleiError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         print(f"wsi-nuclei: error: {msg}", file=sys.stderr)
         return exc.exit_code
     except OwnershipError as exc:  # --strict-ownership with a halo smaller than a nucleus
-        print(f"wsi-nuclei: error: {str(exc).strip().splitlines()[0]}; raise --halo or drop --strict-ownership", file=sys.stderr)
+        print(f"wsi-nuclei: error: {first_line(exc)}; raise --halo or drop --strict-ownership", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("wsi-nuclei: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("WSI_NUCLEI_TRACEBACK"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"wsi-nuclei: internal error: {type(exc).__name__}: {first} (a bug; rerun with WSI_NUCLEI_TRACEBACK=1 "
+        print(f"wsi-nuclei: internal error: {type(exc).__name__}: {first_line(exc)} (a bug; rerun with WSI_NUCLEI_TRACEBACK=1 "
               "for the traceback and report it)", file=sys.stderr)
         return INTERNAL_ERROR

@@ -19,7 +19,8 @@ from ._registry import auto_order, backend_names, get_opener, sniff
 __all__ = ["Slide", "open_slide"]
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
+def _describe_failure(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message`` of a backend's failure, whitespace collapsed, at most ``limit`` chars."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > limit:
         text = text[: limit - 3] + "..."
@@ -74,7 +75,7 @@ class Slide(BaseSlide):
         except Exception as exc:  # noqa: BLE001 - never leak a backend traceback
             raise UnsupportedSlideError(
                 f"{self.path.name}: cannot decode level {level} region ({x}, {y}, {w}x{h}) "
-                f"with {self.backend}: {_one_line(exc)}"
+                f"with {self.backend}: {_describe_failure(exc)}"
             ) from exc
 
     def close(self) -> None:
@@ -148,14 +149,14 @@ def open_slide(
         size = p.stat().st_size
         kind = sniff(p)
     except OSError as exc:
-        raise UnsupportedSlideError(f"cannot read {p}: {_one_line(exc)}") from exc
+        raise UnsupportedSlideError(f"cannot read {p}: {_describe_failure(exc)}") from exc
     if size == 0:
         raise UnsupportedSlideError(f"{p.name} is empty (0 bytes)")
     if kind == "tiff":
         try:
             problem = tiff_structure_problem(p)
         except (OSError, struct.error) as exc:
-            problem = _one_line(exc)
+            problem = _describe_failure(exc)
         if problem:
             raise UnsupportedSlideError(f"{p.name} is truncated or corrupt: {problem}")
     order = auto_order(kind)
@@ -170,7 +171,7 @@ def open_slide(
                 reader = get_opener(name)(p)
                 reader.smoke_test()
         except Exception as exc:  # noqa: BLE001 - a failing backend means "try the next one"
-            errors[name] = _one_line(exc)
+            errors[name] = _describe_failure(exc)
             if reader is not None:
                 try:
                     reader.close()
