@@ -10,13 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
-from wsi_nuclei.inference import predict_instances, predict_maps
 from wsi_nuclei.eval import panoptic_quality
+from wsi_nuclei.inference import predict_instances, predict_maps
 from wsi_nuclei.models import (
-    PANNUKE_CLASSES,
     InstanceResult,
     default_model_name,
     find_weights,
@@ -26,7 +24,7 @@ from wsi_nuclei.models import (
     resolve_device,
 )
 from wsi_nuclei.postprocess import hv_to_instances
-
+from wsi_nuclei.schema import CLASS_NAMES
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -47,7 +45,7 @@ def test_registry_lists_every_model_with_metadata() -> None:
         assert isinstance(s.class_names, dict)
         assert get_spec(s.name) is s
     for name in ("wsi-nuclei-lite0", "hovernet-pannuke"):
-        assert specs[name].class_names == PANNUKE_CLASSES
+        assert specs[name].class_names == CLASS_NAMES
         assert specs[name].class_names == {1: "Neoplastic", 2: "Inflammatory", 3: "Connective", 4: "Dead", 5: "Epithelial"}
         assert specs[name].needs_weights and "NC" in specs[name].licence  # non-commercial weights
     assert (specs["wsi-nuclei-lite0"].input_size, specs["wsi-nuclei-lite0"].output_size) == (256, 256)

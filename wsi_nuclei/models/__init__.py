@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from ._device import resolve_device
 from ._registry import (
-    PANNUKE_CLASSES,
     WEIGHTS_DIR,
     ModelSpec,
     default_model_name,
@@ -39,7 +38,6 @@ from .base import InstanceResult, NucleusModel
 from .fetch import sha256_file
 
 __all__ = [
-    "PANNUKE_CLASSES",
     "WEIGHTS_DIR",
     "InstanceResult",
     "ModelSpec",

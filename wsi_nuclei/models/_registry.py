@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from ..schema import CLASS_COLORS, CLASS_NAMES
+from ..schema import CLASS_COLORS
 from ._device import resolve_device
 from .fetch import default_cache_dir, sha256_file
 
@@ -129,8 +129,6 @@ _BUILTIN_MODULES: tuple[str, ...] = ("lite", "hovernet", "classic")
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _BUILTIN_DONE = False
-
-PANNUKE_CLASSES: dict[int, str] = dict(CLASS_NAMES)
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:

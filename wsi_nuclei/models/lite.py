@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ._registry import PANNUKE_CLASSES, ModelSpec, register_model
+from ..schema import CLASS_NAMES
+from ._registry import ModelSpec, register_model
 
 __all__ = ["DEFAULT_WEIGHTS_FILE", "DEFAULT_WEIGHTS_SHA256", "SPEC"]
 
@@ -49,7 +50,7 @@ SPEC = register_model(ModelSpec(
     description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, CRCHisto points, "
                 "MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
     licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
-    mpp=0.25, input_size=256, output_size=256, class_names=dict(PANNUKE_CLASSES),
+    mpp=0.25, input_size=256, output_size=256, class_names=dict(CLASS_NAMES),
     builder=_build, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True, tta=True,
     # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
     postprocess={"np_threshold": 0.45, "edge_threshold": 0.35, "sobel_ksize": 15, "min_marker_px": 40, "min_nucleus_px": 40,

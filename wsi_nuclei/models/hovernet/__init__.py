@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._registry import PANNUKE_CLASSES, ModelSpec, register_model
+from ...schema import CLASS_NAMES
+from .._registry import ModelSpec, register_model
 from ..fetch import (
     HOVERNET_PANNUKE_FILENAME,
     HOVERNET_PANNUKE_LICENCE,
@@ -46,10 +47,10 @@ SPEC = register_model(ModelSpec(
     name=HOVERNET_PANNUKE_NAME,
     description="Official HoVer-Net 'fast' PanNuke checkpoint (256 in, 164 out); weights from the HoVer-Net authors, --weights PATH",
     licence=f"{HOVERNET_PANNUKE_LICENCE} (PanNuke-derived weights)",
-    mpp=0.25, input_size=256, output_size=164, class_names=dict(PANNUKE_CLASSES),
+    mpp=0.25, input_size=256, output_size=164, class_names=dict(CLASS_NAMES),
     builder=_build, weights_file=HOVERNET_PANNUKE_FILENAME, sha256=HOVERNET_PANNUKE_SHA256,
     url=HOVERNET_PANNUKE_URL,
-    class_support={name: "trained" for name in PANNUKE_CLASSES.values()},
+    class_support={name: "trained" for name in CLASS_NAMES.values()},
     class_evidence="PanNuke: ~190,000 labelled nuclei of the five classes from 19 tissues (Gamper et al. 2020)",
     trained_on="PanNuke's 19 tissues (20x/40x H&E)",
     hv_tanh=False, fp16=False, channels_last_cpu=False,
