@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from wsi_nuclei import errors
 from wsi_nuclei.cli import EXIT_CODES, build_parser, main
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.export import check_qupath_geojson
 from wsi_nuclei.pipeline import OUTPUT_NAMES
-from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 FINAL = ("nuclei.geojson.gz", "nuclei.geojson", *OUTPUT_NAMES)
 REPO = Path(__file__).resolve().parents[1]

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from wsi_nuclei.cli import main
 from wsi_nuclei.cohort import expand_inputs, output_names
-from wsi_nuclei.errors import InputNotFoundError
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
+from wsi_nuclei.errors import InputNotFoundError
 
 OPTS = ["--model", "classic", "--tissue", "none", "--no-report", "-q"]  # -q last (some runs drop it)
 
@@ -94,9 +93,8 @@ def test_output_names_disambiguate_equal_stems_deterministically(tmp_path: Path)
 # --------------------------------------------------------------------------------------------
 def test_cohort_run_one_model_load_failures_continue_table_and_resume(
         slides: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_nuclei import engine
+    from wsi_nuclei import engine, models
     from wsi_nuclei.pipeline import _run as pipeline_run
-    from wsi_nuclei import models
 
     bad = tmp_path / "bad.svs"
     bad.write_bytes(b"not a slide" * 100)

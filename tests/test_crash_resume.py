@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_resume.py"

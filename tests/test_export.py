@@ -20,9 +20,10 @@ import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import MultiPolygon, Polygon, box
-
 from wsi_nuclei import schema
 from wsi_nuclei.export import (
+    _format,
+    _jsonstream,
     check_qupath_geojson,
     clean_frame,
     clean_polygon,
@@ -31,7 +32,6 @@ from wsi_nuclei.export import (
     write_nuclei_parquet,
     write_regions_geojson,
 )
-from wsi_nuclei.export import _format, _jsonstream
 
 MORPH = ["area_um2", "perimeter_um", "circularity", "solidity", "eccentricity",
          "major_axis_um", "minor_axis_um"]

@@ -18,21 +18,21 @@ import pandas as pd
 import pytest
 import shapely
 from shapely.geometry import Polygon, box
-
-from wsi_nuclei import schema
+from wsi_nuclei import RunConfig, run, schema
 from wsi_nuclei.cli import main as cli_main
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.export import (
+    _format,
+    annotations,
     check_qupath_geojson,
     nucleus_uuid,
+    qupath,
     region_annotation_ids,
     region_parents,
     write_nuclei_geojson,
     write_qupath_geojson,
     write_regions_geojson,
 )
-from wsi_nuclei.export import _format, annotations, qupath
-from wsi_nuclei.pipeline import RunConfig, run
-from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.regions import Region, load_regions
 
 # ------------------------------------------------------------------------------------------

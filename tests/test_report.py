@@ -23,13 +23,11 @@ import pandas as pd
 import pytest
 import shapely
 from PIL import Image
-
-from wsi_nuclei import report
+from wsi_nuclei import RunConfig, report, run
 from wsi_nuclei.cli import main
-from wsi_nuclei.pipeline import RunConfig, run
+from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.schema import CLASS_COLORS, CLASS_NAMES
 from wsi_nuclei.slide import open_slide
-from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 
 SIZE = 1024
 

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from shapely.geometry import Polygon, box
-
 from wsi_nuclei import schema
 from wsi_nuclei.errors import InputNotFoundError, WsiNucleiError
 from wsi_nuclei.export import clean_frame, write_nuclei_geojson, write_regions_geojson
@@ -173,7 +172,8 @@ def test_classes_not_measured_are_none_not_zero(tmp_path: Path) -> None:
 def test_nested_regions_count_their_nuclei_and_the_slide_counts_each_once() -> None:
     """A "hotspot" inside a "tissue" annotation (QuPath's rule: a nucleus belongs to every
     annotation containing its centroid); the slide row's area is the union, not the sum."""
-    from wsi_nuclei.regions import Region as TissueRegion, region_membership
+    from wsi_nuclei.regions import Region as TissueRegion
+    from wsi_nuclei.regions import region_membership
 
     tissue = TissueRegion(1, "tissue", box(0, 0, 4000, 4000), "user", "Tumor", None, "a1")
     hot = TissueRegion(2, "hotspot", box(1000, 1000, 2000, 2000), "user", "Hotspot", None, "b2")

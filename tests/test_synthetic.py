@@ -10,14 +10,13 @@ import pytest
 from scipy import ndimage
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
-
-from wsi_nuclei.slide import open_slide, scale_info
 from wsi_nuclei.demo import (
     NUCLEUS_DTYPE,
     SyntheticSlide,
     make_nuclei_image,
     write_pyramidal_tiff,
 )
+from wsi_nuclei.slide import open_slide, scale_info
 
 # ---- make_nuclei_image -----------------------------------------------------------------------
 
