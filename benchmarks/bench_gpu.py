@@ -57,8 +57,8 @@ def _network(model, batch: np.ndarray, n: int, device: str) -> float:
 
 def _block_maps(model, size: int = 1216) -> dict[str, np.ndarray]:
     """Blended maps of a synthetic H&E-like region of ``size`` px, through the engine."""
-    from wsi_nuclei.inference import predict_maps
     from wsi_nuclei.demo import make_nuclei_image
+    from wsi_nuclei.inference import predict_maps
 
     rgb, _, _ = make_nuclei_image(size, size, seed=5)
     return predict_maps(model, rgb)

@@ -231,7 +231,7 @@ def make_state_dict(seed: int = 0, patches=None, fg: float = 0.3) -> OrderedDict
             # TP: no background wins the type argmax, so every instance gets one of the 5 classes
             net.decoder["tp"].u0.conv.bias[0] -= 100.0
     sd = OrderedDict((k, v.detach().clone().contiguous()) for k, v in net.state_dict().items())
-    for k, v in sd.items():
+    for k in list(sd):
         if k.endswith("num_batches_tracked"):
             sd[k] = torch.zeros((), dtype=torch.long)
     return sd

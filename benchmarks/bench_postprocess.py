@@ -68,9 +68,8 @@ def main() -> int:
     p.add_argument("--consep", type=int, default=4, help="CoNSeP validation tiles to time")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args()
-    import torch
-
     import cv2
+    import torch
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)  # the numpy path's OpenCV calls get the same cores
@@ -92,8 +91,8 @@ def main() -> int:
           f"{'np ms/tile':>10} {'torch ms/tile':>13} {'PQ':>7} {'class agree':>11}")
     for ds, name, size in cases:
         maps = _maps(model, ds, name, size, args.cache)
-        t_np, ref = _time(lambda: hv_to_instances(maps["np"], maps["hv"], maps["tp"], params), args.repeats, lambda: None)
-        t_t, res = _time(lambda: hv_to_instances_torch(maps["np"], maps["hv"], maps["tp"], params, device=args.device),
+        t_np, ref = _time(lambda maps=maps: hv_to_instances(maps["np"], maps["hv"], maps["tp"], params), args.repeats, lambda: None)
+        t_t, res = _time(lambda maps=maps: hv_to_instances_torch(maps["np"], maps["hv"], maps["tp"], params, device=args.device),
                          args.repeats, sync)
         pq = panoptic_quality(ref.inst, res.inst)["pq"]
         same_n = len(ref.labels) == len(res.labels)

@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     # nuclei the run leaves out because they lie outside every tissue region are a separate
     # figure (tissue_edge below): the reference is filtered by the same rule
     from wsi_nuclei.pipeline import TISSUE_TOLERANCE_THUMB_PX
-    from wsi_nuclei.slide import open_slide
     from wsi_nuclei.regions import region_membership
+    from wsi_nuclei.slide import open_slide
     from wsi_nuclei.tissue import detect_tissue_on_slide
 
     with open_slide(slide) as s0:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from shapely.geometry import box
+
 from wsi_nuclei.cli import main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 

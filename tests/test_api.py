@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 import wsi_nuclei as wn
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from wsi_nuclei.cli import main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+
 from wsi_nuclei import errors
 from wsi_nuclei.cli import EXIT_CODES, build_parser, main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from wsi_nuclei.cli import main
 from wsi_nuclei.cohort import expand_inputs, output_names
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from wsi_nuclei.datasets import (
     ALLOWED_UNKNOWN,
     hv_targets,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from wsi_nuclei._io import CONFIGS_ENV, find_config
 from wsi_nuclei.cli import main
 

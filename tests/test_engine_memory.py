@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from wsi_nuclei.engine import EngineContext, MapBlender, infer_patches, register_instance
 from wsi_nuclei.pipeline import CPU_INFER_CHUNK, resolve_infer_chunk
 from wsi_nuclei.tiling import BlockGrid, PatchGrid, blend_weights

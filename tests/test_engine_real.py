@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wsi_nuclei.eval import instance_overlap, pq_from_overlap
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -78,6 +79,7 @@ def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi
     --min-class-prob 1 every nucleus is written without a class."""
     import pandas as pd
     from PIL import Image
+
     from wsi_nuclei import RunConfig, run
     from wsi_nuclei.slide import open_slide
 

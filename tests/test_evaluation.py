@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 import wsi_nuclei.eval as M
 from wsi_nuclei.eval import default_class_groups, evaluate_predictions, format_table
 

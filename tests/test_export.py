@@ -20,6 +20,7 @@ import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely.geometry import MultiPolygon, Polygon, box
+
 from wsi_nuclei import schema
 from wsi_nuclei.export import (
     _format,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.models import InstanceResult, get_spec, load_model, sha256_file
 from wsi_nuclei.models import fetch as fetch_mod

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 import wsi_nuclei.eval as M
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.errors import ModelError
 from wsi_nuclei.eval import panoptic_quality

@@ -21,6 +21,7 @@ import pytest
 import shapely
 from PIL import Image
 from scipy.spatial import cKDTree
+
 from wsi_nuclei import pipeline
 from wsi_nuclei.demo import compare_with_truth, make_nuclei_image, write_pyramidal_tiff
 from wsi_nuclei.errors import MissingMppError, OutputError, OwnershipError
@@ -159,6 +160,7 @@ def test_every_known_nucleus_found_exactly_once(synth: dict, base: Path) -> None
     # tiling is invisible: the classic model run on the whole image at once finds the same
     # nuclei, with the same centroids (up to float rounding)
     from scipy import ndimage as ndi
+
     from wsi_nuclei.models.classic import classic_instances
 
     # beyond the slide edge the engine's canvas is glass (white): give the whole image the same
@@ -346,6 +348,7 @@ class _PositionDependent:
 
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         from scipy import ndimage as ndi
+
         from wsi_nuclei.datasets import hv_targets
 
         out = []
@@ -629,6 +632,7 @@ def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, 
 # --------------------------------------------------------------------------------------------
 def test_out_of_memory_halves_the_batch_and_completes(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
+
     from wsi_nuclei.models.classic import ClassicModel
 
     real = ClassicModel.infer

@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage as ndi
 from shapely.geometry import Point, Polygon
 from skimage.draw import disk, ellipse
+
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.postprocess import HVParams, classify_instances, hv_to_instances, measure_instances

@@ -12,6 +12,8 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
+
+from test_postprocess import _pairing, _perfect_maps, _scene
 from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.postprocess import HVParams, hv_to_instances
 from wsi_nuclei.postprocess_torch import (
@@ -22,8 +24,6 @@ from wsi_nuclei.postprocess_torch import (
     hv_to_instances_torch,
     postprocess_backend,
 )
-
-from test_postprocess import _pairing, _perfect_maps, _scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,6 +173,7 @@ def lite_model():
 
 def test_real_validation_tiles_match_numpy(lite_model, nuclei_dir: Path, torch_one_thread) -> None:
     from PIL import Image
+
     from wsi_nuclei.inference import predict_maps
 
     split = json.loads((REPO / "configs" / "val_split.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from wsi_nuclei._progress import EtaEstimator, Progress, format_seconds
 from wsi_nuclei.cli import main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import shapely
 from shapely.geometry import Polygon, box
+
 from wsi_nuclei import RunConfig, run, schema
 from wsi_nuclei.cli import main as cli_main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
+
 from wsi_nuclei.errors import RegionsFileError
 from wsi_nuclei.regions import Region, assign_regions, load_regions, regions_from_geojson
 

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import shapely
 from PIL import Image
+
 from wsi_nuclei import RunConfig, report, run
 from wsi_nuclei.cli import main
 from wsi_nuclei.demo import make_nuclei_image, write_pyramidal_tiff

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from wsi_nuclei.errors import (
     InputNotFoundError,
     MissingMppError,
@@ -548,6 +549,7 @@ def test_rgb_converter_floats_and_16_bit_grey() -> None:
     """The one RGB converter (slide readers and tissue detection): floats in 0..1 or 0..255,
     16-bit grey PIL images to three 8-bit channels (the DICOM reader pastes them as tiles)."""
     from PIL import Image
+
     from wsi_nuclei._rgb import pil_to_rgb, to_rgb_uint8
 
     unit = np.array([[[0.0, 0.5, 1.0]]])

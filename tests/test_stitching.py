@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
+
 from wsi_nuclei.engine._blocks import _instance_geometry
 from wsi_nuclei.stitching import (
     Candidates,
@@ -315,6 +316,7 @@ def test_every_nucleus_reaches_the_output_once(size: int, n: int, core: int, hal
 
 def test_polygon_overlaps_hand_case() -> None:
     from shapely.geometry import box
+
     from wsi_nuclei.stitching import polygon_overlaps
 
     # 0 and 1 share a 5 x 5 square; 2 touches 0 along x = 10 and 1 along y = 5; 3 is apart

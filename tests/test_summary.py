@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from shapely.geometry import Polygon, box
+
 from wsi_nuclei import schema
 from wsi_nuclei.errors import InputNotFoundError, WsiNucleiError
 from wsi_nuclei.export import clean_frame, write_nuclei_geojson, write_regions_geojson

@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
+
 from wsi_nuclei.demo import (
     NUCLEUS_DTYPE,
     SyntheticSlide,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from wsi_nuclei.engine import MapBlender, plan_strips
 from wsi_nuclei.tiling import BlockGrid, PatchGrid, blend_weights, passes_per_pixel
 

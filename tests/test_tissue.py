@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 from skimage.draw import disk
+
 from wsi_nuclei.errors import NoTissueError
 from wsi_nuclei.regions import rasterize_regions
 from wsi_nuclei.tissue import (

@@ -12,7 +12,15 @@ import pytest
 import torch
 from PIL import Image
 from scipy.special import logsumexp
-from wsi_nuclei.train import DatasetEntry, hovernet_loss, main, make_batch, partial_label_nll, point_label_map
+
+from wsi_nuclei.train import (
+    DatasetEntry,
+    hovernet_loss,
+    main,
+    make_batch,
+    partial_label_nll,
+    point_label_map,
+)
 from wsi_nuclei.train._data import _load_entries
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

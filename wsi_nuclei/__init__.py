@@ -82,7 +82,14 @@ if TYPE_CHECKING:
     from .errors import WsiNucleiError
     from .export import check_qupath_geojson
     from .inference import segment_image
-    from .models import ModelSpec, default_model_name, get_spec, list_models, load_model, register_model
+    from .models import (
+        ModelSpec,
+        default_model_name,
+        get_spec,
+        list_models,
+        load_model,
+        register_model,
+    )
     from .pipeline import RunConfig, RunResult, run
     from .regions import Region, load_regions
     from .report import render_overlay, write_report

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-
 #: Test hook: seconds to wait between writing a file and renaming it into place, so that a
 #: crash test (benchmarks/crash_resume.py) can kill a run while even a small output is half
 #: done. Unset in normal use.

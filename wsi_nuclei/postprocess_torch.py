@@ -312,7 +312,7 @@ def hv_to_instances_torch(
     np_prob: np.ndarray | torch.Tensor,
     hv: np.ndarray | torch.Tensor,
     tp_prob: np.ndarray | torch.Tensor | None = None,
-    params: HVParams = HVParams(),
+    params: HVParams = HVParams(),  # noqa: B008 - frozen dataclass: one shared default is safe
     device: str | torch.device | None = None,
 ) -> InstanceResult:
     """Instance segmentation from HoVer-Net maps on torch tensors.

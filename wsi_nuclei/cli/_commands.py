@@ -93,7 +93,7 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
     for w in m.get("warnings", []):
         lines.append(f"  warning     {w}")
     lines.append(f"  files in    {res.out_dir}/")
-    for n, p in res.files.items():
+    for p in res.files.values():
         lines.append(f"    {p.name}")
     print("\n".join(lines))
 

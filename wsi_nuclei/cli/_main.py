@@ -11,7 +11,16 @@ import sys
 from .. import __version__
 from ..errors import OwnershipError, WsiNucleiError, first_line
 from ._args import EXIT_CODES, INTERNAL_ERROR, RESOLUTION_POLICY, _add_run_args, int_range
-from ._commands import _cmd_demo, _cmd_evaluate, _cmd_models, _cmd_overlay, _cmd_report, _cmd_run, _cmd_summarize, _cmd_train
+from ._commands import (
+    _cmd_demo,
+    _cmd_evaluate,
+    _cmd_models,
+    _cmd_overlay,
+    _cmd_report,
+    _cmd_run,
+    _cmd_summarize,
+    _cmd_train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,14 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from wsi_nuclei.export._format import _dumps, _polygon_coordinates
-from wsi_nuclei.export._geometry import (_GRID, _UUID_RE, _is_good, _largest_polygon, _round_coords,
-                                         clean_polygon)
+from wsi_nuclei.export._geometry import (
+    _GRID,
+    _UUID_RE,
+    _is_good,
+    _largest_polygon,
+    _round_coords,
+    clean_polygon,
+)
 from wsi_nuclei.export._sink import _atomic_sink, _geojson_path
 from wsi_nuclei.export.validate import _NAN_STRINGS, _check_classification, _is_number
 from wsi_nuclei.summary import region_measurements

@@ -17,8 +17,13 @@ import pandas as pd
 
 from wsi_nuclei.export._format import _detection_batches, _dumps
 from wsi_nuclei.export._sink import _atomic_sink, _collection_head, _geojson_path
-from wsi_nuclei.export.annotations import (_RegionLike, _region_feature, _summaries_by_region,
-                                           region_annotation_ids, region_parents)
+from wsi_nuclei.export.annotations import (
+    _region_feature,
+    _RegionLike,
+    _summaries_by_region,
+    region_annotation_ids,
+    region_parents,
+)
 
 __all__ = ["write_qupath_geojson"]
 

@@ -40,7 +40,7 @@ class ModelSpec:
     input_size: int
     output_size: int
     class_names: dict[int, str]
-    builder: Callable[["ModelSpec", Path | None, str], Any]
+    builder: Callable[[ModelSpec, Path | None, str], Any]
     weights_file: str | None = None  # file name (bundled or in the cache dir)
     sha256: str | None = None
     bundled: bool = False

@@ -27,7 +27,16 @@ lock), ``_stages`` (execute, stitch), ``_parts`` (part files), ``_write`` (outpu
 
 from __future__ import annotations
 
-from ._config import MAX_UPSAMPLING, OUTPUT_NAMES, TISSUE_MARGIN_PX, TISSUE_TOLERANCE_THUMB_PX, RunConfig, RunResult, default_out_dir, qupath_name
+from ._config import (
+    MAX_UPSAMPLING,
+    OUTPUT_NAMES,
+    TISSUE_MARGIN_PX,
+    TISSUE_TOLERANCE_THUMB_PX,
+    RunConfig,
+    RunResult,
+    default_out_dir,
+    qupath_name,
+)
 from ._parts import load_part, save_part
 from ._run import run
 from ._write import effective_min_class_prob, reliability_note, unclassify_below

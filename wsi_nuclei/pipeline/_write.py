@@ -88,7 +88,13 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
     region annotations, summaries, run.json last), each atomic; the :class:`RunResult`."""
     from dataclasses import replace
 
-    from ..export import region_annotation_ids, write_nuclei_geojson, write_nuclei_parquet, write_qupath_geojson, write_regions_geojson
+    from ..export import (
+        region_annotation_ids,
+        write_nuclei_geojson,
+        write_nuclei_parquet,
+        write_qupath_geojson,
+        write_regions_geojson,
+    )
     from ..summary import RegionSummarizer, write_summary
 
     geojson_name = names[0]

@@ -12,7 +12,17 @@ import numpy as np
 
 from .._io import atomic_path
 from ..errors import InputNotFoundError, OutputError, UnsupportedSlideError
-from ._charts import _bar_chart, _class_table, _colorbar_svg, _density_map, _heat_image, _image_with_overlay, _legend, _size_chart, _thumbnail
+from ._charts import (
+    _bar_chart,
+    _class_table,
+    _colorbar_svg,
+    _density_map,
+    _heat_image,
+    _image_with_overlay,
+    _legend,
+    _size_chart,
+    _thumbnail,
+)
 from ._format import _esc, _hex, _num, _png_uri, format_value
 from ._run import _load_run, _open_slide, _read_nuclei, _regions, _Run
 from .overlay import _overlay

@@ -32,7 +32,7 @@ Layout
 from __future__ import annotations
 
 # Backends register themselves on import; the import order is their priority.
-from . import _openslide, _tiffslide, _dicom, _image  # noqa: F401, I001
+from . import _dicom, _image, _openslide, _tiffslide  # noqa: F401, I001
 from ._base import BaseSlide, scale_info
 from ._integrity import pixel_files
 from ._mpp import MPP_RANGE

@@ -88,7 +88,7 @@ class BaseSlide(abc.ABC):
             ``(h, w, 3)`` uint8 RGB.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for subclasses: nothing to release by default
         """Release backend resources (idempotent)."""
 
     # ---- context manager -----------------------------------------------------------------
@@ -357,7 +357,7 @@ class Reader(abc.ABC):
         """Resolution candidates in precedence order."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for subclasses: nothing to release by default
         """Release resources."""
 
     def smoke_test(self) -> None:

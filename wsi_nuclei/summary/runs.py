@@ -89,7 +89,7 @@ def summarize_runs(run_dirs: Sequence[str | Path], out_csv: str | Path) -> pd.Da
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         _write_csv(table, out_csv)
     except OSError as exc:
-        raise OutputError(f"cannot write {out_csv}: {exc.strerror or exc}")
+        raise OutputError(f"cannot write {out_csv}: {exc.strerror or exc}") from None
     return table
 
 

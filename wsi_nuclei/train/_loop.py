@@ -17,7 +17,16 @@ import torch
 
 from ..datasets import Sample, read_dataset
 from ..errors import DatasetError
-from ._data import _STAGE_KEYS, DatasetEntry, _config_stages, _dataset_entries, _init_path, _load_entries, load_train_config, make_batch
+from ._data import (
+    _STAGE_KEYS,
+    DatasetEntry,
+    _config_stages,
+    _dataset_entries,
+    _init_path,
+    _load_entries,
+    load_train_config,
+    make_batch,
+)
 from .losses import hovernet_loss
 
 

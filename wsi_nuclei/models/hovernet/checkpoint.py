@@ -21,7 +21,12 @@ import torch
 from torch import Tensor
 
 from ...errors import ModelError
-from ..fetch import HOVERNET_PANNUKE_NAME, HOVERNET_PANNUKE_SHA256, HOVERNET_PANNUKE_SIZE, sha256_file
+from ..fetch import (
+    HOVERNET_PANNUKE_NAME,
+    HOVERNET_PANNUKE_SHA256,
+    HOVERNET_PANNUKE_SIZE,
+    sha256_file,
+)
 from .net import PANNUKE_NR_TYPES, HoVerNetFast
 
 __all__ = ["load_hovernet_fast", "load_official_checkpoint", "official_state_dict_layout"]
