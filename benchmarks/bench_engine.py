@@ -38,7 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: int | None = None) -> dict:
+def _child(
+    case: str, arg: str, model: str | None, threads: int, infer_chunk: int | None = None
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -59,7 +61,12 @@ def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: in
         from wsi_nuclei.demo import SyntheticSlide
 
         size = int(arg)
-        cfg = RunConfig(slide=SyntheticSlide(size, size, mpp=0.25, tissue_fraction=0.1, seed=0), out=tmp / "out", model="null", quiet=True)
+        cfg = RunConfig(
+            slide=SyntheticSlide(size, size, mpp=0.25, tissue_fraction=0.1, seed=0),
+            out=tmp / "out",
+            model="null",
+            quiet=True,
+        )
     elif case == "cmu":
         cfg = RunConfig(slide=arg, out=tmp / "out", model=model, quiet=True)
     else:
@@ -70,35 +77,79 @@ def _child(case: str, arg: str, model: str | None, threads: int, infer_chunk: in
     wall = time.perf_counter() - t
     ru = resource.getrusage(resource.RUSAGE_SELF)
     rss_mb = ru.ru_maxrss / 1024
-    user, system = ru.ru_utime, ru.ru_stime  # the whole child process (imports too), as /usr/bin/time counts
-    info.update({
-        "model": res.manifest["model"]["name"], "patches_total": res.patches_total, "patches_run": res.patches_run,
-        "passes_per_pixel": res.manifest["qc"]["passes_per_pixel"], "blocks": res.manifest["qc"]["blocks_processed"],
-        "n_nuclei": res.n_nuclei, "wall_s": round(wall, 2), "patches_per_s": round(res.patches_run / wall, 1),
-        "patches_per_s_execute": round(res.patches_run / max(1e-9, res.seconds["execute"]), 1),
-        "peak_rss_mb": round(rss_mb), "cpu_user_s": round(user, 1), "cpu_system_s": round(system, 1),
-        "kernel_share": round(system / max(1e-9, user + system), 3), "minor_faults": ru.ru_minflt,
-        "infer_chunk": res.manifest["tiling"].get("infer_chunk"), "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
-        "qc_seconds": {k: res.manifest["qc"][f"seconds_{k}_task_sum"] for k in ("read", "infer", "post")},
-        "slide_px": list(res.manifest["dimensions"]),
-    })
+    user, system = (
+        ru.ru_utime,
+        ru.ru_stime,
+    )  # the whole child process (imports too), as /usr/bin/time counts
+    info.update(
+        {
+            "model": res.manifest["model"]["name"],
+            "patches_total": res.patches_total,
+            "patches_run": res.patches_run,
+            "passes_per_pixel": res.manifest["qc"]["passes_per_pixel"],
+            "blocks": res.manifest["qc"]["blocks_processed"],
+            "n_nuclei": res.n_nuclei,
+            "wall_s": round(wall, 2),
+            "patches_per_s": round(res.patches_run / wall, 1),
+            "patches_per_s_execute": round(res.patches_run / max(1e-9, res.seconds["execute"]), 1),
+            "peak_rss_mb": round(rss_mb),
+            "cpu_user_s": round(user, 1),
+            "cpu_system_s": round(system, 1),
+            "kernel_share": round(system / max(1e-9, user + system), 3),
+            "minor_faults": ru.ru_minflt,
+            "infer_chunk": res.manifest["tiling"].get("infer_chunk"),
+            "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+            "qc_seconds": {
+                k: res.manifest["qc"][f"seconds_{k}_task_sum"] for k in ("read", "infer", "post")
+            },
+            "slide_px": list(res.manifest["dimensions"]),
+        }
+    )
     return info
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("cases", nargs="*", default=["overhead", "memory", "cmu"])
-    p.add_argument("--model", default=None, help="model for the cmu case (default: the default model)")
-    p.add_argument("--sizes", nargs="*", type=int, default=[25_000, 50_000, 100_000], help="SyntheticSlide sizes for the memory case")
-    p.add_argument("--overhead-size", type=int, default=6144, help="synthetic TIFF size for the overhead case (px)")
-    p.add_argument("--cmu", default=str(REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"))
+    p.add_argument(
+        "--model", default=None, help="model for the cmu case (default: the default model)"
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="*",
+        type=int,
+        default=[25_000, 50_000, 100_000],
+        help="SyntheticSlide sizes for the memory case",
+    )
+    p.add_argument(
+        "--overhead-size",
+        type=int,
+        default=6144,
+        help="synthetic TIFF size for the overhead case (px)",
+    )
+    p.add_argument(
+        "--cmu", default=str(REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs")
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--infer-chunk", type=int, default=None, help="patches per network call (default: the run's default)")
+    p.add_argument(
+        "--infer-chunk",
+        type=int,
+        default=None,
+        help="patches per network call (default: the run's default)",
+    )
     p.add_argument("--json", help="append results (JSON lines) to this file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        print("RESULT " + json.dumps(_child(args._child[0], args._child[1], args.model, args.threads, args.infer_chunk)), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                _child(args._child[0], args._child[1], args.model, args.threads, args.infer_chunk)
+            ),
+            flush=True,
+        )
         return 0
     jobs = []
     for case in args.cases:
@@ -113,7 +164,9 @@ def main() -> int:
             jobs.append(("cmu", args.cmu))
     results = []
     for case, arg in jobs:
-        cmd = [sys.executable, __file__, "--_child", case, arg, "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+        cmd = [sys.executable, __file__, "--_child", case, arg, "--threads", str(args.threads)] + (
+            ["--model", args.model] if args.model else []
+        )
         cmd += ["--infer-chunk", str(args.infer_chunk)] if args.infer_chunk else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -127,28 +180,40 @@ def main() -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps({**r, "machine": _machine()}) + "\n")
     print(f"\nmachine: {_machine()}\n")
-    print("| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* "
-          "| post s* | stitch s | write s | peak RSS MB |")
+    print(
+        "| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* "
+        "| post s* | stitch s | write s | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]
         w = s.get("write_geojson", 0) + s.get("write_parquet", 0) + s.get("summaries", 0)
         q = r.get("qc_seconds", {})
-        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['patches_run']} / {r['patches_total']} | "
-              f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | {q.get('read', 0)} | "
-              f"{q.get('infer', 0)} | {q.get('post', 0)} | {s.get('stitch', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |")
+        print(
+            f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['patches_run']} / {r['patches_total']} | "
+            f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | {q.get('read', 0)} | "
+            f"{q.get('infer', 0)} | {q.get('post', 0)} | {s.get('stitch', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |"
+        )
     print("\n*: summed task time over the worker threads (they overlap), not wall time.")
-    print("\n| case | slide px | infer chunk | wall s | CPU user s | CPU system s | kernel share | minor page faults | peak RSS MB |")
+    print(
+        "\n| case | slide px | infer chunk | wall s | CPU user s | CPU system s | kernel share | minor page faults | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['infer_chunk']} | {r['wall_s']} | {r['cpu_user_s']} | "
-              f"{r['cpu_system_s']} | {100 * r['kernel_share']:.1f} % | {r['minor_faults'] / 1e6:.2f} M | {r['peak_rss_mb']} |")
+        print(
+            f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['infer_chunk']} | {r['wall_s']} | {r['cpu_user_s']} | "
+            f"{r['cpu_system_s']} | {100 * r['kernel_share']:.1f} % | {r['minor_faults'] / 1e6:.2f} M | {r['peak_rss_mb']} |"
+        )
     return 0
 
 
 def _machine() -> str:
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

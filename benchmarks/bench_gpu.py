@@ -39,7 +39,13 @@ def _tiles(n_in: int, batch: int) -> np.ndarray:
     from wsi_nuclei.demo import make_nuclei_image
 
     rgb, _, _ = make_nuclei_image(n_in * 4, n_in * 4, seed=3)
-    tiles = np.stack([rgb[y : y + n_in, x : x + n_in] for y in range(0, 4 * n_in, n_in) for x in range(0, 4 * n_in, n_in)])
+    tiles = np.stack(
+        [
+            rgb[y : y + n_in, x : x + n_in]
+            for y in range(0, 4 * n_in, n_in)
+            for x in range(0, 4 * n_in, n_in)
+        ]
+    )
     return np.concatenate([tiles] * (batch // len(tiles) + 1))[:batch]
 
 
@@ -64,15 +70,24 @@ def _block_maps(model, size: int = 1216) -> dict[str, np.ndarray]:
     return predict_maps(model, rgb)
 
 
-def _postprocess(maps: dict[str, np.ndarray], params, device: str, reps: int = 3) -> dict[str, float]:
+def _postprocess(
+    maps: dict[str, np.ndarray], params, device: str, reps: int = 3
+) -> dict[str, float]:
     from wsi_nuclei.postprocess import hv_to_instances
     from wsi_nuclei.postprocess_torch import hv_to_instances_torch
 
     out = {}
     side = maps["np"].shape[-1]
     per_patch = (side / 192) ** 2  # patch-grid cells (stride 192) in the block
-    for name, fn in (("numpy", lambda: hv_to_instances(maps["np"], maps["hv"], maps.get("tp"), params)),
-                     ("torch", lambda: hv_to_instances_torch(maps["np"], maps["hv"], maps.get("tp"), params, device=device))):
+    for name, fn in (
+        ("numpy", lambda: hv_to_instances(maps["np"], maps["hv"], maps.get("tp"), params)),
+        (
+            "torch",
+            lambda: hv_to_instances_torch(
+                maps["np"], maps["hv"], maps.get("tp"), params, device=device
+            ),
+        ),
+    ):
         fn()
         _sync(device)
         t = time.perf_counter()
@@ -87,29 +102,45 @@ def _postprocess(maps: dict[str, np.ndarray], params, device: str, reps: int = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--batch", type=int, default=64, help="patches per batch (default: %(default)s)")
-    p.add_argument("--n", type=int, default=512, help="patches to time per setting (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument(
+        "--n", type=int, default=512, help="patches to time per setting (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)"
+    )
     p.add_argument("--slide", help="also time 'wsi-nuclei run' on this slide")
     p.add_argument("--json", help="write the figures here too")
     a = p.parse_args(argv)
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: --device cuda but no CUDA device is available (use --device cpu to test the script)", file=sys.stderr)
+        print(
+            "bench_gpu: --device cuda but no CUDA device is available (use --device cpu to test the script)",
+            file=sys.stderr,
+        )
         return 1
     torch.set_num_threads(a.threads)
     from wsi_nuclei.models import default_model_name, load_model
 
     name = default_model_name()
-    res: dict = {"model": name, "device": a.device, "batch": a.batch, "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None}
+    res: dict = {
+        "model": name,
+        "device": a.device,
+        "batch": a.batch,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
+    }
     model = load_model(name, device=a.device)
     batch = _tiles(model.spec.input_size, a.batch)
     res["network_patches_per_s"] = round(_network(model, batch, a.n, a.device), 1)
-    res["network_tta_patches_per_s"] = round(_network(load_model(name, device=a.device, tta=True), batch, a.n // 4, a.device), 1)
+    res["network_tta_patches_per_s"] = round(
+        _network(load_model(name, device=a.device, tta=True), batch, a.n // 4, a.device), 1
+    )
     res["postprocess"] = _postprocess(_block_maps(model), model.params, a.device)
     if a.slide:
         import subprocess
@@ -117,13 +148,33 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "wsi_nuclei.cli", "run", a.slide, "--out", str(out), "--device", a.device,
-                        "-q", "--no-report", "--batch-size", str(min(a.batch, 64))], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "wsi_nuclei.cli",
+                "run",
+                a.slide,
+                "--out",
+                str(out),
+                "--device",
+                a.device,
+                "-q",
+                "--no-report",
+                "--batch-size",
+                str(min(a.batch, 64)),
+            ],
+            check=True,
+        )
         wall = time.perf_counter() - t
         man = json.loads((out / "run.json").read_text())
-        res["end_to_end"] = {"wall_s": round(wall, 1), "patches": man["qc"]["patches_run"],
-                             "patches_per_s": round(man["qc"]["patches_run"] / wall, 1), "nuclei": man["n_nuclei"],
-                             "postprocess_backend": man.get("model", {}).get("postprocess_backend")}
+        res["end_to_end"] = {
+            "wall_s": round(wall, 1),
+            "patches": man["qc"]["patches_run"],
+            "patches_per_s": round(man["qc"]["patches_run"] / wall, 1),
+            "nuclei": man["n_nuclei"],
+            "postprocess_backend": man.get("model", {}).get("postprocess_backend"),
+        }
     text = json.dumps(res)
     print(text)
     if a.json:

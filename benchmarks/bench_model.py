@@ -18,13 +18,17 @@ import numpy as np
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n", type=int, default=128, help="tiles to time")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 network passes per tile)")
+    p.add_argument(
+        "--tta", action="store_true", help="flip test-time augmentation (4 network passes per tile)"
+    )
     args = p.parse_args()
     import torch
 
@@ -36,7 +40,13 @@ def main() -> int:
     model = load_model(name, device=args.device, tta=args.tta)
     n_in = model.spec.input_size
     rgb, _, _ = make_nuclei_image(n_in * 4, n_in * 4, seed=3)
-    tiles = np.stack([rgb[y : y + n_in, x : x + n_in] for y in range(0, 4 * n_in, n_in) for x in range(0, 4 * n_in, n_in)])
+    tiles = np.stack(
+        [
+            rgb[y : y + n_in, x : x + n_in]
+            for y in range(0, 4 * n_in, n_in)
+            for x in range(0, 4 * n_in, n_in)
+        ]
+    )
     batch = np.concatenate([tiles] * (args.batch // len(tiles) + 1))[: args.batch]
     model.infer(batch)  # warm-up
     if args.device == "cuda":
@@ -53,9 +63,16 @@ def main() -> int:
     for raw in raws:
         model.postprocess(raw)
     t_post = (time.perf_counter() - t) / len(raws)
-    res = {"model": name, "device": args.device, "tta": args.tta, "batch": args.batch, "threads": args.threads,
-           "network_tiles_per_s": round(1 / t_net, 1), "postprocess_ms_per_tile": round(1000 * t_post, 1),
-           "sequential_tiles_per_s": round(1 / (t_net + t_post), 1)}
+    res = {
+        "model": name,
+        "device": args.device,
+        "tta": args.tta,
+        "batch": args.batch,
+        "threads": args.threads,
+        "network_tiles_per_s": round(1 / t_net, 1),
+        "postprocess_ms_per_tile": round(1000 * t_post, 1),
+        "sequential_tiles_per_s": round(1 / (t_net + t_post), 1),
+    }
     print(json.dumps(res))
     return 0
 

@@ -71,7 +71,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SLIDE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+DEFAULT_SLIDE = (
+    Path(__file__).resolve().parents[1]
+    / ".."
+    / "shared"
+    / "data"
+    / "wsi"
+    / "CMU-1-Small-Region.svs"
+)
 MODEL_MPP = 0.25
 TIA_MODEL = "hovernet_fast-pannuke"
 TOOLS = ("wsi-nuclei", "tiatoolbox")
@@ -98,10 +105,16 @@ def _placeholder(qualname: str) -> type:
         pass
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(f"torchvision shim: {qualname} was called (the benchmark's shim only satisfies imports)")
+        raise RuntimeError(
+            f"torchvision shim: {qualname} was called (the benchmark's shim only satisfies imports)"
+        )
 
     module, _, name = qualname.rpartition(".")
-    return _PlaceholderMeta(name, (), {"__init__": _init, "__call__": _refuse, "__qualname__": qualname, "__module__": module})
+    return _PlaceholderMeta(
+        name,
+        (),
+        {"__init__": _init, "__call__": _refuse, "__qualname__": qualname, "__module__": module},
+    )
 
 
 class _ShimModule(types.ModuleType):
@@ -115,7 +128,9 @@ class _ShimModule(types.ModuleType):
 
 
 class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname == "torchvision" or fullname.startswith("torchvision."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
@@ -141,7 +156,9 @@ def install_torchvision_shim(mode: str = "auto") -> bool:
 
             return False
         except Exception:  # noqa: BLE001 - a CUDA wheel on CPU torch raises RuntimeError, not ImportError
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            for name in [
+                m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")
+            ]:
                 del sys.modules[name]
     sys.meta_path.insert(0, _ShimFinder())
     return True
@@ -170,7 +187,9 @@ def _calibration_patches(slide: str, n: int = 2, size: int = 256):
         out = []
         for i in range(n):
             x = min(max(0, w // 2 + (i - n // 2) * size), w - size)
-            out.append(np.asarray(s.read_region((x, max(0, h // 2 - size // 2)), 0, (size, size)))[..., :3])
+            out.append(
+                np.asarray(s.read_region((x, max(0, h // 2 - size // 2)), 0, (size, size)))[..., :3]
+            )
     return np.stack(out).astype(np.uint8)
 
 
@@ -262,7 +281,11 @@ def raw_agreement(weights: Path, patch) -> dict[str, Any]:
     from wsi_nuclei.models.hovernet import HoVerNetPanNuke, official_state_dict_layout
 
     tia_net, ioconfig = get_pretrained_model(TIA_MODEL, str(weights))
-    tia_layout = {k: tuple(v.shape) for k, v in tia_net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    tia_layout = {
+        k: tuple(v.shape)
+        for k, v in tia_net.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     official = official_state_dict_layout()
     ours = HoVerNetPanNuke(str(weights), device="cpu", expected_sha256=None)
     tia_net.eval()
@@ -274,8 +297,12 @@ def raw_agreement(weights: Path, patch) -> dict[str, Any]:
     res: dict[str, Any] = {
         "same_layout": tia_layout == official and list(tia_layout) == list(official),
         "keys": len(official),
-        "tiatoolbox_io": {"patch_input_shape": list(ioconfig.patch_input_shape), "patch_output_shape": list(ioconfig.patch_output_shape),
-                          "stride_shape": list(ioconfig.stride_shape), "input_resolutions": ioconfig.input_resolutions},
+        "tiatoolbox_io": {
+            "patch_input_shape": list(ioconfig.patch_input_shape),
+            "patch_output_shape": list(ioconfig.patch_output_shape),
+            "stride_shape": list(ioconfig.stride_shape),
+            "input_resolutions": ioconfig.input_resolutions,
+        },
     }
     for head in ("np", "hv", "tp"):
         res[f"logits_{head}_max_abs_diff"] = float((ref[head] - got[head]).abs().max())
@@ -300,7 +327,14 @@ def _tia_child(a: argparse.Namespace) -> int:
     from tiatoolbox.wsicore.wsireader import WSIReader
 
     torch.set_num_threads(a.threads)
-    seg = NucleusInstanceSegmentor(model=TIA_MODEL, weights=a.weights, batch_size=a.batch_size, num_workers=0, device="cpu", verbose=False)
+    seg = NucleusInstanceSegmentor(
+        model=TIA_MODEL,
+        weights=a.weights,
+        batch_size=a.batch_size,
+        num_workers=0,
+        device="cpu",
+        verbose=False,
+    )
     counter = {"calls": 0, "patches": 0}
 
     def _count(module, inputs, output) -> None:
@@ -313,24 +347,63 @@ def _tia_child(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # QuPath JSON: the counterpart of wsi-nuclei's qupath.geojson.gz; TIAToolbox's default
     # "annotationstore" needs sqlite3 load_extension, which this Python lacks
-    out = seg.run([image], patch_mode=False, save_dir=out_dir, overwrite=True, output_type="qupath",
-                  auto_get_mask=not a.no_mask, device="cpu", batch_size=a.batch_size)
+    out = seg.run(
+        [image],
+        patch_mode=False,
+        save_dir=out_dir,
+        overwrite=True,
+        output_type="qupath",
+        auto_get_mask=not a.no_mask,
+        device="cpu",
+        batch_size=a.batch_size,
+    )
     run_s = time.perf_counter() - t0
-    paths = [Path(str(q)) for v in (out.values() if isinstance(out, dict) else [out]) for q in (v if isinstance(v, list) else [v])]
+    paths = [
+        Path(str(q))
+        for v in (out.values() if isinstance(out, dict) else [out])
+        for q in (v if isinstance(v, list) else [v])
+    ]
     nuclei = 0
     for path in paths:
         if path.suffix == ".json" and path.is_file():
             doc = json.loads(path.read_text())
             nuclei += len(doc.get("features", []) if isinstance(doc, dict) else doc)
-    Path(a.result).write_text(json.dumps({"patches": counter["patches"], "forward_calls": counter["calls"], "nuclei": nuclei,
-                                          "run_s": round(run_s, 2), "outputs": [str(p) for p in paths],
-                                          "torchvision_shim": sorted(set(SHIM_REQUESTS)) if shim else None}))
+    Path(a.result).write_text(
+        json.dumps(
+            {
+                "patches": counter["patches"],
+                "forward_calls": counter["calls"],
+                "nuclei": nuclei,
+                "run_s": round(run_s, 2),
+                "outputs": [str(p) for p in paths],
+                "torchvision_shim": sorted(set(SHIM_REQUESTS)) if shim else None,
+            }
+        )
+    )
     return 0
 
 
-def _wsi_cmd(a: argparse.Namespace, slide: str, weights: Path, out: Path, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "run", slide, "--model", "hovernet-pannuke", "--weights", str(weights),
-           "--out", str(out), "--device", "cpu", "--overwrite", "--no-report", "-q"]
+def _wsi_cmd(
+    a: argparse.Namespace, slide: str, weights: Path, out: Path, extra: list[str]
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_nuclei.cli",
+        "run",
+        slide,
+        "--model",
+        "hovernet-pannuke",
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--overwrite",
+        "--no-report",
+        "-q",
+    ]
     if a.crop:
         cmd += ["--tissue", "none", "--mpp", str(a.slide_mpp)]
     return cmd + extra
@@ -340,16 +413,28 @@ def _wsi_result(out: Path) -> dict[str, Any]:
     """Patches, nuclei and the engine's own figures from a wsi-nuclei run's run.json."""
     run = json.loads((out / "run.json").read_text())
     qc = run.get("qc", {})
-    return {"patches": qc.get("patches_run"), "nuclei": run.get("n_nuclei"), "tiling": run.get("tiling"),
-            "qc": {k: v for k, v in qc.items() if k.startswith(("seconds_", "patches_", "passes_", "peak_band"))}}
+    return {
+        "patches": qc.get("patches_run"),
+        "nuclei": run.get("n_nuclei"),
+        "tiling": run.get("tiling"),
+        "qc": {
+            k: v
+            for k, v in qc.items()
+            if k.startswith(("seconds_", "patches_", "passes_", "peak_band"))
+        },
+    }
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.2) -> dict[str, Any]:
+def measure(
+    cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.2
+) -> dict[str, Any]:
     """Run ``cmd``; its wall time, getrusage of the child and the peak RSS of its process tree."""
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = {"tree": 0}
     done = threading.Event()
 
@@ -379,10 +464,16 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0
     wall = time.perf_counter() - t0
     done.set()
     poller.join()
-    return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
-            "tree_peak_rss_mb": round(peak["tree"] / 2**20, 1), "user_s": round(ru.ru_utime, 1), "sys_s": round(ru.ru_stime, 1),
-            "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
-            "output_tail": output[-2000:]}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+        "tree_peak_rss_mb": round(peak["tree"] / 2**20, 1),
+        "user_s": round(ru.ru_utime, 1),
+        "sys_s": round(ru.ru_stime, 1),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
+        "output_tail": output[-2000:],
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -408,17 +499,27 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def format_table(summary: dict[str, Any]) -> str:
     """Markdown table of the medians and ratios."""
     med, ratios = summary["median"], summary["ratio_wsi_over_tia"]
-    rows = [("wall time (s)", "wall_s", "{:.1f}"), ("CPU time, user + system (s)", "cpu_s", "{:.1f}"), ("peak RSS, process (MB)", "peak_rss_mb", "{:.0f}"),
-            ("peak RSS, process tree (MB)", "tree_peak_rss_mb", "{:.0f}"), ("network patches", "patches", "{:.0f}"),
-            ("output nuclei (random weights)", "nuclei", "{:.0f}")]
+    rows = [
+        ("wall time (s)", "wall_s", "{:.1f}"),
+        ("CPU time, user + system (s)", "cpu_s", "{:.1f}"),
+        ("peak RSS, process (MB)", "peak_rss_mb", "{:.0f}"),
+        ("peak RSS, process tree (MB)", "tree_peak_rss_mb", "{:.0f}"),
+        ("network patches", "patches", "{:.0f}"),
+        ("output nuclei (random weights)", "nuclei", "{:.0f}"),
+    ]
 
     def fmt(value: float | None, spec: str) -> str:
         return "n/a" if value is None else spec.format(value)
 
-    lines = ["| figure | wsi-nuclei | TIAToolbox | ratio wsi-nuclei / TIAToolbox |", "|---|---|---|---|"]
+    lines = [
+        "| figure | wsi-nuclei | TIAToolbox | ratio wsi-nuclei / TIAToolbox |",
+        "|---|---|---|---|",
+    ]
     for label, key, spec in rows:
         ratio = "n/a" if ratios[key] is None else f"{ratios[key]:.2f}x"
-        lines.append(f"| {label} | {fmt(med['wsi-nuclei'][key], spec)} | {fmt(med['tiatoolbox'][key], spec)} | {ratio} |")
+        lines.append(
+            f"| {label} | {fmt(med['wsi-nuclei'][key], spec)} | {fmt(med['tiatoolbox'][key], spec)} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -437,8 +538,15 @@ def _write_crop(slide: str, crop: tuple[int, int, int, int], mpp: float, out: Pa
         with open_slide(slide) as s:
             rgb = np.ascontiguousarray(np.asarray(s.read_region(crop[:2], 0, crop[2:]))[..., :3])
         px_per_cm = 1e4 / mpp
-        tifffile.imwrite(path, rgb, photometric="rgb", tile=(256, 256), compression="zlib",
-                         resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+        tifffile.imwrite(
+            path,
+            rgb,
+            photometric="rgb",
+            tile=(256, 256),
+            compression="zlib",
+            resolution=(px_per_cm, px_per_cm),
+            resolutionunit="CENTIMETER",
+        )
     return path
 
 
@@ -450,20 +558,66 @@ def _load() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slide", default=str(DEFAULT_SLIDE), help="slide (default: shared/data/wsi/CMU-1-Small-Region.svs)")
-    p.add_argument("--crop", help="X,Y,W,H: process only this level-0 rectangle (written once as a TIFF), without tissue detection")
-    p.add_argument("--slide-mpp", type=float, default=0.499, help="level-0 um/px of the slide, for --crop (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per tool, alternating (default: %(default)s)")
-    p.add_argument("--work", default="/tmp/bench-peers", help="weights, crops and outputs (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
-    p.add_argument("--fg", type=float, default=0.3, help="foreground fraction the NP bias is set to (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the TIAToolbox child (default: %(default)s)")
-    p.add_argument("--tia-batch-size", type=int, default=8, help="TIAToolbox batch size (default: its own, %(default)s)")
-    p.add_argument("--wsi-args", default="", help="extra arguments for 'wsi-nuclei run', e.g. '--batch-size 8 --infer-chunk 4'")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--slide",
+        default=str(DEFAULT_SLIDE),
+        help="slide (default: shared/data/wsi/CMU-1-Small-Region.svs)",
+    )
+    p.add_argument(
+        "--crop",
+        help="X,Y,W,H: process only this level-0 rectangle (written once as a TIFF), without tissue detection",
+    )
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=0.499,
+        help="level-0 um/px of the slide, for --crop (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per tool, alternating (default: %(default)s)"
+    )
+    p.add_argument(
+        "--work",
+        default="/tmp/bench-peers",
+        help="weights, crops and outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)"
+    )
+    p.add_argument(
+        "--fg",
+        type=float,
+        default=0.3,
+        help="foreground fraction the NP bias is set to (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of the TIAToolbox child (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tia-batch-size",
+        type=int,
+        default=8,
+        help="TIAToolbox batch size (default: its own, %(default)s)",
+    )
+    p.add_argument(
+        "--wsi-args",
+        default="",
+        help="extra arguments for 'wsi-nuclei run', e.g. '--batch-size 8 --infer-chunk 4'",
+    )
     p.add_argument("--only", choices=TOOLS, help="run one tool only (the other's figures are n/a)")
     p.add_argument("--skip-check", action="store_true", help="skip the raw-map agreement check")
-    p.add_argument("--torchvision-shim", choices=("auto", "on", "off"), default="auto", help="see the module docstring (default: auto)")
+    p.add_argument(
+        "--torchvision-shim",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="see the module docstring (default: auto)",
+    )
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--child", choices=("tiatoolbox",), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -489,10 +643,24 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--crop wants X,Y,W,H")
         slide = str(_write_crop(a.slide, crop, a.slide_mpp, work))  # type: ignore[arg-type]
     weights = weights_file(work, a.slide, a.seed, a.fg)
-    res: dict[str, Any] = {"slide": a.slide, "region": slide, "crop": a.crop, "model_mpp": MODEL_MPP, "seed": a.seed, "fg": a.fg,
-                           "weights": str(weights), "repeats": a.repeats, "tia_batch_size": a.tia_batch_size,
-                           "wsi_args": a.wsi_args, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                               "python": platform.python_version()}, "runs": []}
+    res: dict[str, Any] = {
+        "slide": a.slide,
+        "region": slide,
+        "crop": a.crop,
+        "model_mpp": MODEL_MPP,
+        "seed": a.seed,
+        "fg": a.fg,
+        "weights": str(weights),
+        "repeats": a.repeats,
+        "tia_batch_size": a.tia_batch_size,
+        "wsi_args": a.wsi_args,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "runs": [],
+    }
     import torch
 
     res["machine"]["torch"] = torch.__version__
@@ -500,14 +668,17 @@ def main(argv: list[str] | None = None) -> int:
         install_torchvision_shim(a.torchvision_shim)
         check = raw_agreement(weights, _calibration_patches(a.slide, n=1)[0])
         res["raw_agreement"] = check
-        print(f"raw maps, one 256 x 256 patch: same layout {check['same_layout']} ({check['keys']} keys); max |diff| logits "
-              f"NP {check['logits_np_max_abs_diff']:.2e} HV {check['logits_hv_max_abs_diff']:.2e} TP {check['logits_tp_max_abs_diff']:.2e}; "
-              f"NP prob {check['infer_np_max_abs_diff']:.2e}, HV {check['infer_hv_max_abs_diff']:.2e}, type argmax agreement "
-              f"{check['infer_tp_argmax_agreement']:.4f}; foreground {check['np_foreground_fraction']:.2f}", flush=True)
+        print(
+            f"raw maps, one 256 x 256 patch: same layout {check['same_layout']} ({check['keys']} keys); max |diff| logits "
+            f"NP {check['logits_np_max_abs_diff']:.2e} HV {check['logits_hv_max_abs_diff']:.2e} TP {check['logits_tp_max_abs_diff']:.2e}; "
+            f"NP prob {check['infer_np_max_abs_diff']:.2e}, HV {check['infer_hv_max_abs_diff']:.2e}, type argmax agreement "
+            f"{check['infer_tp_argmax_agreement']:.4f}; foreground {check['np_foreground_fraction']:.2f}",
+            flush=True,
+        )
     tools = [a.only] if a.only else list(TOOLS)
     extra = a.wsi_args.split()
     for rep in range(a.repeats):
-        for tool in (tools if rep % 2 == 0 else tools[::-1]):
+        for tool in tools if rep % 2 == 0 else tools[::-1]:
             out = work / f"out-{tool}-{rep}"
             load_before = _load()
             if tool == "wsi-nuclei":
@@ -517,9 +688,26 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = work / f"tia-result-{rep}.json"
                 result.unlink(missing_ok=True)
-                cmd = [sys.executable, __file__, "--child", "tiatoolbox", "--slide", slide, "--weights", str(weights), "--out", str(out),
-                       "--result", str(result), "--batch-size", str(a.tia_batch_size), "--threads", str(a.threads),
-                       "--torchvision-shim", a.torchvision_shim]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "tiatoolbox",
+                    "--slide",
+                    slide,
+                    "--weights",
+                    str(weights),
+                    "--out",
+                    str(out),
+                    "--result",
+                    str(result),
+                    "--batch-size",
+                    str(a.tia_batch_size),
+                    "--threads",
+                    str(a.threads),
+                    "--torchvision-shim",
+                    a.torchvision_shim,
+                ]
                 if a.crop:
                     cmd += ["--mpp", str(a.slide_mpp), "--no-mask"]
                 run = measure(cmd)
@@ -529,13 +717,18 @@ def main(argv: list[str] | None = None) -> int:
             if run["rc"] == 0:
                 run.pop("output_tail")
             res["runs"].append(run)
-            print(f"{tool} #{rep}: rc {run['rc']}, wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB "
-                  f"(tree {run['tree_peak_rss_mb']:.0f}), patches {run.get('patches')}, nuclei {run.get('nuclei')}, "
-                  f"load {load_before} -> {run['load_after']}", flush=True)
+            print(
+                f"{tool} #{rep}: rc {run['rc']}, wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB "
+                f"(tree {run['tree_peak_rss_mb']:.0f}), patches {run.get('patches')}, nuclei {run.get('nuclei')}, "
+                f"load {load_before} -> {run['load_after']}",
+                flush=True,
+            )
             if run["rc"] != 0:
                 print(run.get("output_tail", ""), file=sys.stderr)
             if a.json:  # after every run, so that an interrupted benchmark leaves what it measured
-                Path(a.json).write_text(json.dumps({**res, **summarise(res["runs"])}, indent=1) + "\n")
+                Path(a.json).write_text(
+                    json.dumps({**res, **summarise(res["runs"])}, indent=1) + "\n"
+                )
     res.update(summarise(res["runs"]))
     print(format_table(res))
     if a.json:

@@ -40,7 +40,9 @@ def _maps(model, ds: str, name: str, size: int | None, cache: Path) -> dict[str,
     image = np.asarray(Image.open(DATA / ds / "images" / f"{name}.png").convert("RGB"))
     if size:
         h, w = image.shape[:2]
-        image = np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="reflect")[:size, :size]
+        image = np.pad(
+            image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="reflect"
+        )[:size, :size]
     maps = predict_maps(model, image)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **maps)
@@ -60,7 +62,9 @@ def _time(fn, repeats: int, sync) -> tuple[float, object]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="device of the torch path (cpu or cuda)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch and OpenCV")
     p.add_argument("--repeats", type=int, default=3)
@@ -85,36 +89,80 @@ def main() -> int:
     cases += [("consep_train", n, None) for n in split["consep_train"][: args.consep]]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
-    print(f"torch {torch.__version__}, torch path on {args.device}, {args.threads} torch thread(s), "
-          f"median of {args.repeats}")
-    print(f"{'image':<28} {'size':>9} {'nuclei':>6} {'numpy ms':>9} {'torch ms':>9} "
-          f"{'np ms/tile':>10} {'torch ms/tile':>13} {'PQ':>7} {'class agree':>11}")
+    print(
+        f"torch {torch.__version__}, torch path on {args.device}, {args.threads} torch thread(s), "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'image':<28} {'size':>9} {'nuclei':>6} {'numpy ms':>9} {'torch ms':>9} "
+        f"{'np ms/tile':>10} {'torch ms/tile':>13} {'PQ':>7} {'class agree':>11}"
+    )
     for ds, name, size in cases:
         maps = _maps(model, ds, name, size, args.cache)
-        t_np, ref = _time(lambda maps=maps: hv_to_instances(maps["np"], maps["hv"], maps["tp"], params), args.repeats, lambda: None)
-        t_t, res = _time(lambda maps=maps: hv_to_instances_torch(maps["np"], maps["hv"], maps["tp"], params, device=args.device),
-                         args.repeats, sync)
+        t_np, ref = _time(
+            lambda maps=maps: hv_to_instances(maps["np"], maps["hv"], maps["tp"], params),
+            args.repeats,
+            lambda: None,
+        )
+        t_t, res = _time(
+            lambda maps=maps: hv_to_instances_torch(
+                maps["np"], maps["hv"], maps["tp"], params, device=args.device
+            ),
+            args.repeats,
+            sync,
+        )
         pq = panoptic_quality(ref.inst, res.inst)["pq"]
         same_n = len(ref.labels) == len(res.labels)
-        agree = float(np.mean(ref.class_id == res.class_id)) if same_n and len(ref.labels) else float("nan")
+        agree = (
+            float(np.mean(ref.class_id == res.class_id))
+            if same_n and len(ref.labels)
+            else float("nan")
+        )
         h, w = maps["np"].shape
         tiles = h * w / 256**2
-        row = {"dataset": ds, "image": name, "height": h, "width": w, "nuclei_numpy": len(ref.labels),
-               "nuclei_torch": len(res.labels), "numpy_ms": t_np * 1e3, "torch_ms": t_t * 1e3,
-               "numpy_ms_per_tile": t_np * 1e3 / tiles, "torch_ms_per_tile": t_t * 1e3 / tiles,
-               "pq": pq, "identical": bool(np.array_equal(ref.inst, res.inst)), "class_agreement": agree}
+        row = {
+            "dataset": ds,
+            "image": name,
+            "height": h,
+            "width": w,
+            "nuclei_numpy": len(ref.labels),
+            "nuclei_torch": len(res.labels),
+            "numpy_ms": t_np * 1e3,
+            "torch_ms": t_t * 1e3,
+            "numpy_ms_per_tile": t_np * 1e3 / tiles,
+            "torch_ms_per_tile": t_t * 1e3 / tiles,
+            "pq": pq,
+            "identical": bool(np.array_equal(ref.inst, res.inst)),
+            "class_agreement": agree,
+        }
         rows.append(row)
-        print(f"{name[:28]:<28} {h:>4}x{w:<4} {len(ref.labels):>6} {row['numpy_ms']:>9.1f} {row['torch_ms']:>9.1f} "
-              f"{row['numpy_ms_per_tile']:>10.2f} {row['torch_ms_per_tile']:>13.2f} {pq:>7.4f} {agree:>11.4f}")
+        print(
+            f"{name[:28]:<28} {h:>4}x{w:<4} {len(ref.labels):>6} {row['numpy_ms']:>9.1f} {row['torch_ms']:>9.1f} "
+            f"{row['numpy_ms_per_tile']:>10.2f} {row['torch_ms_per_tile']:>13.2f} {pq:>7.4f} {agree:>11.4f}"
+        )
     blocks = [r for r in rows if r["height"] == 1024]
     if blocks:
-        mean = {k: statistics.mean(r[k] for r in blocks) for k in ("numpy_ms", "torch_ms", "numpy_ms_per_tile", "torch_ms_per_tile")}
-        print(f"1024 x 1024 blocks, mean: numpy {mean['numpy_ms']:.0f} ms ({mean['numpy_ms_per_tile']:.1f} ms per "
-              f"256-px tile), torch on {args.device} {mean['torch_ms']:.0f} ms ({mean['torch_ms_per_tile']:.1f} ms per tile); "
-              f"min PQ {min(r['pq'] for r in rows):.4f}, all identical: {all(r['identical'] for r in rows)}")
+        mean = {
+            k: statistics.mean(r[k] for r in blocks)
+            for k in ("numpy_ms", "torch_ms", "numpy_ms_per_tile", "torch_ms_per_tile")
+        }
+        print(
+            f"1024 x 1024 blocks, mean: numpy {mean['numpy_ms']:.0f} ms ({mean['numpy_ms_per_tile']:.1f} ms per "
+            f"256-px tile), torch on {args.device} {mean['torch_ms']:.0f} ms ({mean['torch_ms_per_tile']:.1f} ms per tile); "
+            f"min PQ {min(r['pq'] for r in rows):.4f}, all identical: {all(r['identical'] for r in rows)}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"device": args.device, "threads": args.threads, "torch": torch.__version__,
-                                         "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": args.device,
+                    "threads": args.threads,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -90,9 +90,12 @@ def overlaps(geoms: list, min_area: float = 1.0) -> dict:
     a, b, inter = polygon_overlaps(g)
     big = inter > min_area
     ratio = inter / np.minimum(shapely.area(g[a]), shapely.area(g[b])) if len(a) else np.zeros(0)
-    return {"pairs_over_1px2": int(big.sum()), "pairs_touching": int(len(a)),
-            "largest_px2": float(inter.max()) if len(inter) else 0.0,
-            "largest_fraction_of_smaller": float(ratio.max()) if len(ratio) else 0.0}
+    return {
+        "pairs_over_1px2": int(big.sum()),
+        "pairs_touching": int(len(a)),
+        "largest_px2": float(inter.max()) if len(inter) else 0.0,
+        "largest_fraction_of_smaller": float(ratio.max()) if len(ratio) else 0.0,
+    }
 
 
 def _run(slide: str | Path, out: Path, **kw) -> dict:
@@ -177,7 +180,11 @@ def _shift_variance(slide: Path, model_name: str | None) -> dict:
     out = {}
     ref = None
     for d in (0, 1, 32):
-        img = sl.read_scaled(((x0 + d) / s, (y0 + d) / s, (x0 + d + n) / s, (y0 + d + n) / s), (n, n), target_mpp=model.spec.mpp)
+        img = sl.read_scaled(
+            ((x0 + d) / s, (y0 + d) / s, (x0 + d + n) / s, (y0 + d + n) / s),
+            (n, n),
+            target_mpp=model.spec.mpp,
+        )
         fg = predict_maps(model, img)["np"] >= thr
         if ref is None:
             ref = fg
@@ -188,11 +195,15 @@ def _shift_variance(slide: Path, model_name: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--slide", default=str(DEFAULT_SLIDE))
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--model", default=None)
-    p.add_argument("--classic", action="store_true", help="also the tissue-edge figures of the classic model")
+    p.add_argument(
+        "--classic", action="store_true", help="also the tissue-edge figures of the classic model"
+    )
     args = p.parse_args(argv)
     import shapely
 
@@ -204,17 +215,28 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-seams-"))
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-                 "slide": slide.name}
+    out: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "slide": slide.name,
+    }
 
     base = _run(slide, work / "base", model=args.model)
     out["model"] = base["model"]["name"]
-    out["default_run"] = {"wall_s": round(base.get("wall_s", float("nan")), 1), "n_nuclei": base["n_nuclei"],
-                          "passes_per_pixel": base["qc"]["passes_per_pixel"], "patches": base["qc"]["patches_planned"],
-                          "blocks": base["qc"]["blocks_processed"], "seam_candidates": base["qc"]["seam_candidates"],
-                          "seam_duplicates_removed": base["qc"]["seam_duplicates_removed"],
-                          "seam_trimmed": base["qc"]["seam_trimmed"],
-                          "nuclei_cut_at_window_border": base["qc"]["nuclei_cut_at_window_border"]}
+    out["default_run"] = {
+        "wall_s": round(base.get("wall_s", float("nan")), 1),
+        "n_nuclei": base["n_nuclei"],
+        "passes_per_pixel": base["qc"]["passes_per_pixel"],
+        "patches": base["qc"]["patches_planned"],
+        "blocks": base["qc"]["blocks_processed"],
+        "seam_candidates": base["qc"]["seam_candidates"],
+        "seam_duplicates_removed": base["qc"]["seam_duplicates_removed"],
+        "seam_trimmed": base["qc"]["seam_trimmed"],
+        "nuclei_cut_at_window_border": base["qc"]["nuclei_cut_at_window_border"],
+    }
     df = _nuclei(work / "base")
     geoms = list(df.geometry)
     out["overlaps"] = overlaps(geoms)
@@ -237,27 +259,42 @@ def main(argv: list[str] | None = None) -> int:
     with open_slide(slide) as s0:
         tm = detect_tissue_on_slide(s0, mpp=s0.mpp)
     cxy = np.array([[g.centroid.x, g.centroid.y] for g in ref_in]).reshape(-1, 2)
-    mem = region_membership(cxy[:, 0], cxy[:, 1], tm.regions, tolerance=TISSUE_TOLERANCE_THUMB_PX * max(tm.downsample_xy))
+    mem = region_membership(
+        cxy[:, 0],
+        cxy[:, 1],
+        tm.regions,
+        tolerance=TISSUE_TOLERANCE_THUMB_PX * max(tm.downsample_xy),
+    )
     n_outside_ref = int((mem.primary < 0).sum())
     ref_in = [g for g, p in zip(ref_in, mem.primary) if p >= 0]
     near = [g for g in geoms if shapely.box(*(v / scale for v in box)).intersects(g)]
     best = match_iou(ref_in, near)
     cov = coverage(ref_in, near)
-    out["reference"] = {"box_model_px": list(box), "interior_margin_model_px": margin, "n_reference": len(ref_in),
-                        "matched_iou_0.5": float((best >= 0.5).mean()), "matched_iou_0.9": float((best >= 0.9).mean()),
-                        "lost": int((cov < 0.5).sum()), "reference_outside_tissue_regions": n_outside_ref}
+    out["reference"] = {
+        "box_model_px": list(box),
+        "interior_margin_model_px": margin,
+        "n_reference": len(ref_in),
+        "matched_iou_0.5": float((best >= 0.5).mean()),
+        "matched_iou_0.9": float((best >= 0.9).mean()),
+        "lost": int((cov < 0.5).sum()),
+        "reference_outside_tissue_regions": n_outside_ref,
+    }
 
     # tiling invariance: another block size, halo and batch size
     var = _run(slide, work / "variant", model=args.model, block_size=768, halo=128, batch_size=8)
     dv = _nuclei(work / "variant")
     b1 = match_iou(geoms, list(dv.geometry))
     b2 = match_iou(list(dv.geometry), geoms)
-    out["invariance"] = {"variant": "block 768, halo 128, batch 8", "n_default": len(df), "n_variant": len(dv),
-                         "default_matched_iou_0.9": float((b1 >= 0.9).mean()),
-                         "variant_matched_iou_0.9": float((b2 >= 0.9).mean()),
-                         "default_matched_iou_0.5": float((b1 >= 0.5).mean()),
-                         "same_ids": float(np.isin(df["id"].to_numpy(), dv["id"].to_numpy()).mean()),
-                         "wall_s": round(var.get("wall_s", float("nan")), 1)}
+    out["invariance"] = {
+        "variant": "block 768, halo 128, batch 8",
+        "n_default": len(df),
+        "n_variant": len(dv),
+        "default_matched_iou_0.9": float((b1 >= 0.9).mean()),
+        "variant_matched_iou_0.9": float((b2 >= 0.9).mean()),
+        "default_matched_iou_0.5": float((b1 >= 0.5).mean()),
+        "same_ids": float(np.isin(df["id"].to_numpy(), dv["id"].to_numpy()).mean()),
+        "wall_s": round(var.get("wall_s", float("nan")), 1),
+    }
 
     # ROI vs slide
     from PIL import Image
@@ -276,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     inner = shapely.box(cx + m, cy + m, cx + cs - m, cy + cs - m)
     slide_in = [g for g in geoms if inner.contains(g.centroid)]
     best = match_iou(slide_in, crop_geoms)
-    out["roi"] = {"crop_level0": [cx, cy, cs, cs], "margin_px": m, "n_slide_interior": len(slide_in),
-                  "matched_iou_0.5": float((best >= 0.5).mean()), "matched_iou_0.9": float((best >= 0.9).mean())}
+    out["roi"] = {
+        "crop_level0": [cx, cy, cs, cs],
+        "margin_px": m,
+        "n_slide_interior": len(slide_in),
+        "matched_iou_0.5": float((best >= 0.5).mean()),
+        "matched_iou_0.9": float((best >= 0.9).mean()),
+    }
 
     # the same with a crop on the network's patch grid: a model-resolution (0.25 um/px) crop
     # whose origin is a multiple of the patch stride sees the very patches the slide run saw
@@ -285,30 +327,48 @@ def main(argv: list[str] | None = None) -> int:
     X, Y, N = 10 * stride, 15 * stride, 2048
     png2 = work / "crop_aligned.png"
     if not png2.is_file():
-        Image.fromarray(sl.read_scaled((X / scale, Y / scale, (X + N) / scale, (Y + N) / scale), (N, N),
-                                       target_mpp=0.25)).save(png2)
+        Image.fromarray(
+            sl.read_scaled(
+                (X / scale, Y / scale, (X + N) / scale, (Y + N) / scale), (N, N), target_mpp=0.25
+            )
+        ).save(png2)
     _run(png2, work / "crop_aligned", model=args.model, mpp=0.25, tissue="none")
     da = _nuclei(work / "crop_aligned")
-    al_geoms = [shapely.affinity.affine_transform(g, [1 / scale, 0, 0, 1 / scale, X / scale, Y / scale]) for g in da.geometry]
+    al_geoms = [
+        shapely.affinity.affine_transform(g, [1 / scale, 0, 0, 1 / scale, X / scale, Y / scale])
+        for g in da.geometry
+    ]
     m2 = 120  # model px
-    inner2 = shapely.box((X + m2) / scale, (Y + m2) / scale, (X + N - m2) / scale, (Y + N - m2) / scale)
+    inner2 = shapely.box(
+        (X + m2) / scale, (Y + m2) / scale, (X + N - m2) / scale, (Y + N - m2) / scale
+    )
     slide_in2 = [g for g in geoms if inner2.contains(g.centroid)]
     best2 = match_iou(slide_in2, al_geoms)
-    out["roi_grid_aligned"] = {"crop_model_px": [X, Y, N, N], "margin_model_px": m2, "n_slide_interior": len(slide_in2),
-                               "matched_iou_0.5": float((best2 >= 0.5).mean()), "matched_iou_0.9": float((best2 >= 0.9).mean())}
+    out["roi_grid_aligned"] = {
+        "crop_model_px": [X, Y, N, N],
+        "margin_model_px": m2,
+        "n_slide_interior": len(slide_in2),
+        "matched_iou_0.5": float((best2 >= 0.5).mean()),
+        "matched_iou_0.9": float((best2 >= 0.9).mean()),
+    }
 
     # why an unaligned crop differs: the network is not shift-invariant (strided convolutions
     # alias): nucleus pixels of the same image shifted by 1 px and by 32 px
     out["network_shift_variance"] = _shift_variance(slide, args.model)
 
-    out["tissue_edge"] = {args.model or "default": {
-        "removed_outside_regions": base["qc"]["nuclei_outside_regions_removed"],
-        "kept_by_edge_tolerance": base["qc"]["nuclei_near_region_edge_assigned"]}}
+    out["tissue_edge"] = {
+        args.model or "default": {
+            "removed_outside_regions": base["qc"]["nuclei_outside_regions_removed"],
+            "kept_by_edge_tolerance": base["qc"]["nuclei_near_region_edge_assigned"],
+        }
+    }
     if args.classic:
         cl = _run(slide, work / "classic", model="classic")
-        out["tissue_edge"]["classic"] = {"n_nuclei": cl["n_nuclei"],
-                                         "removed_outside_regions": cl["qc"]["nuclei_outside_regions_removed"],
-                                         "kept_by_edge_tolerance": cl["qc"]["nuclei_near_region_edge_assigned"]}
+        out["tissue_edge"]["classic"] = {
+            "n_nuclei": cl["n_nuclei"],
+            "removed_outside_regions": cl["qc"]["nuclei_outside_regions_removed"],
+            "kept_by_edge_tolerance": cl["qc"]["nuclei_near_region_edge_assigned"],
+        }
     print(json.dumps(out, indent=1))
     return 0
 

@@ -23,7 +23,9 @@ def main(src: str, dest: str) -> int:
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     torch.save(half, dest)
-    print(f"{dest}: {Path(dest).stat().st_size / 1e6:.1f} MB, epoch {ck.get('epoch')}, metrics {ck.get('metrics')}")
+    print(
+        f"{dest}: {Path(dest).stat().st_size / 1e6:.1f} MB, epoch {ck.get('epoch')}, metrics {ck.get('metrics')}"
+    )
     print(f"sha256 {sha256_file(dest)}")
     return 0
 

@@ -25,7 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CMU = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
-DETERMINISTIC = ("nuclei.parquet", "nuclei.geojson.gz", "qupath.geojson.gz", "tissue.geojson", "summary.csv", "summary.json")
+DETERMINISTIC = (
+    "nuclei.parquet",
+    "nuclei.geojson.gz",
+    "qupath.geojson.gz",
+    "tissue.geojson",
+    "summary.csv",
+    "summary.json",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -40,7 +47,9 @@ def _cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "wsi_nuclei.cli", *args, "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"output_digest: {' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+        sys.exit(
+            f"output_digest: {' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-400:]}"
+        )
 
 
 def _is_timing(key: str) -> bool:
@@ -80,7 +89,16 @@ def collect(work: Path) -> dict[str, dict[str, str]]:
     out["demo-classic"] = _digests(work / "demo" / "results")
     if CMU.exists():
         for model in ("wsi-nuclei-lite0", "classic"):
-            _cli("run", str(CMU), "--out", str(work / f"cmu-{model}"), "--model", model, "--overwrite", "--no-report")
+            _cli(
+                "run",
+                str(CMU),
+                "--out",
+                str(work / f"cmu-{model}"),
+                "--model",
+                model,
+                "--overwrite",
+                "--no-report",
+            )
             out[f"cmu-{model}"] = _digests(work / f"cmu-{model}")
     else:
         print(f"output_digest: {CMU} absent; CMU runs skipped", file=sys.stderr)
@@ -101,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(got, indent=2, sort_keys=True))
         return 0
     want = json.loads(args.compare.read_text())
-    bad = [f"{run}/{name}" for run, files in want.items() for name, digest in files.items() if got.get(run, {}).get(name) != digest]
+    bad = [
+        f"{run}/{name}"
+        for run, files in want.items()
+        for name, digest in files.items()
+        if got.get(run, {}).get(name) != digest
+    ]
     n = sum(len(v) for v in want.values())
     if bad:
         print(f"output_digest: {len(bad)} of {n} outputs differ: {', '.join(bad)}")

@@ -25,7 +25,9 @@ def test_every_public_name_resolves_to_its_module() -> None:
 def test_import_is_cheap() -> None:
     """``import wsi_nuclei`` (and so ``wsi-nuclei --help``) loads neither torch nor the slide readers."""
     code = "import sys, wsi_nuclei; print(sorted(m for m in ('torch', 'openslide', 'dask', 'wsi_nuclei.pipeline') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]"
 
 
@@ -39,7 +41,9 @@ def test_documented_calls_on_a_synthetic_slide(tmp_path: Path) -> None:
     assert isinstance(slide, wn.Slide) and slide.dimensions == (512, 512)
     assert "classic" in [s.name for s in wn.list_models()] and wn.get_spec("classic").mpp == 0.25
 
-    res = wn.run(wn.RunConfig(slide=path, out=tmp_path / "out", model="classic", tissue="none", quiet=True))
+    res = wn.run(
+        wn.RunConfig(slide=path, out=tmp_path / "out", model="classic", tissue="none", quiet=True)
+    )
     assert isinstance(res, wn.RunResult) and res.n_nuclei == n_true
     assert wn.check_qupath_geojson(res.files["qupath.geojson.gz"]) == []
 

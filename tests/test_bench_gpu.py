@@ -25,9 +25,18 @@ def test_bench_gpu_on_cpu_reports_each_stage(tmp_path: Path) -> None:
     if find_weights(get_spec("wsi-nuclei-lite0")) is None:
         pytest.skip("bundled weights absent")
     out = tmp_path / "g.json"
-    assert _load().main(["--device", "cpu", "--batch", "4", "--n", "8", "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        _load().main(
+            ["--device", "cpu", "--batch", "4", "--n", "8", "--threads", "1", "--json", str(out)]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
-    assert res["device"] == "cpu" and res["network_patches_per_s"] > 0 and res["network_tta_patches_per_s"] > 0
+    assert (
+        res["device"] == "cpu"
+        and res["network_patches_per_s"] > 0
+        and res["network_tta_patches_per_s"] > 0
+    )
     post = res["postprocess"]
     # the torch path finds the very same nuclei as the numpy path on the same maps
     assert post["numpy_nuclei"] == post["torch_nuclei"] > 0

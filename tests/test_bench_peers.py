@@ -83,7 +83,10 @@ def test_torchvision_shim_satisfies_imports_only() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     names = out.stdout.strip().split("|")
-    assert "torchvision.ops.misc.FrozenBatchNorm2d" in names and "torchvision.transforms.ToTensor" in names
+    assert (
+        "torchvision.ops.misc.FrozenBatchNorm2d" in names
+        and "torchvision.transforms.ToTensor" in names
+    )
 
 
 def test_measure_sees_child_memory_and_time() -> None:
@@ -97,15 +100,50 @@ def test_measure_sees_child_memory_and_time() -> None:
 def test_summary_ratios_and_table_on_a_hand_made_case() -> None:
     bp = _load()
     runs = [
-        {"tool": "wsi-nuclei", "rc": 0, "wall_s": 30.0, "peak_rss_mb": 1000.0, "tree_peak_rss_mb": 1000.0, "patches": 36, "nuclei": 10},
-        {"tool": "wsi-nuclei", "rc": 0, "wall_s": 50.0, "peak_rss_mb": 1200.0, "tree_peak_rss_mb": 1100.0, "patches": 36, "nuclei": 10},
-        {"tool": "wsi-nuclei", "rc": 1, "wall_s": 1.0, "peak_rss_mb": 1.0, "tree_peak_rss_mb": 1.0},  # failed: not counted
-        {"tool": "tiatoolbox", "rc": 0, "wall_s": 80.0, "peak_rss_mb": 2200.0, "tree_peak_rss_mb": 2400.0, "patches": 25, "nuclei": 20},
+        {
+            "tool": "wsi-nuclei",
+            "rc": 0,
+            "wall_s": 30.0,
+            "peak_rss_mb": 1000.0,
+            "tree_peak_rss_mb": 1000.0,
+            "patches": 36,
+            "nuclei": 10,
+        },
+        {
+            "tool": "wsi-nuclei",
+            "rc": 0,
+            "wall_s": 50.0,
+            "peak_rss_mb": 1200.0,
+            "tree_peak_rss_mb": 1100.0,
+            "patches": 36,
+            "nuclei": 10,
+        },
+        {
+            "tool": "wsi-nuclei",
+            "rc": 1,
+            "wall_s": 1.0,
+            "peak_rss_mb": 1.0,
+            "tree_peak_rss_mb": 1.0,
+        },  # failed: not counted
+        {
+            "tool": "tiatoolbox",
+            "rc": 0,
+            "wall_s": 80.0,
+            "peak_rss_mb": 2200.0,
+            "tree_peak_rss_mb": 2400.0,
+            "patches": 25,
+            "nuclei": 20,
+        },
     ]
     s = bp.summarise(runs)
     assert s["median"]["wsi-nuclei"]["wall_s"] == 40.0 and s["median"]["wsi-nuclei"]["runs"] == 2
     r = s["ratio_wsi_over_tia"]
-    assert r["wall_s"] == 0.5 and r["peak_rss_mb"] == 0.5 and r["patches"] == 1.44 and r["nuclei"] == 0.5
+    assert (
+        r["wall_s"] == 0.5
+        and r["peak_rss_mb"] == 0.5
+        and r["patches"] == 1.44
+        and r["nuclei"] == 0.5
+    )
     table = bp.format_table(s)
     assert "| wall time (s) | 40.0 | 80.0 | 0.50x |" in table
     assert "| network patches | 36 | 25 | 1.44x |" in table
@@ -122,7 +160,9 @@ def test_without_tiatoolbox_one_line_exit_2(capsys: pytest.CaptureFixture, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TIA, reason="tiatoolbox not installed (optional extra .[bench]; CI does not install it)")
+@pytest.mark.skipif(
+    not HAS_TIA, reason="tiatoolbox not installed (optional extra .[bench]; CI does not install it)"
+)
 @pytest.mark.usefixtures("torch_one_thread")
 def test_raw_maps_agree_with_tiatoolbox(tmp_path: Path) -> None:
     import torch

@@ -74,7 +74,11 @@ def test_top_level_help_lists_commands_and_every_exit_code(capsys: pytest.Captur
         assert name in out
     # every error class's exit code is documented, with 0 and 130
     codes = {int(line.split()[0]) for line in EXIT_CODES.splitlines()[1:] if line.strip()}
-    classes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WsiNucleiError)}
+    classes = {
+        c.exit_code
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.WsiNucleiError)
+    }
     assert classes <= codes and {0, 130} <= codes
     for code in codes:
         assert f"\n  {code} " in out
@@ -83,7 +87,9 @@ def test_top_level_help_lists_commands_and_every_exit_code(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("command", sorted(_subcommands()))
-def test_every_subcommand_help_mentions_every_option(command: str, capsys: pytest.CaptureFixture) -> None:
+def test_every_subcommand_help_mentions_every_option(
+    command: str, capsys: pytest.CaptureFixture
+) -> None:
     parser = _subcommands()[command]
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -93,8 +99,12 @@ def test_every_subcommand_help_mentions_every_option(command: str, capsys: pytes
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.help and action.help != argparse.SUPPRESS, f"{command}: {action.dest} has no help"
-        shown = action.metavar or ("{" + ",".join(action.choices) + "}" if action.choices else action.dest)
+        assert action.help and action.help != argparse.SUPPRESS, (
+            f"{command}: {action.dest} has no help"
+        )
+        shown = action.metavar or (
+            "{" + ",".join(action.choices) + "}" if action.choices else action.dest
+        )
         for opt in action.option_strings or [shown]:
             assert opt in out, f"{command} --help does not mention {opt}"
         # the help text itself is shown (argparse may re-wrap it; %(default)s is expanded)
@@ -123,7 +133,9 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = _run_cli(["run", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "out")], capsys)
+    code, _, err = _run_cli(
+        ["run", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "out")], capsys
+    )
     assert code == 2
     assert "nope.svs" in _one_error_line(err)
     assert not (tmp_path / "out").exists()
@@ -139,7 +151,9 @@ def test_random_bytes_named_svs(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
 
 @pytest.mark.parametrize("fraction", [0.001, 0.5, 0.999])
-def test_truncated_svs(wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, fraction: float) -> None:
+def test_truncated_svs(
+    wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, fraction: float
+) -> None:
     data = (wsi_dir / "CMU-1-Small-Region.svs").read_bytes()
     bad = tmp_path / "cut.svs"
     bad.write_bytes(data[: int(len(data) * fraction)])
@@ -162,19 +176,27 @@ def _corrupt_copy(slide: Path, dest: Path) -> Path:
     return dest
 
 
-def test_corrupt_tile_in_a_sound_file(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_corrupt_tile_in_a_sound_file(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Found while the tiles are read, inside a Dask task (see also the subprocess test: the
     worker's log, which capsys cannot see, must stay quiet)."""
     bad = _corrupt_copy(small_slide, tmp_path / "corrupt.svs")
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(bad), "--tissue", "none", "--model", "classic", "--out", str(out), "-q"], capsys)
+    code, _, err = _run_cli(
+        ["run", str(bad), "--tissue", "none", "--model", "classic", "--out", str(out), "-q"], capsys
+    )
     assert code == 3
     assert "corrupt.svs" in _one_error_line(err)  # no worker log, no traceback
     _no_outputs(out)
 
 
-def test_plain_tiff_without_mpp(wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = _run_cli(["run", str(wsi_dir / "kidney-48-5.tif"), "--out", str(tmp_path / "out")], capsys)
+def test_plain_tiff_without_mpp(
+    wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = _run_cli(
+        ["run", str(wsi_dir / "kidney-48-5.tif"), "--out", str(tmp_path / "out")], capsys
+    )
     assert code == 4
     assert "--mpp" in _one_error_line(err)
     assert not (tmp_path / "out").exists()
@@ -184,7 +206,9 @@ def test_white_image_has_no_tissue(tmp_path: Path, capsys: pytest.CaptureFixture
     img = tmp_path / "white.png"
     Image.fromarray(np.full((600, 800, 3), 255, np.uint8)).save(img)
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(img), "--mpp", "0.25", "--model", "classic", "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        ["run", str(img), "--mpp", "0.25", "--model", "classic", "--out", str(out)], capsys
+    )
     assert code == 5
     assert "no tissue" in _one_error_line(err)
     _no_outputs(out)
@@ -192,34 +216,59 @@ def test_white_image_has_no_tissue(tmp_path: Path, capsys: pytest.CaptureFixture
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"type": "FeatureCollection", "features": [', b'{"type": "FeatureCollection", "features": '
-     b'[{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}]}'],
+    [
+        b'{"type": "FeatureCollection", "features": [',
+        b'{"type": "FeatureCollection", "features": '
+        b'[{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}]}',
+    ],
     ids=["not-json", "no-polygon"],
 )
-def test_malformed_regions(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes) -> None:
+def test_malformed_regions(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes
+) -> None:
     regions = tmp_path / "regions.geojson"
     regions.write_bytes(content)
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(small_slide), "--regions", str(regions), "--model", "classic", "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--regions",
+            str(regions),
+            "--model",
+            "classic",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 6
     assert "regions.geojson" in _one_error_line(err)
     assert not out.exists()
 
 
-def test_output_not_writable(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_output_not_writable(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("I am a file, not a folder")
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(blocker / "sub")], capsys)
+    code, _, err = _run_cli(
+        ["run", str(small_slide), "--model", "classic", "--out", str(blocker / "sub")], capsys
+    )
     assert code == 7
     assert "not writable" in _one_error_line(err)
     assert blocker.read_text() == "I am a file, not a folder"
 
 
-def test_existing_results_need_overwrite(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_existing_results_need_overwrite(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        ["run", str(small_slide), "--model", "classic", "--out", str(out)], capsys
+    )
     assert code == 7
     assert "--overwrite" in _one_error_line(err)
     assert (out / "summary.json").read_text() == "{}"  # left alone
@@ -228,23 +277,40 @@ def test_existing_results_need_overwrite(small_slide: Path, tmp_path: Path, caps
 
 def test_unknown_model(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "no-such-model", "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        ["run", str(small_slide), "--model", "no-such-model", "--out", str(out)], capsys
+    )
     assert code == 8
     line = _one_error_line(err)
     assert "no-such-model" in line and "classic" in line  # lists the available ones
     assert not out.exists()
 
 
-def test_missing_weights_file(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture, home: Path) -> None:
+def test_missing_weights_file(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture, home: Path
+) -> None:
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "hovernet-pannuke", "--weights",
-                             str(tmp_path / "missing.tar"), "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--model",
+            "hovernet-pannuke",
+            "--weights",
+            str(tmp_path / "missing.tar"),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 8
     assert "missing.tar" in _one_error_line(err)
     assert not out.exists()
 
 
-def test_models_fetch_offline(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+def test_models_fetch_offline(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
     def offline(*args, **kwargs):
         raise OSError("network is unreachable (test)")
 
@@ -264,10 +330,29 @@ def test_models_fetch_needs_a_name(capsys: pytest.CaptureFixture) -> None:
     assert "needs a model name" in capsys.readouterr().err
 
 
-def test_strict_ownership_with_a_small_halo(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_strict_ownership_with_a_small_halo(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--halo", "6",
-                             "--block-size", "128", "--strict-ownership", "--out", str(out), "-q"], capsys)
+    code, _, err = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--halo",
+            "6",
+            "--block-size",
+            "128",
+            "--strict-ownership",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 1
     assert "--halo" in _one_error_line(err)
     _no_outputs(out)
@@ -281,14 +366,35 @@ def test_errors_through_the_console_script(tmp_path: Path, small_slide: Path) ->
     env = dict(os.environ)
     bad = tmp_path / "random.svs"
     bad.write_bytes(b"\x00\x01not a slide" * 100)
-    proc = subprocess.run([*cmd, "run", str(bad), "--out", str(tmp_path / "o1")],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [*cmd, "run", str(bad), "--out", str(tmp_path / "o1")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 3
     _one_error_line(proc.stderr)
     assert proc.stdout == ""
     bad = _corrupt_copy(small_slide, tmp_path / "corrupt.svs")  # the error comes from a Dask task
-    proc = subprocess.run([*cmd, "run", str(bad), "--model", "classic", "--tissue", "none", "--out", str(tmp_path / "o3"), "-q"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            *cmd,
+            "run",
+            str(bad),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--out",
+            str(tmp_path / "o3"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 3
     assert "corrupt.svs" in _one_error_line(proc.stderr)
     blocker = socket.socket()
@@ -298,8 +404,24 @@ def test_errors_through_the_console_script(tmp_path: Path, small_slide: Path) ->
             blocker.listen()
         except OSError:
             pass  # already taken by someone else: the same situation
-        proc = subprocess.run([*cmd, "run", str(small_slide), "--model", "classic", "--tissue", "none",
-                               "--out", str(tmp_path / "o2"), "-q"], capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run(
+            [
+                *cmd,
+                "run",
+                str(small_slide),
+                "--model",
+                "classic",
+                "--tissue",
+                "none",
+                "--out",
+                str(tmp_path / "o2"),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     finally:
         blocker.close()
     assert proc.returncode == 0, proc.stderr
@@ -329,7 +451,10 @@ def test_models_lists_every_model(capsys: pytest.CaptureFixture, home: Path) -> 
     for spec in specs:
         b = blocks[spec.name]
         assert f"licence:    {spec.licence}" in b
-        assert f"resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px" in b
+        assert (
+            f"resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px"
+            in b
+        )
         classes = ", ".join(spec.class_names.values()) if spec.class_names else "none (nuclei only)"
         assert f"classes:    {classes}" in b
         assert f"weights:    {weights_status(spec)}" in b
@@ -338,18 +463,70 @@ def test_models_lists_every_model(capsys: pytest.CaptureFixture, home: Path) -> 
     assert "Neoplastic, Inflammatory, Connective, Dead, Epithelial" in blocks["hovernet-pannuke"]
 
 
-def test_summarize_two_runs(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_summarize_two_runs(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     regions = tmp_path / "rois.geojson"
-    regions.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [256, 0], [256, 512], [0, 512], [0, 0]]]},
-         "properties": {"objectType": "annotation", "name": "left"}},
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[256, 0], [512, 0], [512, 512], [256, 512], [256, 0]]]},
-         "properties": {"objectType": "annotation", "name": "right"}},
-    ]}))
+    regions.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[0, 0], [256, 0], [256, 512], [0, 512], [0, 0]]],
+                        },
+                        "properties": {"objectType": "annotation", "name": "left"},
+                    },
+                    {
+                        "type": "Feature",
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[256, 0], [512, 0], [512, 512], [256, 512], [256, 0]]],
+                        },
+                        "properties": {"objectType": "annotation", "name": "right"},
+                    },
+                ],
+            }
+        )
+    )
     a, b = tmp_path / "run-a", tmp_path / "run-b"
-    assert main(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--out", str(a), "-q"]) == 0
-    assert main(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--regions", str(regions),
-                 "--out", str(b), "-q"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(small_slide),
+                "--model",
+                "classic",
+                "--tissue",
+                "none",
+                "--out",
+                str(a),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "run",
+                str(small_slide),
+                "--model",
+                "classic",
+                "--tissue",
+                "none",
+                "--regions",
+                str(regions),
+                "--out",
+                str(b),
+                "-q",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     cohort = tmp_path / "cohort" / "cohort.csv"
     code, out, err = _run_cli(["summarize", str(a), str(b), "--output", str(cohort)], capsys)
@@ -365,7 +542,10 @@ def test_summarize_two_runs(small_slide: Path, tmp_path: Path, capsys: pytest.Ca
     assert table["n_nuclei"].tolist() == [na, na, nb[0]["n_nuclei"], nb[1]["n_nuclei"], na]
     assert nb[0]["n_nuclei"] > 0 and nb[1]["n_nuclei"] > 0
     # a folder that is not a run: a one-line error, exit 2
-    code, _, err = _run_cli(["summarize", str(a), str(tmp_path / "nothing"), "--output", str(tmp_path / "c2.csv")], capsys)
+    code, _, err = _run_cli(
+        ["summarize", str(a), str(tmp_path / "nothing"), "--output", str(tmp_path / "c2.csv")],
+        capsys,
+    )
     assert code == 2
     _one_error_line(err)
     assert not (tmp_path / "c2.csv").exists()
@@ -388,21 +568,32 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _one_error_line(err)
 
 
-def test_demo_with_the_bundled_model_reports_recall_not_exactness(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_with_the_bundled_model_reports_recall_not_exactness(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "demo"
-    code, stdout, err = _run_cli(["demo", "--size", "512", "--out", str(out), "-q", "--model", "wsi-nuclei-lite0"], capsys)
+    code, stdout, err = _run_cli(
+        ["demo", "--size", "512", "--out", str(out), "-q", "--model", "wsi-nuclei-lite0"], capsys
+    )
     assert code == 0, stdout + err
     assert "model: wsi-nuclei-lite0" in err
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("model wsi-nuclei-lite0: known nuclei"))
+    line = next(
+        ln for ln in stdout.splitlines() if ln.startswith("model wsi-nuclei-lite0: known nuclei")
+    )
     assert line.endswith("overlapping each other: 0")
     assert "recall" in stdout and "no accuracy figure for slides" in stdout
     assert "every nucleus found exactly once" not in stdout
 
 
 @pytest.mark.slow
-def test_cmu_small_region_end_to_end(wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cmu_small_region_end_to_end(
+    wsi_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "cmu"
-    code, stdout, err = _run_cli(["run", str(wsi_dir / "CMU-1-Small-Region.svs"), "--model", "classic", "--out", str(out)], capsys)
+    code, stdout, err = _run_cli(
+        ["run", str(wsi_dir / "CMU-1-Small-Region.svs"), "--model", "classic", "--out", str(out)],
+        capsys,
+    )
     assert code == 0, err
     assert "Traceback" not in err and "Warning" not in err
     # the final report
@@ -424,16 +615,22 @@ def test_cmu_small_region_end_to_end(wsi_dir: Path, tmp_path: Path, capsys: pyte
     summary = json.loads((out / "summary.json").read_text())
     assert len(df) == n_features == manifest["n_nuclei"] == summary["slide"]["n_nuclei"] > 1000
     assert sum(r["n_nuclei"] for r in summary["regions"]) == n_features
-    assert df["id"].is_unique and set(df["region_id"]) <= {r["region_id"] for r in summary["regions"]}
+    assert df["id"].is_unique and set(df["region_id"]) <= {
+        r["region_id"] for r in summary["regions"]
+    }
     w, h = manifest["dimensions"]
     assert (w, h) == (2220, 2967)
     assert df["centroid_x"].between(0, w).all() and df["centroid_y"].between(0, h).all()
     assert manifest["qc"]["patches_planned"] < manifest["qc"]["patches_total"]  # glass skipped
 
 
-def test_tta_on_a_model_without_it(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_tta_on_a_model_without_it(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--tta", "--out", str(out)], capsys)
+    code, _, err = _run_cli(
+        ["run", str(small_slide), "--model", "classic", "--tta", "--out", str(out)], capsys
+    )
     assert code == 8
     assert "test-time augmentation" in _one_error_line(err)
     assert not out.exists()
@@ -442,12 +639,28 @@ def test_tta_on_a_model_without_it(small_slide: Path, tmp_path: Path, capsys: py
 # --------------------------------------------------------------------------------------------
 # option ranges, device, disk full, a second run into the same folder
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("opt, value", [
-    ("--batch-size", "0"), ("--batch-size", "-1"), ("--batch-size", "x"), ("--max-in-flight", "0"),
-    ("--halo", "-5"), ("--halo", "2000"), ("--block-size", "10"), ("--workers", "0"), ("--workers", "-3"),
-    ("--threads", "0"), ("--mpp", "0"), ("--mpp", "-0.25"), ("--mpp", "1e6"), ("--mpp", "nan"),
-])
-def test_numeric_options_have_ranges(opt: str, value: str, small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "opt, value",
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "-1"),
+        ("--batch-size", "x"),
+        ("--max-in-flight", "0"),
+        ("--halo", "-5"),
+        ("--halo", "2000"),
+        ("--block-size", "10"),
+        ("--workers", "0"),
+        ("--workers", "-3"),
+        ("--threads", "0"),
+        ("--mpp", "0"),
+        ("--mpp", "-0.25"),
+        ("--mpp", "1e6"),
+        ("--mpp", "nan"),
+    ],
+)
+def test_numeric_options_have_ranges(
+    opt: str, value: str, small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["run", str(small_slide), "--out", str(tmp_path / "o"), opt, value])
     assert exc.value.code == 2
@@ -456,24 +669,55 @@ def test_numeric_options_have_ranges(opt: str, value: str, small_slide: Path, tm
     assert not (tmp_path / "o").exists()
 
 
-def test_halo_larger_than_the_block_is_refused(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_halo_larger_than_the_block_is_refused(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["run", str(small_slide), "--out", str(tmp_path / "o"), "--block-size", "128", "--halo", "200"])
+        main(
+            [
+                "run",
+                str(small_slide),
+                "--out",
+                str(tmp_path / "o"),
+                "--block-size",
+                "128",
+                "--halo",
+                "200",
+            ]
+        )
     assert exc.value.code == 2 and "--halo" in capsys.readouterr().err
 
 
-def test_device_cuda_without_a_gpu(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_device_cuda_without_a_gpu(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--device", "cuda", "--out", str(tmp_path / "o")], capsys)
+    code, _, err = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--model",
+            "classic",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 1 and "no CUDA GPU" in _one_error_line(err)
     _no_outputs(tmp_path / "o")
 
 
-def test_full_disk_is_one_line_exit_7_and_keeps_finished_work(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_is_one_line_exit_7_and_keeps_finished_work(
+    small_slide: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import errno
 
     from wsi_nuclei import _io
@@ -487,18 +731,51 @@ def test_full_disk_is_one_line_exit_7_and_keeps_finished_work(small_slide: Path,
 
     monkeypatch.setattr(_io.os, "replace", full)
     out = tmp_path / "o"
-    code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--block-size", "256",
-                             "--out", str(out), "-q"], capsys)
+    code, _, err = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--block-size",
+            "256",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 7 and "No space left" in _one_error_line(err)
     assert not (out / "nuclei.parquet").exists() and not list(out.glob(".*tmp*"))
-    assert len(list((out / ".work" / "blocks").glob("*.parquet"))) == 4  # every block kept: a rerun resumes
+    assert (
+        len(list((out / ".work" / "blocks").glob("*.parquet"))) == 4
+    )  # every block kept: a rerun resumes
     monkeypatch.setattr(_io.os, "replace", real)
-    code, _, _ = _run_cli(["run", str(small_slide), "--model", "classic", "--tissue", "none", "--block-size", "256",
-                           "--out", str(out), "--overwrite", "-q"], capsys)
+    code, _, _ = _run_cli(
+        [
+            "run",
+            str(small_slide),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--block-size",
+            "256",
+            "--out",
+            str(out),
+            "--overwrite",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0 and (out / "nuclei.parquet").is_file()
 
 
-def test_second_run_into_the_same_folder_is_refused(small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_second_run_into_the_same_folder_is_refused(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import fcntl
 
     out = tmp_path / "o"
@@ -507,10 +784,14 @@ def test_second_run_into_the_same_folder_is_refused(small_slide: Path, tmp_path:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         fh.write("pid 12345")
         fh.flush()
-        code, _, err = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys)
+        code, _, err = _run_cli(
+            ["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys
+        )
     assert code == 7 and "another wsi-nuclei run" in _one_error_line(err)
     _no_outputs(out)
-    code, _, _ = _run_cli(["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys)
+    code, _, _ = _run_cli(
+        ["run", str(small_slide), "--model", "classic", "--out", str(out), "-q"], capsys
+    )
     assert code == 0  # the lock went with the process that held it
     assert not (out / ".wsi-nuclei.lock").exists()
 
@@ -518,21 +799,25 @@ def test_second_run_into_the_same_folder_is_refused(small_slide: Path, tmp_path:
 def test_help_models_and_summarize_do_not_import_torch() -> None:
     """`wsi-nuclei --help` answers at once: torch (seconds to import) is loaded only by the
     commands that run a network."""
-    code = ("import sys, contextlib, io\n"
-            "from wsi_nuclei.cli import main\n"
-            "for argv in (['--help'], ['run', '--help'], ['train', '--help'], ['models']):\n"
-            "    with contextlib.redirect_stdout(io.StringIO()):\n"
-            "        try:\n"
-            "            main(argv)\n"
-            "        except SystemExit:\n"
-            "            pass\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "from wsi_nuclei.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['train', '--help'], ['models']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print('torch' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
-def test_internal_error_is_one_line_and_exit_70(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_internal_error_is_one_line_and_exit_70(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """A bug (an exception that is not a WsiNucleiError) gives one line and exit 70, not a
     traceback; WSI_NUCLEI_TRACEBACK=1 lets the exception through."""
     from wsi_nuclei.cli import _main as cli
@@ -553,7 +838,10 @@ def test_internal_error_is_one_line_and_exit_70(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("WSI_NUCLEI_TRACEBACK", raising=False)
     assert cli.main(["models"]) == 70
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "internal error: ValueError: buffer source array is read-only (a bug" in err
+    assert (
+        err.count("\n") == 1
+        and "internal error: ValueError: buffer source array is read-only (a bug" in err
+    )
     monkeypatch.setenv("WSI_NUCLEI_TRACEBACK", "1")
     with pytest.raises(ValueError, match="read-only"):
         cli.main(["models"])

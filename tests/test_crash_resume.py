@@ -22,8 +22,22 @@ def test_sigkill_at_three_points_then_resume_gives_identical_files(tmp_path: Pat
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     rgb, _, _ = make_nuclei_image(1024, 1024, seed=3, min_radius=6, max_radius=14, gap=4)
     slide = write_pyramidal_tiff(tmp_path / "s.svs", rgb, mpp=0.25)
-    res = mod.crash_resume([str(slide), "--model", "classic", "--tissue", "none", "--block-size", "256", "--batch-size", "2"],
-                           [0.3, 0.65, 0.9], tmp_path / "work", timeout=600)
+    res = mod.crash_resume(
+        [
+            str(slide),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--block-size",
+            "256",
+            "--batch-size",
+            "2",
+        ],
+        [0.3, 0.65, 0.9],
+        tmp_path / "work",
+        timeout=600,
+    )
     bad = [r for r in res["rows"] if not r["identical"]]
     assert not bad, bad
     assert res["killed"] >= 1  # at least one kill landed before the run finished

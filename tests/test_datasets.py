@@ -42,15 +42,25 @@ from wsi_nuclei.errors import DatasetError
 # --------------------------------------------------------------------------------------------
 
 _FOLD_BOXES = {
-    0: [(0, 7, (10, 20, 10, 30)), (1, 3, (40, 50, 40, 45)), (0, 12, (100, 120, 200, 210)),
-        (4, 5, (200, 204, 0, 4)), (3, 9, (60, 62, 60, 63))],
+    0: [
+        (0, 7, (10, 20, 10, 30)),
+        (1, 3, (40, 50, 40, 45)),
+        (0, 12, (100, 120, 200, 210)),
+        (4, 5, (200, 204, 0, 4)),
+        (3, 9, (60, 62, 60, 63)),
+    ],
     1: [],
     2: [(2, 1, (0, 256, 128, 129)), (2, 2, (0, 10, 0, 10))],
 }
 # expected (class, box) per new label, per image
 _FOLD_EXPECTED = {
-    0: [(1, (10, 20, 10, 30)), (1, (100, 120, 200, 210)), (2, (40, 50, 40, 45)),
-        (4, (60, 62, 60, 63)), (5, (200, 204, 0, 4))],
+    0: [
+        (1, (10, 20, 10, 30)),
+        (1, (100, 120, 200, 210)),
+        (2, (40, 50, 40, 45)),
+        (4, (60, 62, 60, 63)),
+        (5, (200, 204, 0, 4)),
+    ],
     1: [],
     2: [(3, (0, 256, 128, 129)), (3, (0, 10, 0, 10))],
 }
@@ -138,7 +148,14 @@ def test_pannuke_fold_indices_names_and_resampling(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["masks_5_channels", "count_mismatch", "size_mismatch", "images_no_channel", "no_masks", "garbage_npy"],
+    [
+        "masks_5_channels",
+        "count_mismatch",
+        "size_mismatch",
+        "images_no_channel",
+        "no_masks",
+        "garbage_npy",
+    ],
 )
 def test_pannuke_fold_malformed(tmp_path: Path, case: str) -> None:
     root = tmp_path / "bad"
@@ -207,7 +224,9 @@ def test_real_shared_dataset_nucls_train(nuclei_dir: Path) -> None:
     assert [s.name for s in got] == ["nucls_train/train_3", "nucls_train/train_1"]
 
 
-def _write_shared(root: Path, mpps: dict[str, float | None], top_mpp: float | str | None = None) -> dict:
+def _write_shared(
+    root: Path, mpps: dict[str, float | None], top_mpp: float | str | None = None
+) -> dict:
     """A tiny shared-format dataset; returns {name: (rgb, inst, classes, allowed)}."""
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -226,9 +245,19 @@ def _write_shared(root: Path, mpps: dict[str, float | None], top_mpp: float | st
         classes = np.array([0, 2, 0, 3], np.uint8)
         allowed = np.array([0, 2, 17, 4], np.uint8)
         Image.fromarray(rgb).save(root / "images" / f"{name}.png")
-        np.savez_compressed(root / "labels" / f"{name}.npz", inst=inst, classes=classes, allowed=allowed,
-                            source_class=np.array([-1, 2, 3, 4], np.int16))
-        meta["images"][name] = {"height": h, "width": w, "nuclei": 3, **({"mpp": mpp} if mpp is not None else {})}
+        np.savez_compressed(
+            root / "labels" / f"{name}.npz",
+            inst=inst,
+            classes=classes,
+            allowed=allowed,
+            source_class=np.array([-1, 2, 3, 4], np.int16),
+        )
+        meta["images"][name] = {
+            "height": h,
+            "width": w,
+            "nuclei": 3,
+            **({"mpp": mpp} if mpp is not None else {}),
+        }
         out[name] = (rgb, inst, classes, allowed)
     (root / "meta.json").write_text(json.dumps(meta))
     return out
@@ -301,8 +330,13 @@ def test_shared_dataset_errors(tmp_path: Path) -> None:
     d = tmp_path / "shape"
     truth = _write_shared(d, {"x": 0.25})
     _, inst, classes, allowed = truth["x"]
-    np.savez_compressed(d / "labels" / "x.npz", inst=inst[:10], classes=classes, allowed=allowed,
-                        source_class=np.full(4, -1, np.int16))
+    np.savez_compressed(
+        d / "labels" / "x.npz",
+        inst=inst[:10],
+        classes=classes,
+        allowed=allowed,
+        source_class=np.full(4, -1, np.int16),
+    )
     with pytest.raises(DatasetError, match="shape"):
         list(read_shared_dataset(d))
     assert ALLOWED_UNKNOWN == 31
@@ -328,8 +362,14 @@ def test_hv_targets_hand_case() -> None:
     hv = hv_targets(inst)
     assert hv.shape == (2, 8, 10) and hv.dtype == np.float32
     h, v = hv
-    np.testing.assert_allclose([h[0, 0], h[0, 1], h[0, 2], h[0, 3], h[1, 0], h[2, 0]], [-1, 0, 0.5, 1, -1, -1], atol=1e-6)
-    np.testing.assert_allclose([v[0, 0], v[0, 1], v[0, 2], v[0, 3], v[1, 0], v[2, 0]], [-1, -1, -1, -1, 1 / 3, 1], atol=1e-6)
+    np.testing.assert_allclose(
+        [h[0, 0], h[0, 1], h[0, 2], h[0, 3], h[1, 0], h[2, 0]], [-1, 0, 0.5, 1, -1, -1], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        [v[0, 0], v[0, 1], v[0, 2], v[0, 3], v[1, 0], v[2, 0]],
+        [-1, -1, -1, -1, 1 / 3, 1],
+        atol=1e-6,
+    )
     ramp = np.array([-1, -0.5, 0, 0.5, 1], np.float32)
     np.testing.assert_allclose(h[3:8, 5:10], np.tile(ramp, (5, 1)), atol=1e-6)
     np.testing.assert_allclose(v[3:8, 5:10], np.tile(ramp[:, None], (1, 5)), atol=1e-6)
@@ -376,9 +416,19 @@ def _write_points(root: Path, mpp: float = 0.5) -> tuple[np.ndarray, np.ndarray]
     rgb = np.full((20, 30, 3), 200, np.uint8)
     pts = np.array([[0.0, 0.0], [29.0, 19.0], [10.0, 5.0]], np.float32)  # (x, y) pixel centres
     Image.fromarray(rgb).save(root / "images" / "p.png")
-    np.savez_compressed(root / "labels" / "p.npz", points=pts, point_classes=np.array([2, 3, 0], np.uint8),
-                        point_allowed=np.array([2, 4, 17], np.uint8), point_source_class=np.array([2, 3, 1], np.int16))
-    meta = {"name": root.name, "format_version": 1.1, "annotation": "points", "images": {"p": {"mpp": mpp}}}
+    np.savez_compressed(
+        root / "labels" / "p.npz",
+        points=pts,
+        point_classes=np.array([2, 3, 0], np.uint8),
+        point_allowed=np.array([2, 4, 17], np.uint8),
+        point_source_class=np.array([2, 3, 1], np.int16),
+    )
+    meta = {
+        "name": root.name,
+        "format_version": 1.1,
+        "annotation": "points",
+        "images": {"p": {"mpp": mpp}},
+    }
     (root / "meta.json").write_text(json.dumps(meta))
     return rgb, pts
 
@@ -398,12 +448,22 @@ def test_point_dataset_reader_and_resampling(tmp_path: Path) -> None:
 def test_point_dataset_errors(tmp_path: Path) -> None:
     _write_points(tmp_path / "a")
     lab = tmp_path / "a" / "labels" / "p.npz"
-    np.savez_compressed(lab, points=np.array([[50.0, 1.0]], np.float32), point_classes=np.array([2], np.uint8),
-                        point_allowed=np.array([2], np.uint8), point_source_class=np.array([2], np.int16))
+    np.savez_compressed(
+        lab,
+        points=np.array([[50.0, 1.0]], np.float32),
+        point_classes=np.array([2], np.uint8),
+        point_allowed=np.array([2], np.uint8),
+        point_source_class=np.array([2], np.int16),
+    )
     with pytest.raises(DatasetError, match="outside the image"):
         list(read_dataset(tmp_path / "a"))
-    np.savez_compressed(lab, points=np.zeros((2, 2), np.float32), point_classes=np.array([2], np.uint8),
-                        point_allowed=np.array([2, 2], np.uint8), point_source_class=np.array([2, 2], np.int16))
+    np.savez_compressed(
+        lab,
+        points=np.zeros((2, 2), np.float32),
+        point_classes=np.array([2], np.uint8),
+        point_allowed=np.array([2, 2], np.uint8),
+        point_source_class=np.array([2, 2], np.int16),
+    )
     with pytest.raises(DatasetError, match="differ in length"):
         list(read_dataset(tmp_path / "a"))
     np.savez_compressed(lab, inst=np.zeros((20, 30), np.int32))

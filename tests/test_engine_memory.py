@@ -27,13 +27,18 @@ class _PixelModel:
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         self.calls.append(len(batch))
         x = batch.astype(np.float32) / 255.0
-        return [{"np": x[i, ..., 0], "hv": np.stack([x[i, ..., 1], -x[i, ..., 2]])} for i in range(len(batch))]
+        return [
+            {"np": x[i, ..., 0], "hv": np.stack([x[i, ..., 1], -x[i, ..., 2]])}
+            for i in range(len(batch))
+        ]
 
 
 def _ctx(model: _PixelModel, chunk: int) -> EngineContext:
     pg = PatchGrid(512, 512, 64, 64, 48)
     bg = BlockGrid(512, 512, 128, 16)
-    return EngineContext(None, register_instance(model), pg, bg, 1.0, 0.5, 0.5, 0.5, "fp", infer_chunk=chunk)
+    return EngineContext(
+        None, register_instance(model), pg, bg, 1.0, 0.5, 0.5, 0.5, "fp", infer_chunk=chunk
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])
@@ -58,7 +63,9 @@ def test_resolve_infer_chunk() -> None:
         resolve_infer_chunk(0, "cpu", 16)
 
 
-def _reference_blend(pg: PatchGrid, x0: int, x1: int, patches: dict, c: int, fill: np.ndarray) -> np.ndarray:
+def _reference_blend(
+    pg: PatchGrid, x0: int, x1: int, patches: dict, c: int, fill: np.ndarray
+) -> np.ndarray:
     """The plain weighted mean over the canvas rows ``0 .. H`` and columns ``x0 .. x1``."""
     n = pg.output_size
     w1 = blend_weights(n, pg.stride)
@@ -71,7 +78,9 @@ def _reference_blend(pg: PatchGrid, x0: int, x1: int, patches: dict, c: int, fil
         a0, a1 = max(0, px), min(x1 - x0, px + n)
         if a1 <= a0:
             continue
-        acc[:c, py : py + n, a0:a1] += m[:, :, a0 - px : a1 - px].astype(np.float32) * w2[:, a0 - px : a1 - px]
+        acc[:c, py : py + n, a0:a1] += (
+            m[:, :, a0 - px : a1 - px].astype(np.float32) * w2[:, a0 - px : a1 - px]
+        )
         acc[c, py : py + n, a0:a1] += w2[:, a0 - px : a1 - px]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = acc[:c] / acc[c]
@@ -96,7 +105,10 @@ def test_blender_emits_the_plain_weighted_mean() -> None:
     ref, top = _reference_blend(pg, x0, x1, patches, c, fill)
     for y0, ch in bl.chunks:
         assert ch.dtype == np.float16
-        assert ch.tobytes() == np.ascontiguousarray(ref[:, y0 - top : y0 - top + ch.shape[1]]).tobytes(), y0
+        assert (
+            ch.tobytes()
+            == np.ascontiguousarray(ref[:, y0 - top : y0 - top + ch.shape[1]]).tobytes()
+        ), y0
 
 
 def test_context_default_is_the_whole_batch() -> None:

@@ -36,7 +36,10 @@ def _compare(model, image: np.ndarray, block: int) -> dict:
 
     # the whole image as one block: beyond its edge nothing (background), as the engine sees it
     pad = 96
-    maps = {k: np.pad(v, [(0, 0)] * (v.ndim - 2) + [(pad, pad), (pad, pad)]) for k, v in predict_maps(model, image).items()}
+    maps = {
+        k: np.pad(v, [(0, 0)] * (v.ndim - 2) + [(pad, pad), (pad, pad)])
+        for k, v in predict_maps(model, image).items()
+    }
     ref = model.postprocess(maps).inst[pad:-pad, pad:-pad]
     got = segment_image(model, image, block_size=block).inst
     ov = instance_overlap(ref, got)
@@ -44,8 +47,13 @@ def _compare(model, image: np.ndarray, block: int) -> dict:
     # lost: a reference nucleus less than half covered by output nuclei
     ref_ids, ref_area = np.unique(ref[ref > 0], return_counts=True)
     covered = np.bincount(ref[(ref > 0) & (got > 0)], minlength=ref.max() + 1)[ref_ids]
-    return {"n_ref": n_ref, "n_got": len(ov.pred_labels), "lost": int((covered < 0.5 * ref_area).sum()),
-            "iou09": pq_from_overlap(ov, 0.9)["tp"] / max(1, n_ref), "got": got}
+    return {
+        "n_ref": n_ref,
+        "n_got": len(ov.pred_labels),
+        "lost": int((covered < 0.5 * ref_area).sum()),
+        "iou09": pq_from_overlap(ov, 0.9)["tp"] / max(1, n_ref),
+        "got": got,
+    }
 
 
 def test_cmu_crop_through_small_blocks_matches_the_whole_region(model, wsi_dir: Path) -> None:
@@ -54,7 +62,9 @@ def test_cmu_crop_through_small_blocks_matches_the_whole_region(model, wsi_dir: 
     with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as sl:
         s = sl.mpp / 0.25
         x0, y0 = 2200, 3000  # model px, dense dermis and epidermis
-        crop = sl.read_scaled((x0 / s, y0 / s, (x0 + 640) / s, (y0 + 640) / s), (640, 640), target_mpp=0.25)
+        crop = sl.read_scaled(
+            (x0 / s, y0 / s, (x0 + 640) / s, (y0 + 640) / s), (640, 640), target_mpp=0.25
+        )
     r = _compare(model, crop, block=200)
     assert r["n_ref"] > 100
     assert r["lost"] == 0 and r["iou09"] >= 0.99, {k: v for k, v in r.items() if k != "got"}
@@ -73,7 +83,9 @@ def test_monuseg_validation_tile_through_small_blocks(model, nuclei_dir: Path) -
     assert r["lost"] == 0 and r["iou09"] >= 0.99, {k: v for k, v in r.items() if k != "got"}
 
 
-def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi_dir: Path, tmp_path: Path) -> None:
+def test_run_reports_classes_the_model_cannot_produce_as_not_measured(
+    model, wsi_dir: Path, tmp_path: Path
+) -> None:
     """A real run with the bundled model: no nucleus is "Dead" (a class without training labels),
     its summary columns are empty rather than 0, and the reliability note is in run.json; with
     --min-class-prob 1 every nucleus is written without a class."""
@@ -88,7 +100,9 @@ def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi
         crop = sl.read_scaled((2200 / s, 3000 / s, 2712 / s, 3512 / s), (512, 512), target_mpp=0.25)
     png = tmp_path / "crop.png"
     Image.fromarray(crop).save(png)
-    res = run(RunConfig(slide=png, out=tmp_path / "a", mpp=0.25, tissue="none", quiet=True, threads=1))
+    res = run(
+        RunConfig(slide=png, out=tmp_path / "a", mpp=0.25, tissue="none", quiet=True, threads=1)
+    )
     nuc = pd.read_parquet(tmp_path / "a" / "nuclei.parquet")
     assert len(nuc) > 50 and "Dead" not in set(nuc["class_name"])
     assert (nuc["prob_Dead"] == 0).all()
@@ -97,10 +111,29 @@ def test_run_reports_classes_the_model_cannot_produce_as_not_measured(model, wsi
     man = json.loads((tmp_path / "a" / "run.json").read_text())
     assert man["classes"]["not_measured"] == ["Dead"] and "Dead" in man["reliability_note"]
     assert res.n_nuclei == len(nuc)
-    run(RunConfig(slide=png, out=tmp_path / "b", mpp=0.25, tissue="none", quiet=True, threads=1, min_class_prob=1.0))
+    run(
+        RunConfig(
+            slide=png,
+            out=tmp_path / "b",
+            mpp=0.25,
+            tissue="none",
+            quiet=True,
+            threads=1,
+            min_class_prob=1.0,
+        )
+    )
     low = pd.read_parquet(tmp_path / "b" / "nuclei.parquet")
-    assert len(low) == len(nuc) and set(low["class_name"]) == {"Nucleus"} and (low["class_id"] == 0).all()
-    np.testing.assert_allclose(low["prob_Inflammatory"], nuc["prob_Inflammatory"])  # kept for re-thresholding
+    assert (
+        len(low) == len(nuc)
+        and set(low["class_name"]) == {"Nucleus"}
+        and (low["class_id"] == 0).all()
+    )
+    np.testing.assert_allclose(
+        low["prob_Inflammatory"], nuc["prob_Inflammatory"]
+    )  # kept for re-thresholding
     summ_b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summ_b["slide"]["n_nuclei_unclassified"] == len(low)
-    assert summ_b["qc"]["nuclei_unclassified_low_prob"] == len(low) and man["qc"]["nuclei_unclassified_low_prob"] == 0
+    assert (
+        summ_b["qc"]["nuclei_unclassified_low_prob"] == len(low)
+        and man["qc"]["nuclei_unclassified_low_prob"] == 0
+    )

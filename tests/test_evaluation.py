@@ -137,8 +137,10 @@ def test_matches_per_image_metrics_and_generator_input() -> None:
         np.mean([M.aji(r["true_inst"], r["pred_inst"]) for r in recs])
     )
     mpq = M.aggregate_multiclass_pq(
-        [M.multiclass_pq(r["true_inst"], r["true_classes"], r["pred_inst"], r["pred_class"])
-         for r in recs]
+        [
+            M.multiclass_pq(r["true_inst"], r["true_classes"], r["pred_inst"], r["pred_class"])
+            for r in recs
+        ]
     )
     assert res["mpq"]["mpq"]["per_image"] == pytest.approx(mpq["mpq"]["per_image"])
     assert res["mpq"]["mpq"]["pooled"] == pytest.approx(mpq["mpq"]["pooled"])
@@ -166,7 +168,11 @@ def test_perfect_prediction_pannuke_classes() -> None:
     assert res["mpq"]["mpq"]["per_image"] == 1.0
     assert res["mpq"]["excluded_classes"] == []
     assert list(res["classification"]["groups"]) == [
-        "Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial"
+        "Neoplastic",
+        "Inflammatory",
+        "Connective",
+        "Dead",
+        "Epithelial",
     ]
     assert all(g["f1"] == 1.0 for g in res["classification"]["groups"].values())
 
@@ -174,10 +180,20 @@ def test_perfect_prediction_pannuke_classes() -> None:
 def test_model_without_classes_and_empty_image() -> None:
     true = _squares(POS[:2])
     recs = [
-        {"name": "a", "true_inst": true, "true_classes": None, "true_allowed": None,
-         "pred_inst": true, "pred_class": None, "mpp": 0.5},
-        {"name": "empty", "true_inst": np.zeros((8, 8), np.int32),
-         "pred_inst": np.zeros((8, 8), np.int32)},
+        {
+            "name": "a",
+            "true_inst": true,
+            "true_classes": None,
+            "true_allowed": None,
+            "pred_inst": true,
+            "pred_class": None,
+            "mpp": 0.5,
+        },
+        {
+            "name": "empty",
+            "true_inst": np.zeros((8, 8), np.int32),
+            "pred_inst": np.zeros((8, 8), np.int32),
+        },
     ]
     res = evaluate_predictions(recs)
     json.dumps(res, allow_nan=False)
@@ -224,8 +240,14 @@ def test_empty_dataset() -> None:
 def test_radius_um_and_custom_groups() -> None:
     true = _squares([(10, 10)], size=6, shape=40)
     pred = _squares([(10, 18)], size=6, shape=40)  # centroid 8 px away
-    rec = {"name": "x", "true_inst": true, "true_allowed": np.array([0, 17]),
-           "pred_inst": pred, "pred_class": np.array([0, 5]), "mpp": 0.5}
+    rec = {
+        "name": "x",
+        "true_inst": true,
+        "true_allowed": np.array([0, 17]),
+        "pred_inst": pred,
+        "pred_class": np.array([0, 5]),
+        "mpp": 0.5,
+    }
     assert evaluate_predictions([rec])["detection"]["tp"] == 1  # 8 <= 12 px
     res = evaluate_predictions([rec], radius_um=3.0)  # 3 um at 0.5 um/px = 6 px < 8
     assert res["detection"]["tp"] == 0 and res["detection"]["radius_um"] == 3.0
@@ -253,7 +275,11 @@ def test_default_class_groups_reexport() -> None:
         "Neoplastic|Epithelial": 17,
     }
     assert default_class_groups([1, 2, 4, 8, 16]) == {
-        "Neoplastic": 1, "Inflammatory": 2, "Connective": 4, "Dead": 8, "Epithelial": 16
+        "Neoplastic": 1,
+        "Inflammatory": 2,
+        "Connective": 4,
+        "Dead": 8,
+        "Epithelial": 16,
     }
 
 
@@ -263,8 +289,12 @@ def test_format_table_layout() -> None:
     assert lines[0].startswith("images: 1")
     pq_line = next(line for line in lines if "binary, mean over images" in line)
     assert "0.8333" in pq_line and "1.0000" in pq_line
-    assert not any(math.isnan(float(tok)) for line in lines for tok in line.split()
-                   if tok.replace(".", "", 1).isdigit())
+    assert not any(
+        math.isnan(float(tok))
+        for line in lines
+        for tok in line.split()
+        if tok.replace(".", "", 1).isdigit()
+    )
 
 
 def test_point_records_score_detection_and_classes_only() -> None:
@@ -274,10 +304,23 @@ def test_point_records_score_detection_and_classes_only() -> None:
     pred[9:12, 9:12] = 1  # centroid (10, 10): near point 0
     pred[29:32, 9:12] = 2  # centroid (10, 30) = (x, y): near point 1
     pred[2:4, 35:37] = 3  # far from every point: false positive
-    rec = {"name": "pts", "true_inst": None, "true_points": np.array([[10.5, 10.0], [10.0, 31.0], [30.0, 20.0]]),
-           "true_allowed": np.array([2, 4, 17]), "pred_inst": pred, "pred_class": np.array([0, 2, 3, 1]), "mpp": 0.25}
-    inst_rec = {"name": "inst", "true_inst": pred.copy(), "true_classes": np.array([0, 2, 3, 1], np.uint8),
-                "pred_inst": pred, "pred_class": np.array([0, 2, 3, 1]), "mpp": 0.25}
+    rec = {
+        "name": "pts",
+        "true_inst": None,
+        "true_points": np.array([[10.5, 10.0], [10.0, 31.0], [30.0, 20.0]]),
+        "true_allowed": np.array([2, 4, 17]),
+        "pred_inst": pred,
+        "pred_class": np.array([0, 2, 3, 1]),
+        "mpp": 0.25,
+    }
+    inst_rec = {
+        "name": "inst",
+        "true_inst": pred.copy(),
+        "true_classes": np.array([0, 2, 3, 1], np.uint8),
+        "pred_inst": pred,
+        "pred_class": np.array([0, 2, 3, 1]),
+        "mpp": 0.25,
+    }
     r = evaluate_predictions([rec, inst_rec], radius_px=3.0)
     det = r["detection"]
     # points: tp 2, fp 1 (pred 3), fn 1 (point 2); the instance record: 3 tp

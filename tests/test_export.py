@@ -34,8 +34,15 @@ from wsi_nuclei.export import (
     write_regions_geojson,
 )
 
-MORPH = ["area_um2", "perimeter_um", "circularity", "solidity", "eccentricity",
-         "major_axis_um", "minor_axis_um"]
+MORPH = [
+    "area_um2",
+    "perimeter_um",
+    "circularity",
+    "solidity",
+    "eccentricity",
+    "major_axis_um",
+    "minor_axis_um",
+]
 
 
 @dataclass
@@ -94,11 +101,18 @@ def random_frames(n_frames: int, per_frame: int, seed: int = 0) -> list[pd.DataF
     out = []
     for k in range(n_frames):
         rng = np.random.default_rng(seed + k)
-        geoms = [_ellipse(x, y, a, b) for x, y, a, b in zip(
-            rng.uniform(0, 20000, per_frame), rng.uniform(0, 20000, per_frame),
-            rng.uniform(2, 9, per_frame), rng.uniform(2, 9, per_frame))]
-        out.append(nucleus_frame(geoms, region_ids=rng.integers(-1, 3, per_frame).tolist(),
-                                 seed=seed + k))
+        geoms = [
+            _ellipse(x, y, a, b)
+            for x, y, a, b in zip(
+                rng.uniform(0, 20000, per_frame),
+                rng.uniform(0, 20000, per_frame),
+                rng.uniform(2, 9, per_frame),
+                rng.uniform(2, 9, per_frame),
+            )
+        ]
+        out.append(
+            nucleus_frame(geoms, region_ids=rng.integers(-1, 3, per_frame).tolist(), seed=seed + k)
+        )
     return out
 
 
@@ -119,6 +133,7 @@ def _r(value: float, decimals: int) -> float:
 
 def reference_feature(row: pd.Series, poly: Polygon) -> dict[str, Any]:
     """What a nucleus Feature must hold, built independently with plain Python."""
+
     def rings(p: Polygon) -> list[list[list[float]]]:
         out = []
         for ring in [p.exterior, *p.interiors]:
@@ -137,8 +152,10 @@ def reference_feature(row: pd.Series, poly: Polygon) -> dict[str, Any]:
         "geometry": {"type": "Polygon", "coordinates": rings(poly)},
         "properties": {
             "objectType": "detection",
-            "classification": {"name": schema.class_name(cid),
-                               "color": list(schema.CLASS_COLORS[cid])},
+            "classification": {
+                "name": schema.class_name(cid),
+                "color": list(schema.CLASS_COLORS[cid]),
+            },
             "measurements": measurements,
         },
     }
@@ -194,13 +211,16 @@ def test_clean_polygon_checks_validity_after_rounding() -> None:
     assert out.area == pytest.approx(25.0)
 
 
-@pytest.mark.parametrize("geom", [
-    None,
-    Polygon(),
-    box(10, 10, 10.003, 10.003),  # collapses on the 0.01 grid
-    Polygon([(0, 0), (1, 1), (2, 2), (0, 0)]),  # zero area
-    shapely.Point(1, 1),
-])
+@pytest.mark.parametrize(
+    "geom",
+    [
+        None,
+        Polygon(),
+        box(10, 10, 10.003, 10.003),  # collapses on the 0.01 grid
+        Polygon([(0, 0), (1, 1), (2, 2), (0, 0)]),  # zero area
+        shapely.Point(1, 1),
+    ],
+)
 def test_clean_polygon_drops_degenerate(geom: Any) -> None:
     assert clean_polygon(geom) is None
 
@@ -218,8 +238,12 @@ def test_clean_polygon_keeps_holes() -> None:
 
 
 def test_clean_frame_counts_and_drops() -> None:
-    geoms = [_ellipse(50, 50, 5, 4), box(0, 0, 0.001, 0.001), Polygon([(0, 0), (4, 4), (4, 0),
-             (0, 3)]), None]
+    geoms = [
+        _ellipse(50, 50, 5, 4),
+        box(0, 0, 0.001, 0.001),
+        Polygon([(0, 0), (4, 4), (4, 0), (0, 3)]),
+        None,
+    ]
     frame = nucleus_frame([g if g is not None else box(0, 0, 1, 1) for g in geoms])
     frame["geometry"] = geoms
     cleaned, stats = clean_frame(frame)
@@ -239,8 +263,10 @@ def _texts(values: np.ndarray, decimals: int) -> list[str]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(min_value=-2e6, max_value=2e6, allow_nan=False), min_size=1,
-                max_size=50), st.sampled_from([0, 2, 4]))
+@given(
+    st.lists(st.floats(min_value=-2e6, max_value=2e6, allow_nan=False), min_size=1, max_size=50),
+    st.sampled_from([0, 2, 4]),
+)
 def test_number_chars_match_json(values: list[float], decimals: int) -> None:
     arr = np.array(values)
     if decimals == 0:
@@ -251,8 +277,9 @@ def test_number_chars_match_json(values: list[float], decimals: int) -> None:
 
 
 def test_number_chars_edge_cases() -> None:
-    values = np.array([0.0, -0.0, -0.004, 0.005, 12.0, 0.5, -3.25, 1e13, 123456.789, np.nan,
-                       np.inf])
+    values = np.array(
+        [0.0, -0.0, -0.004, 0.005, 12.0, 0.5, -3.25, 1e13, 123456.789, np.nan, np.inf]
+    )
     texts = _texts(values, 2)
     assert texts[:9] == [json.dumps(_r(v, 2)) for v in values[:9]]
     assert texts[:5] == ["0.0", "0.0", "0.0", "0.0", "12.0"]
@@ -305,10 +332,16 @@ def test_geojson_features_match_reference(tmp_path: Path) -> None:
 
 def test_geojson_gz_passes_validator_and_is_deterministic(tmp_path: Path) -> None:
     frames = random_frames(3, 400)
-    a = write_nuclei_geojson(iter(frames), tmp_path / "a.geojson.gz",
-                             metadata={"slide": "x.svs", "frame": "level-0, bounds subtracted"})
-    b = write_nuclei_geojson((f for f in frames), tmp_path / "b.geojson.gz",
-                             metadata={"frame": "level-0, bounds subtracted", "slide": "x.svs"})
+    a = write_nuclei_geojson(
+        iter(frames),
+        tmp_path / "a.geojson.gz",
+        metadata={"slide": "x.svs", "frame": "level-0, bounds subtracted"},
+    )
+    b = write_nuclei_geojson(
+        (f for f in frames),
+        tmp_path / "b.geojson.gz",
+        metadata={"frame": "level-0, bounds subtracted", "slide": "x.svs"},
+    )
     assert a["n_features"] == b["n_features"] == 1200
     assert (tmp_path / "a.geojson.gz").read_bytes() == (tmp_path / "b.geojson.gz").read_bytes()
     raw = (tmp_path / "a.geojson.gz").read_bytes()
@@ -332,8 +365,12 @@ def test_geojson_one_big_frame_is_sliced(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_geojson_drops_and_repairs(tmp_path: Path) -> None:
-    geoms = [_ellipse(10, 10, 3, 3), box(0, 0, 0.002, 0.002), Polygon([(0, 0), (4, 4), (4, 0),
-             (0, 3)]), _ellipse(30, 30, 3, 3)]
+    geoms = [
+        _ellipse(10, 10, 3, 3),
+        box(0, 0, 0.002, 0.002),
+        Polygon([(0, 0), (4, 4), (4, 0), (0, 3)]),
+        _ellipse(30, 30, 3, 3),
+    ]
     frame = nucleus_frame(geoms)
     stats = write_nuclei_geojson([frame], tmp_path / "d.geojson.gz")
     assert (stats["n_features"], stats["n_repaired"], stats["n_dropped"]) == (3, 1, 1)
@@ -345,8 +382,7 @@ def test_geojson_drops_and_repairs(tmp_path: Path) -> None:
 def test_geojson_empty_and_names(tmp_path: Path) -> None:
     stats = write_nuclei_geojson([], tmp_path / "e.geojson")
     assert stats["path"].endswith("e.geojson.gz") and stats["n_features"] == 0
-    assert read_geojson(tmp_path / "e.geojson.gz") == {"type": "FeatureCollection",
-                                                       "features": []}
+    assert read_geojson(tmp_path / "e.geojson.gz") == {"type": "FeatureCollection", "features": []}
     assert check_qupath_geojson(tmp_path / "e.geojson.gz") == []
     with pytest.raises(ValueError, match="geojson"):
         write_nuclei_geojson([], tmp_path / "e.txt")
@@ -403,8 +439,7 @@ def test_parquet_geoparquet_roundtrip(tmp_path: Path) -> None:
     assert all(a.equals_exact(b, 0) for a, b in zip(gdf.geometry, cleaned))
     # the same nuclei as the GeoJSON
     write_nuclei_geojson(frames, tmp_path / "n.geojson.gz")
-    assert [f["id"] for f in read_geojson(tmp_path / "n.geojson.gz")["features"]] == \
-        list(gdf["id"])
+    assert [f["id"] for f in read_geojson(tmp_path / "n.geojson.gz")["features"]] == list(gdf["id"])
 
 
 def test_parquet_empty_and_missing_columns(tmp_path: Path) -> None:
@@ -430,17 +465,29 @@ def test_regions_geojson(tmp_path: Path) -> None:
 
     regions = [
         Region(0, "tissue 1", box(0, 0, 4000.004, 4000)),
-        Region(1, "tissue 2", MultiPolygon([box(5000, 0, 6000, 1000),
-                                            box(7000, 0, 8000, 1000)])),
-        UserRegion(2, "tumour", box(100, 100, 200, 200), source="user",
-                   classification={"name": "Tumor", "color": [200, 0, 0]}),
+        Region(1, "tissue 2", MultiPolygon([box(5000, 0, 6000, 1000), box(7000, 0, 8000, 1000)])),
+        UserRegion(
+            2,
+            "tumour",
+            box(100, 100, 200, 200),
+            source="user",
+            classification={"name": "Tumor", "color": [200, 0, 0]},
+        ),
         UserRegion(3, "other", box(300, 300, 400, 400), source="user", classification="Stroma"),
     ]
-    summaries = {"regions": [
-        {"region_id": 0, "area_mm2": 1.0, "n_nuclei": 4, "counts": {"Neoplastic": 2},
-         "fractions": {"Neoplastic": 0.5}, "density_per_mm2": {"total": 4.0, "Neoplastic": 2.0},
-         "area_um2": {"all": {"median": 25.0, "q25": 17.5, "q75": None}}},
-    ]}
+    summaries = {
+        "regions": [
+            {
+                "region_id": 0,
+                "area_mm2": 1.0,
+                "n_nuclei": 4,
+                "counts": {"Neoplastic": 2},
+                "fractions": {"Neoplastic": 0.5},
+                "density_per_mm2": {"total": 4.0, "Neoplastic": 2.0},
+                "area_um2": {"all": {"median": 25.0, "q25": 17.5, "q75": None}},
+            },
+        ]
+    }
     stats = write_regions_geojson(regions, summaries, tmp_path / "regions.geojson")
     assert stats["n_features"] == 4
     assert check_qupath_geojson(tmp_path / "regions.geojson") == []
@@ -449,9 +496,15 @@ def test_regions_geojson(tmp_path: Path) -> None:
     assert p0["objectType"] == "annotation" and p0["name"] == "tissue 1"
     assert p0["classification"]["name"] == "Tissue"
     assert p0["measurements"] == {
-        "Area mm^2": 1.0, "Num nuclei": 4, "Num Neoplastic": 2, "Fraction Neoplastic": 0.5,
-        "Density nuclei per mm^2": 4.0, "Density Neoplastic per mm^2": 2.0,
-        "Nucleus area µm^2 median": 25.0, "Nucleus area µm^2 q25": 17.5}
+        "Area mm^2": 1.0,
+        "Num nuclei": 4,
+        "Num Neoplastic": 2,
+        "Fraction Neoplastic": 0.5,
+        "Density nuclei per mm^2": 4.0,
+        "Density Neoplastic per mm^2": 2.0,
+        "Nucleus area µm^2 median": 25.0,
+        "Nucleus area µm^2 q25": 17.5,
+    }
     assert p0["metadata"] == {"region_id": "0", "source": "tissue"}
     assert feats[0]["geometry"]["coordinates"][0][1][0] == 4000.0
     assert feats[1]["geometry"]["type"] == "MultiPolygon"
@@ -465,11 +518,9 @@ def test_regions_geojson(tmp_path: Path) -> None:
     write_regions_geojson([touching], None, tmp_path / "t.geojson.gz")
     assert check_qupath_geojson(tmp_path / "t.geojson.gz") == []
     feat = read_geojson(tmp_path / "t.geojson.gz")["features"][0]
-    assert feat["id"] == rid and shapely.geometry.shape(feat["geometry"]).area == \
-        pytest.approx(2.0)
+    assert feat["id"] == rid and shapely.geometry.shape(feat["geometry"]).area == pytest.approx(2.0)
     write_regions_geojson(regions, summaries, tmp_path / "again.geojson")
-    assert (tmp_path / "again.geojson").read_bytes() == \
-        (tmp_path / "regions.geojson").read_bytes()
+    assert (tmp_path / "again.geojson").read_bytes() == (tmp_path / "regions.geojson").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------
@@ -481,8 +532,10 @@ def good_feature() -> dict[str, Any]:
     return {
         "type": "Feature",
         "id": "0f8fad5b-d9cb-469f-a165-70867728950e",
-        "geometry": {"type": "Polygon",
-                     "coordinates": [[[0, 0], [10.5, 0], [10.5, 10.25], [0, 10.25], [0, 0]]]},
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[0, 0], [10.5, 0], [10.5, 10.25], [0, 10.25], [0, 0]]],
+        },
         "properties": {
             "objectType": "detection",
             "classification": {"name": "Neoplastic", "color": [255, 0, 0]},
@@ -511,64 +564,98 @@ def _mutated(fn) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 
 BAD_FEATURES = {
-    "objectType outside": (lambda f: f.update(objectType=f["properties"].pop("objectType")),
-                           "outside properties"),
+    "objectType outside": (
+        lambda f: f.update(objectType=f["properties"].pop("objectType")),
+        "outside properties",
+    ),
     "objectType missing": (lambda f: f["properties"].pop("objectType"), "objectType missing"),
-    "snake_case": (lambda f: f["properties"].update(
-        object_type=f["properties"].pop("objectType")), "snake_case"),
+    "snake_case": (
+        lambda f: f["properties"].update(object_type=f["properties"].pop("objectType")),
+        "snake_case",
+    ),
     "objectType value": (lambda f: f["properties"].update(objectType="nucleus"), "objectType"),
     "no color": (lambda f: f["properties"]["classification"].pop("color"), "no 'color'"),
-    "color 2 ints": (lambda f: f["properties"]["classification"].update(color=[1, 2]),
-                     "3 or 4 integers"),
-    "color floats": (lambda f: f["properties"]["classification"].update(color=[1.0, 2, 3]),
-                     "3 or 4 integers"),
+    "color 2 ints": (
+        lambda f: f["properties"]["classification"].update(color=[1, 2]),
+        "3 or 4 integers",
+    ),
+    "color floats": (
+        lambda f: f["properties"]["classification"].update(color=[1.0, 2, 3]),
+        "3 or 4 integers",
+    ),
     "no class name": (lambda f: f["properties"]["classification"].pop("name"), "'name'"),
-    "class colon": (lambda f: f["properties"]["classification"].update(name="Tumor: A"),
-                    "':'"),
-    "class string colon": (lambda f: f["properties"].update(classification="Tumor: A"),
-                           "':'"),
-    "measurement string": (lambda f: f["properties"]["measurements"].update(x="abc"),
-                           "not a number"),
-    "measurement null": (lambda f: f["properties"]["measurements"].update(x=None),
-                         "not a number"),
-    "measurements not object": (lambda f: f["properties"].update(measurements=3),
-                                "measurements must be"),
+    "class colon": (lambda f: f["properties"]["classification"].update(name="Tumor: A"), "':'"),
+    "class string colon": (lambda f: f["properties"].update(classification="Tumor: A"), "':'"),
+    "measurement string": (
+        lambda f: f["properties"]["measurements"].update(x="abc"),
+        "not a number",
+    ),
+    "measurement null": (lambda f: f["properties"]["measurements"].update(x=None), "not a number"),
+    "measurements not object": (
+        lambda f: f["properties"].update(measurements=3),
+        "measurements must be",
+    ),
     "id not uuid": (lambda f: f.update(id="nucleus-7"), "not a UUID"),
     "id int": (lambda f: f.update(id=7), "not a UUID"),
-    "point": (lambda f: f.update(geometry={"type": "Point", "coordinates": [1, 2]}),
-              "geometry type"),
+    "point": (
+        lambda f: f.update(geometry={"type": "Point", "coordinates": [1, 2]}),
+        "geometry type",
+    ),
     "no geometry": (lambda f: f.update(geometry=None), "geometry missing"),
     "unclosed ring": (lambda f: f["geometry"]["coordinates"][0].pop(), "not closed"),
-    "3 points": (lambda f: f["geometry"].update(coordinates=[[[0, 0], [1, 0], [0, 0]]]),
-                 ">= 4"),
-    "3 decimals": (lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [10.125, 0]),
-                   "decimals"),
-    "bowtie": (lambda f: f["geometry"].update(
-        coordinates=[[[0, 0], [4, 4], [4, 0], [0, 4], [0, 0]]]), "invalid after snapping"),
-    "multipolygon overlap": (lambda f: f.update(geometry={"type": "MultiPolygon", "coordinates": [
-        [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]], [[[1, 1], [3, 1], [3, 3], [1, 3], [1, 1]]]]}),
-        "invalid after snapping"),
+    "3 points": (lambda f: f["geometry"].update(coordinates=[[[0, 0], [1, 0], [0, 0]]]), ">= 4"),
+    "3 decimals": (
+        lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [10.125, 0]),
+        "decimals",
+    ),
+    "bowtie": (
+        lambda f: f["geometry"].update(coordinates=[[[0, 0], [4, 4], [4, 0], [0, 4], [0, 0]]]),
+        "invalid after snapping",
+    ),
+    "multipolygon overlap": (
+        lambda f: f.update(
+            geometry={
+                "type": "MultiPolygon",
+                "coordinates": [
+                    [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]],
+                    [[[1, 1], [3, 1], [3, 3], [1, 3], [1, 1]]],
+                ],
+            }
+        ),
+        "invalid after snapping",
+    ),
     "not a feature": (lambda f: f.update(type="Thing"), "not a GeoJSON Feature"),
-    "bool coordinate": (lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [True, 0]),
-                        "not an array of numbers"),
-    "string coordinate": (lambda f: f["geometry"]["coordinates"][0].__setitem__(1, ["1", 0]),
-                          "not an array of numbers"),
-    "short position": (lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [1]),
-                       ">= 2 numbers"),
-    "empty multipolygon": (lambda f: f.update(geometry={"type": "MultiPolygon",
-                                                        "coordinates": []}), "empty"),
+    "bool coordinate": (
+        lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [True, 0]),
+        "not an array of numbers",
+    ),
+    "string coordinate": (
+        lambda f: f["geometry"]["coordinates"][0].__setitem__(1, ["1", 0]),
+        "not an array of numbers",
+    ),
+    "short position": (
+        lambda f: f["geometry"]["coordinates"][0].__setitem__(1, [1]),
+        ">= 2 numbers",
+    ),
+    "empty multipolygon": (
+        lambda f: f.update(geometry={"type": "MultiPolygon", "coordinates": []}),
+        "empty",
+    ),
 }
 
 
 def test_validator_accepts_good_files(tmp_path: Path) -> None:
-    assert check_qupath_geojson(_write(tmp_path / "ok.geojson", _collection(good_feature()))) \
-        == []
-    assert check_qupath_geojson(_write(tmp_path / "ok.json.gz", _collection(good_feature()))) \
-        == []
+    assert check_qupath_geojson(_write(tmp_path / "ok.geojson", _collection(good_feature()))) == []
+    assert check_qupath_geojson(_write(tmp_path / "ok.json.gz", _collection(good_feature()))) == []
     feat = good_feature()
     feat["properties"]["measurements"] = [{"name": "a", "value": 1.5}]
-    feat["geometry"] = {"type": "MultiPolygon", "coordinates": [
-        [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]], [[[5, 5], [6, 5], [6, 6], [5, 5]]]]}
+    feat["geometry"] = {
+        "type": "MultiPolygon",
+        "coordinates": [
+            [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]],
+            [[[5, 5], [6, 5], [6, 6], [5, 5]]],
+        ],
+    }
     assert check_qupath_geojson(_write(tmp_path / "mp.geojson", _collection(feat))) == []
     feat = good_feature()  # 3D positions are fine
     feat["geometry"]["coordinates"][0][1] = [10.5, 0, 3.25]
@@ -602,37 +689,48 @@ def test_validator_snapping_catches_near_touching_ring(tmp_path: Path) -> None:
     assert any("invalid after snapping" in p for p in problems)
 
 
-@pytest.mark.parametrize("filename, content, keyword", [
-    ("x.txt", None, "extension"),
-    ("x.txt.gz", None, "inner extension"),
-    ("x.geojson.snappy", None, "extension"),
-    ("x.geojson.gz", "plain", "not gzip-compressed"),
-    ("x.geojson", "gzipped", "not named .gz"),
-    ("x.geojson", '{"type": "FeatureCollection", "features": [{"type": "Feature", '
-                  '"geometry": null, "properties": {"measurements": {"a": NaN}}}]}',
-     "strict JSON"),
-    ("x.geojson", '{"type": "FeatureCollection", "features": [],}', "not valid JSON"),
-    ("x.geojson", '{"type": "FeatureCollection", "features": [{"type": "Feature", '
-                  '"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e400, 0], '
-                  '[1, 1], [0, 0]]]}, "properties": {"objectType": "detection"}}]}',
-     "non-finite"),
-    ("x.geojson", '{"type": "FeatureCollection", "features": [', "not valid JSON"),
-    ("x.geojson", '{"type": "FeatureCollection", "features": []} []', "extra data"),
-    ("x.geojson", "ARRAY", "JSON array"),
-    ("x.geojson", '{"type": "Feature", "geometry": null, "properties": {}}', "single Feature"),
-    ("x.geojson", '{"type": "Polygon", "coordinates": []}', "expected FeatureCollection"),
-    ("x.geojson", '{"type": "FeatureCollection"}', "no 'features'"),
-    ("x.geojson", '"just a string"', "not a GeoJSON object"),
-    ("x.geojson", b"\xff\xfe{}", "UTF-8"),
-    ("x.zip", "notzip", "not a zip"),
-])
-def test_validator_catches_file_rules(tmp_path: Path, filename: str, content: Any,
-                                      keyword: str) -> None:
+@pytest.mark.parametrize(
+    "filename, content, keyword",
+    [
+        ("x.txt", None, "extension"),
+        ("x.txt.gz", None, "inner extension"),
+        ("x.geojson.snappy", None, "extension"),
+        ("x.geojson.gz", "plain", "not gzip-compressed"),
+        ("x.geojson", "gzipped", "not named .gz"),
+        (
+            "x.geojson",
+            '{"type": "FeatureCollection", "features": [{"type": "Feature", '
+            '"geometry": null, "properties": {"measurements": {"a": NaN}}}]}',
+            "strict JSON",
+        ),
+        ("x.geojson", '{"type": "FeatureCollection", "features": [],}', "not valid JSON"),
+        (
+            "x.geojson",
+            '{"type": "FeatureCollection", "features": [{"type": "Feature", '
+            '"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e400, 0], '
+            '[1, 1], [0, 0]]]}, "properties": {"objectType": "detection"}}]}',
+            "non-finite",
+        ),
+        ("x.geojson", '{"type": "FeatureCollection", "features": [', "not valid JSON"),
+        ("x.geojson", '{"type": "FeatureCollection", "features": []} []', "extra data"),
+        ("x.geojson", "ARRAY", "JSON array"),
+        ("x.geojson", '{"type": "Feature", "geometry": null, "properties": {}}', "single Feature"),
+        ("x.geojson", '{"type": "Polygon", "coordinates": []}', "expected FeatureCollection"),
+        ("x.geojson", '{"type": "FeatureCollection"}', "no 'features'"),
+        ("x.geojson", '"just a string"', "not a GeoJSON object"),
+        ("x.geojson", b"\xff\xfe{}", "UTF-8"),
+        ("x.zip", "notzip", "not a zip"),
+    ],
+)
+def test_validator_catches_file_rules(
+    tmp_path: Path, filename: str, content: Any, keyword: str
+) -> None:
     path = tmp_path / filename
     good = json.dumps(_collection(good_feature()))
     if content is None:
-        _write(path, good) if not filename.endswith(".gz") else \
-            path.write_bytes(gzip.compress(good.encode()))
+        _write(path, good) if not filename.endswith(".gz") else path.write_bytes(
+            gzip.compress(good.encode())
+        )
     elif content == "plain":
         path.write_text(good)
     elif content == "gzipped":
@@ -662,13 +760,15 @@ def test_validator_caps_problems(tmp_path: Path) -> None:
         f = good_feature()
         f["id"] = "x"
         feats.append(f)
-    problems = check_qupath_geojson(_write(tmp_path / "m.geojson", _collection(*feats)),
-                                    max_problems=5)
+    problems = check_qupath_geojson(
+        _write(tmp_path / "m.geojson", _collection(*feats)), max_problems=5
+    )
     assert len(problems) == 6 and problems[-1] == "... and 25 more problem(s)"
 
 
-def test_validator_streams_across_chunk_boundaries(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validator_streams_across_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     frames = random_frames(1, 60, seed=11)
     write_nuclei_geojson(frames, tmp_path / "s.geojson", gzip=False)
     bad = _write(tmp_path / "bad.geojson", _mutated(BAD_FEATURES["3 decimals"][0]))

@@ -23,7 +23,13 @@ def _ruff() -> list[str] | None:
 def test_ruff_finds_nothing() -> None:
     ruff = _ruff()
     if ruff is None:
-        pytest.skip("ruff is not installed (it comes with the test extra: pip install -e '.[test]')")
-    res = subprocess.run([*ruff, "check", "--no-cache", "wsi_nuclei", "tests", "benchmarks", "scripts"], cwd=ROOT,
-                         capture_output=True, text=True)
+        pytest.skip(
+            "ruff is not installed (it comes with the test extra: pip install -e '.[test]')"
+        )
+    res = subprocess.run(
+        [*ruff, "check", "--no-cache", "wsi_nuclei", "tests", "benchmarks", "scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

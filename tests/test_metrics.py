@@ -348,7 +348,11 @@ def test_class_sets() -> None:
         "Neoplastic|Epithelial": 17,
     }
     assert list(M.default_class_groups([16, 8, 4, 2, 1])) == [
-        "Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial"
+        "Neoplastic",
+        "Inflammatory",
+        "Connective",
+        "Dead",
+        "Epithelial",
     ]
     assert M.default_class_groups([1, 30]) == {"Neoplastic": 1, "Non-neoplastic": 30}
     with pytest.raises(ValueError):

@@ -47,10 +47,22 @@ def test_registry_lists_every_model_with_metadata() -> None:
         assert get_spec(s.name) is s
     for name in ("wsi-nuclei-lite0", "hovernet-pannuke"):
         assert specs[name].class_names == CLASS_NAMES
-        assert specs[name].class_names == {1: "Neoplastic", 2: "Inflammatory", 3: "Connective", 4: "Dead", 5: "Epithelial"}
+        assert specs[name].class_names == {
+            1: "Neoplastic",
+            2: "Inflammatory",
+            3: "Connective",
+            4: "Dead",
+            5: "Epithelial",
+        }
         assert specs[name].needs_weights and "NC" in specs[name].licence  # non-commercial weights
-    assert (specs["wsi-nuclei-lite0"].input_size, specs["wsi-nuclei-lite0"].output_size) == (256, 256)
-    assert (specs["hovernet-pannuke"].input_size, specs["hovernet-pannuke"].output_size) == (256, 164)
+    assert (specs["wsi-nuclei-lite0"].input_size, specs["wsi-nuclei-lite0"].output_size) == (
+        256,
+        256,
+    )
+    assert (specs["hovernet-pannuke"].input_size, specs["hovernet-pannuke"].output_size) == (
+        256,
+        164,
+    )
     for name in ("classic", "null"):
         assert specs[name].class_names == {} and not specs[name].needs_weights
         assert find_weights(specs[name]) is None
@@ -62,13 +74,15 @@ def test_registry_is_a_leaf_that_model_modules_register_into() -> None:
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "import wsi_nuclei.models as m\n"
-            "print(sorted(k for k in sys.modules if k.startswith('wsi_nuclei.models.') and k.split('.')[2] in "
-            "('lite', 'hovernet', 'classic', 'maps', 'effunet')))\n"
-            "import wsi_nuclei.models.hovernet\n"
-            "print(list(m._registry._REGISTRY))\n"
-            "print([s.name for s in m.list_models()], 'torch' in sys.modules)\n")
+    code = (
+        "import sys\n"
+        "import wsi_nuclei.models as m\n"
+        "print(sorted(k for k in sys.modules if k.startswith('wsi_nuclei.models.') and k.split('.')[2] in "
+        "('lite', 'hovernet', 'classic', 'maps', 'effunet')))\n"
+        "import wsi_nuclei.models.hovernet\n"
+        "print(list(m._registry._REGISTRY))\n"
+        "print([s.name for s in m.list_models()], 'torch' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
@@ -118,7 +132,11 @@ def _synthetic(seed: int = 3, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         inst = np.zeros((size, size), np.int32)
         k = 0
         for _ in range(400):
-            r, c, rad = rng.integers(12, size - 12), rng.integers(12, size - 12), rng.integers(6, 11)
+            r, c, rad = (
+                rng.integers(12, size - 12),
+                rng.integers(12, size - 12),
+                rng.integers(6, 11),
+            )
             rr, cc = disk((r, c), rad + 2, shape=inst.shape)
             if inst[rr, cc].any():
                 continue
@@ -263,7 +281,11 @@ def test_lite0_weights_file_loads_and_predicts(tmp_path: Path) -> None:
     model = load_model("wsi-nuclei-lite0", weights=p, device="cpu")
     assert isinstance(model, MapModel)
     (raw,) = model.infer(np.zeros((1, 256, 256, 3), np.uint8) + 128)
-    assert raw["np"].shape == (256, 256) and raw["hv"].shape == (2, 256, 256) and raw["tp"].shape == (6, 256, 256)
+    assert (
+        raw["np"].shape == (256, 256)
+        and raw["hv"].shape == (2, 256, 256)
+        and raw["tp"].shape == (6, 256, 256)
+    )
     assert raw["np"].min() >= 0 and raw["np"].max() <= 1
     assert np.abs(raw["hv"]).max() <= 1
     np.testing.assert_allclose(raw["tp"].sum(0), 1, atol=1e-4)
@@ -276,8 +298,12 @@ def test_lite0_weights_file_loads_and_predicts(tmp_path: Path) -> None:
 
 _BAD_WEIGHTS = {
     "wrong_keys": lambda p: torch.save({"foo": torch.zeros(3)}, p),
-    "wrong_shape": lambda p: torch.save({**_good_state_dict(), "np_head.out.weight": torch.zeros(1)}, p),
-    "fewer_types": lambda p: torch.save({k: v for k, v in _good_state_dict().items() if not k.startswith("tp_head")}, p),
+    "wrong_shape": lambda p: torch.save(
+        {**_good_state_dict(), "np_head.out.weight": torch.zeros(1)}, p
+    ),
+    "fewer_types": lambda p: torch.save(
+        {k: v for k, v in _good_state_dict().items() if not k.startswith("tp_head")}, p
+    ),
     "tensor": lambda p: torch.save(torch.zeros(3), p),
     "list": lambda p: torch.save([1, 2], p),
     "model_int": lambda p: torch.save({"model": 3}, p),
@@ -285,6 +311,8 @@ _BAD_WEIGHTS = {
     "empty": lambda p: p.write_bytes(b""),
     "random_bytes": lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
 }
+
+
 @pytest.mark.parametrize("case", list(_BAD_WEIGHTS))
 def test_bad_weights_file_is_a_one_line_model_error(tmp_path: Path, case: str) -> None:
     p = tmp_path / f"{case}.pt"
@@ -322,8 +350,16 @@ class _PositionModel:
 
     def __init__(self, n_in: int, n_out: int) -> None:
         border = 32 if n_out == n_in else 0
-        self.spec = SimpleNamespace(name="position", input_size=n_in, output_size=n_out, stride=n_out - 2 * border,
-                                    output_border=border, halo=48, mpp=0.25, class_names={})
+        self.spec = SimpleNamespace(
+            name="position",
+            input_size=n_in,
+            output_size=n_out,
+            stride=n_out - 2 * border,
+            output_border=border,
+            halo=48,
+            mpp=0.25,
+            class_names={},
+        )
         self.tiles = 0
 
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -337,8 +373,13 @@ class _PositionModel:
         out = []
         for t in batch:
             y, x = _decode(t[c : c + n, c : c + n])
-            out.append({"np": _f(y, x), "hv": np.stack([y, x]).astype(np.float32),
-                        "tp": np.stack([y % 7 == 0, x % 5 == 0, y + x, edge]).astype(np.float32)})
+            out.append(
+                {
+                    "np": _f(y, x),
+                    "hv": np.stack([y, x]).astype(np.float32),
+                    "tp": np.stack([y % 7 == 0, x % 5 == 0, y + x, edge]).astype(np.float32),
+                }
+            )
         return out
 
 
@@ -350,7 +391,11 @@ def test_predict_maps_blends_by_absolute_position(n_in: int, n_out: int, h: int,
     model = _PositionModel(n_in, n_out)
     maps = predict_maps(model, _coord_image(h, w), batch=3)
     y, x = np.mgrid[:h, :w]
-    assert maps["np"].shape == (h, w) and maps["hv"].shape == (2, h, w) and maps["tp"].shape == (4, h, w)
+    assert (
+        maps["np"].shape == (h, w)
+        and maps["hv"].shape == (2, h, w)
+        and maps["tp"].shape == (4, h, w)
+    )
     np.testing.assert_allclose(maps["np"], _f(y, x), atol=4e-3)  # float16 maps
     np.testing.assert_array_equal(maps["hv"][0], y)
     np.testing.assert_array_equal(maps["hv"][1], x)
@@ -386,13 +431,17 @@ class _OracleModel(_PositionModel):
             out.append({"np": self.np_full[y, x], "hv": self.hv_full[:, y, x]})
         return out
 
-    def postprocess(self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> InstanceResult:
+    def postprocess(
+        self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None
+    ) -> InstanceResult:
         return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"))
 
 
 @pytest.mark.parametrize("n_in,n_out", [(256, 256), (256, 164)])
 @pytest.mark.parametrize("block", [1024, 96])
-def test_predict_instances_whole_image_through_the_engine(n_in: int, n_out: int, block: int) -> None:
+def test_predict_instances_whole_image_through_the_engine(
+    n_in: int, n_out: int, block: int
+) -> None:
     """Perfect maps give back the true nuclei exactly, whether the image is one block or
     many (seams resolved)."""
     rgb, inst = _synthetic(seed=5, size=400)
@@ -436,6 +485,7 @@ def test_flip_tta_undoes_each_flip_of_the_distance_maps() -> None:
         assert np.abs(a["hv"]).max() > 0.01  # the maps are not trivially zero
         for k in ("np", "hv", "tp"):
             np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+
     # a network that is not flip-equivariant gives a different (averaged) result
     class _Shifted(_GradientNet):
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -470,7 +520,9 @@ def test_bundled_model_quality_on_the_validation_split(nuclei_dir: Path) -> None
         pytest.skip("bundled weights absent")
     split = json.loads((Path(__file__).parents[1] / "configs" / "val_split.json").read_text())
     model = load_model("wsi-nuclei-lite0", device="cpu")
-    res = evaluate_model(model, nuclei_dir / "monuseg_train", names=split["monuseg_train"], progress=False)
+    res = evaluate_model(
+        model, nuclei_dir / "monuseg_train", names=split["monuseg_train"], progress=False
+    )
     assert res["n_images"] == 3
     assert res["segmentation"]["pq"]["mean"]["pq"] == pytest.approx(0.544, abs=0.01)
     assert res["detection"]["f1"] > 0.85

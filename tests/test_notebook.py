@@ -16,11 +16,23 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat (pip install -e '.[test]')")
-nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient (pip install -e '.[test]')")
-pytest.importorskip("ipykernel", reason="the notebook test needs ipykernel to start a Python kernel (pip install -e '.[test]')")
-pytest.importorskip("matplotlib", reason="the notebook plots with matplotlib (pip install -e '.[test]')")
-pytest.importorskip("geopandas", reason="the notebook reads nuclei.parquet with geopandas (pip install -e '.[test]')")
+nbformat = pytest.importorskip(
+    "nbformat", reason="the notebook test needs nbformat (pip install -e '.[test]')"
+)
+nbclient = pytest.importorskip(
+    "nbclient", reason="the notebook test needs nbclient (pip install -e '.[test]')"
+)
+pytest.importorskip(
+    "ipykernel",
+    reason="the notebook test needs ipykernel to start a Python kernel (pip install -e '.[test]')",
+)
+pytest.importorskip(
+    "matplotlib", reason="the notebook plots with matplotlib (pip install -e '.[test]')"
+)
+pytest.importorskip(
+    "geopandas",
+    reason="the notebook reads nuclei.parquet with geopandas (pip install -e '.[test]')",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
@@ -34,8 +46,13 @@ def _listing(folder: Path) -> set[str]:
 def _git_status() -> str | None:
     """``git status --porcelain`` of the checkout (untracked files listed one by one); None outside git."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -43,41 +60,72 @@ def _git_status() -> str | None:
 
 def _images(nb: dict) -> int:
     """Number of PNG images the cells displayed."""
-    return sum(1 for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-               if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {}))
+    return sum(
+        1
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if o.get("output_type") in ("display_data", "execute_result")
+        and "image/png" in o.get("data", {})
+    )
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs_shows_images_and_leaves_the_checkout_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quickstart_notebook_runs_shows_images_and_leaves_the_checkout_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     committed = nbformat.read(NOTEBOOK, as_version=4)
     # kept without outputs: a small repository and clean diffs
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in committed.cells if c.cell_type == "code")
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None
+        for c in committed.cells
+        if c.cell_type == "code"
+    )
 
     cwd = tmp_path / "cwd"
     tmp = tmp_path / "tmp"
     cwd.mkdir()
     tmp.mkdir()
     # the kernel inherits the environment: this checkout's code, temporary files under tmp/
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     before_git, before_root, before_nb = _git_status(), _listing(REPO), _listing(NOTEBOOK.parent)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=False,
-                                     resources={"metadata": {"path": str(cwd)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": str(cwd)}},
+    )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
 
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code_cells)
     errors = [o for c in code_cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    assert _images(nb) >= 2, "expected the overlay, the density map and the per-region plots as images"
+    assert _images(nb) >= 2, (
+        "expected the overlay, the density map and the per-region plots as images"
+    )
 
     # the kernel ran this interpreter and this checkout's code
-    probe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import sys, json, wsi_nuclei; print(json.dumps([sys.executable, wsi_nuclei.__file__]))")])
-    nbclient.NotebookClient(probe, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    probe = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import sys, json, wsi_nuclei; print(json.dumps([sys.executable, wsi_nuclei.__file__]))"
+            )
+        ]
+    )
+    nbclient.NotebookClient(
+        probe, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
     exe, pkg = json.loads(probe.cells[0].outputs[0]["text"])
     assert Path(exe).resolve() == Path(sys.executable).resolve()
     assert Path(pkg).resolve().is_relative_to(REPO)
@@ -92,7 +140,9 @@ def test_quickstart_notebook_runs_shows_images_and_leaves_the_checkout_alone(tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["region_name"] for r in summary["regions"]] == ["Left half", "Right half"]
     assert summary["slide"]["n_nuclei"] > 0
-    assert json.loads((run_dir / "run.json").read_text())["model"]["name"] != "classic"  # the bundled model
+    assert (
+        json.loads((run_dir / "run.json").read_text())["model"]["name"] != "classic"
+    )  # the bundled model
 
     # nothing new in the checkout
     assert _listing(REPO) == before_root

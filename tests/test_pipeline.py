@@ -50,7 +50,9 @@ def _max_overlap(geoms: list) -> float:
     sel = a < b
     if not sel.any():
         return 0.0
-    inter = shapely.area(shapely.intersection(np.asarray(geoms, object)[a[sel]], np.asarray(geoms, object)[b[sel]]))
+    inter = shapely.area(
+        shapely.intersection(np.asarray(geoms, object)[a[sel]], np.asarray(geoms, object)[b[sel]])
+    )
     return float(inter.max())
 
 
@@ -76,10 +78,19 @@ def _regions_file(path: Path, polygons: dict[str, list[tuple[float, float]]]) ->
     feats = []
     for name, pts in polygons.items():
         ring = [list(map(float, p)) for p in pts] + [list(map(float, pts[0]))]
-        feats.append({"type": "Feature", "id": "8d9e1a56-3c4b-4f7e-9a1b-2c3d4e5f6a7b",
-                      "geometry": {"type": "Polygon", "coordinates": [ring]},
-                      "properties": {"objectType": "annotation", "name": name, "isLocked": False,
-                                     "classification": {"name": "Tumor", "color": [200, 0, 0]}}})
+        feats.append(
+            {
+                "type": "Feature",
+                "id": "8d9e1a56-3c4b-4f7e-9a1b-2c3d4e5f6a7b",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": name,
+                    "isLocked": False,
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                },
+            }
+        )
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     return path
 
@@ -113,7 +124,14 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # the same image as a "20x" slide: 2x downsampled, 0.5 µm/px
     write_pyramidal_tiff(d / "s50.svs", np.asarray(Image.fromarray(rgb).reduce(2)), mpp=0.5)
     truth = np.column_stack([table["centroid_x"] + 0.5, table["centroid_y"] + 0.5])  # pixel centres
-    return {"dir": d, "s25": d / "s25.svs", "s50": d / "s50.svs", "truth": truth, "table": table, "rgb": rgb}
+    return {
+        "dir": d,
+        "s25": d / "s25.svs",
+        "s50": d / "s50.svs",
+        "truth": truth,
+        "table": table,
+        "rgb": rgb,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +152,24 @@ def test_every_known_nucleus_found_exactly_once(synth: dict, base: Path) -> None
     table, truth = synth["table"], synth["truth"]
     # the test is meaningful: many nuclei straddle block seams (x or y = k * 256)
     edges = 256 * np.arange(1, 4)
-    across_x = ((table["bbox_x0"][:, None] < edges) & (edges < table["bbox_x1"][:, None])).any(axis=1)
-    across_y = ((table["bbox_y0"][:, None] < edges) & (edges < table["bbox_y1"][:, None])).any(axis=1)
-    assert len(truth) > 500 and (across_x | across_y).sum() > 50 and (across_x & across_y).sum() >= 1
+    across_x = ((table["bbox_x0"][:, None] < edges) & (edges < table["bbox_x1"][:, None])).any(
+        axis=1
+    )
+    across_y = ((table["bbox_y0"][:, None] < edges) & (edges < table["bbox_y1"][:, None])).any(
+        axis=1
+    )
+    assert (
+        len(truth) > 500 and (across_x | across_y).sum() > 50 and (across_x & across_y).sum() >= 1
+    )
     df = gpd.read_parquet(base / "nuclei.parquet")
     m = _match(df[["centroid_x", "centroid_y"]].to_numpy(), truth, 3.0)
-    assert m == {"true": len(truth), "found": len(truth), "matched": len(truth), "missed": 0, "extra": 0}
+    assert m == {
+        "true": len(truth),
+        "found": len(truth),
+        "matched": len(truth),
+        "missed": 0,
+        "extra": 0,
+    }
     assert df["id"].is_unique
     # no two output polygons overlap by more than a sliver
     assert _max_overlap(list(df.geometry)) < 1.0
@@ -151,10 +181,15 @@ def test_every_known_nucleus_found_exactly_once(synth: dict, base: Path) -> None
     # rim slightly wider than these synthetic nuclei; the exact area check is the
     # whole-image comparison below)
     assert np.median(df["area_um2"] / (true_px * 0.0625)) == pytest.approx(1.0, abs=0.12)
-    assert (df["area_um2"] / (true_px * 0.0625)).between(0.6, 1.4).all()  # +1 px rim on the smallest
+    assert (
+        (df["area_um2"] / (true_px * 0.0625)).between(0.6, 1.4).all()
+    )  # +1 px rim on the smallest
     assert (df.geometry.area / true_px).between(0.6, 1.4).all()
     # every block segments alike: seam candidates are exact duplicates, nothing trimmed or cut
-    assert qc["seam_candidates"] > 0 and qc["seam_duplicates_removed"] == qc["seam_candidates"] - qc["seam_kept"] > 0
+    assert (
+        qc["seam_candidates"] > 0
+        and qc["seam_duplicates_removed"] == qc["seam_candidates"] - qc["seam_kept"] > 0
+    )
     assert qc["seam_trimmed"] == 0 and qc["nuclei_cut_at_window_border"] == 0
     assert qc["nuclei_outside_regions_removed"] == 0
     # tiling is invisible: the classic model run on the whole image at once finds the same
@@ -165,8 +200,14 @@ def test_every_known_nucleus_found_exactly_once(synth: dict, base: Path) -> None
 
     # beyond the slide edge the engine's canvas is glass (white): give the whole image the same
     pad = 64
-    whole = classic_instances(np.pad(synth["rgb"], ((pad, pad), (pad, pad), (0, 0)), constant_values=255))
-    c = np.asarray(ndi.center_of_mass(np.ones(whole.inst.shape), whole.inst, whole.labels)) + 0.5 - pad
+    whole = classic_instances(
+        np.pad(synth["rgb"], ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+    )
+    c = (
+        np.asarray(ndi.center_of_mass(np.ones(whole.inst.shape), whole.inst, whole.labels))
+        + 0.5
+        - pad
+    )
     d, k = cKDTree(c[:, ::-1]).query(df[["centroid_x", "centroid_y"]].to_numpy())
     assert len(c) == len(df) and d.max() < 1e-9
     whole_px = np.bincount(whole.inst.ravel())[whole.labels]
@@ -196,7 +237,9 @@ def test_outputs_valid_and_consistent(base: Path) -> None:
     assert df.geometry.is_valid.all() and (df.geometry.geom_type == "Polygon").all()
 
     summary = json.loads((base / "summary.json").read_text())
-    assert summary["slide"]["n_nuclei"] == len(feats) == sum(r["n_nuclei"] for r in summary["regions"])
+    assert (
+        summary["slide"]["n_nuclei"] == len(feats) == sum(r["n_nuclei"] for r in summary["regions"])
+    )
     assert [r["region_name"] for r in summary["regions"]] == ["Slide"]
     assert summary["regions"][0]["area_mm2"] == pytest.approx(SIZE * SIZE * 0.25**2 / 1e6)
     csv = pd.read_csv(base / "summary.csv")
@@ -249,7 +292,9 @@ def test_20x_slide_is_upsampled_tile_by_tile(synth: dict) -> None:
     assert m["extra"] <= 0.01 * len(truth), m
     assert abs(len(df) - len(truth)) <= 0.05 * len(truth)
     # none duplicated: no two nuclei closer than half the smallest true spacing, no overlaps
-    d, _ = cKDTree(df[["centroid_x", "centroid_y"]].to_numpy()).query(df[["centroid_x", "centroid_y"]].to_numpy(), k=2)
+    d, _ = cKDTree(df[["centroid_x", "centroid_y"]].to_numpy()).query(
+        df[["centroid_x", "centroid_y"]].to_numpy(), k=2
+    )
     assert d[:, 1].min() > 3.0
     assert _max_overlap(list(df.geometry)) < 0.5
     # coordinates and areas are in the 20x slide's frame: same nuclei, same µm² as at 40x
@@ -260,7 +305,9 @@ def test_20x_slide_is_upsampled_tile_by_tile(synth: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # resume
 # --------------------------------------------------------------------------------------------
-def test_crashed_run_resumes_from_finished_blocks(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crashed_run_resumes_from_finished_blocks(
+    synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = synth["dir"] / "crash"
     real_save = pipeline.save_part
     calls = []
@@ -284,7 +331,9 @@ def test_crashed_run_resumes_from_finished_blocks(synth: dict, base: Path, monke
     _same_outputs(base, out)
 
 
-def test_rerun_after_losing_outputs_reuses_kept_parts(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_after_losing_outputs_reuses_kept_parts(
+    synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = synth["dir"] / "keep"
     _run(synth["s25"], out, keep_work=True, block_size=256)
     assert len(list((out / ".work" / "blocks").glob("*.parquet"))) == 16
@@ -305,12 +354,23 @@ def test_rerun_after_losing_outputs_reuses_kept_parts(synth: dict, base: Path, m
     assert not (out / ".work").exists()  # this rerun did not ask to keep them
 
 
-def test_changed_settings_do_not_reuse_stale_parts(synth: dict, base: Path, capsys: pytest.CaptureFixture) -> None:
+def test_changed_settings_do_not_reuse_stale_parts(
+    synth: dict, base: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = synth["dir"] / "stale"
     _run(synth["s25"], out, keep_work=True, batch_size=8, block_size=256)
     # another batch partition: the old part files must not be reused
-    res = run(RunConfig(slide=synth["s25"], out=out, overwrite=True, batch_size=16, block_size=256, model="classic",
-                        tissue="none"))
+    res = run(
+        RunConfig(
+            slide=synth["s25"],
+            out=out,
+            overwrite=True,
+            batch_size=16,
+            block_size=256,
+            model="classic",
+            tissue="none",
+        )
+    )
     assert res.manifest["qc"]["blocks_resumed"] == 0
     assert "discarded the unfinished work folder" in capsys.readouterr().err
     _same_outputs(base, out)
@@ -320,7 +380,9 @@ def test_damaged_part_is_redone(synth: dict, base: Path) -> None:
     out = synth["dir"] / "damaged"
     _run(synth["s25"], out, keep_work=True, block_size=256)
     part = sorted((out / ".work" / "blocks").glob("*.parquet"))[5]
-    part.write_bytes(part.read_bytes()[:100])  # cut short (a crash mid-write cannot do this: atomic rename)
+    part.write_bytes(
+        part.read_bytes()[:100]
+    )  # cut short (a crash mid-write cannot do this: atomic rename)
     for name in FINAL:
         (out / name).unlink()
     res = _run(synth["s25"], out, block_size=256)
@@ -363,8 +425,18 @@ class _PositionDependent:
     def postprocess(self, raw: dict, origin=None):
         from wsi_nuclei.postprocess import HVParams, hv_to_instances
 
-        return hv_to_instances(raw["np"], raw["hv"], None, HVParams(np_threshold=0.4, edge_threshold=0.5, sobel_ksize=5,
-                                                                     min_marker_px=8, min_nucleus_px=8))
+        return hv_to_instances(
+            raw["np"],
+            raw["hv"],
+            None,
+            HVParams(
+                np_threshold=0.4,
+                edge_threshold=0.5,
+                sobel_ksize=5,
+                min_marker_px=8,
+                min_nucleus_px=8,
+            ),
+        )
 
 
 @pytest.fixture
@@ -373,8 +445,16 @@ def posdep():
     from wsi_nuclei.models import ModelSpec, _registry, register_model
 
     spec = ModelSpec(
-        name="test-position-dependent", description="test", licence="test", mpp=0.25, input_size=128, output_size=128,
-        class_names={}, builder=lambda spec, weights, device: _PositionDependent(spec), output_border=16, halo=48,
+        name="test-position-dependent",
+        description="test",
+        licence="test",
+        mpp=0.25,
+        input_size=128,
+        output_size=128,
+        class_names={},
+        builder=lambda spec, weights, device: _PositionDependent(spec),
+        output_border=16,
+        halo=48,
     )
     register_model(spec)
     engine.clear_model_cache()
@@ -383,12 +463,17 @@ def posdep():
     engine.clear_model_cache()
 
 
-def test_position_dependent_model_one_consistent_answer(synth: dict, tmp_path: Path, posdep) -> None:
+def test_position_dependent_model_one_consistent_answer(
+    synth: dict, tmp_path: Path, posdep
+) -> None:
     from wsi_nuclei.inference import predict_maps
 
     a = _run(synth["s25"], tmp_path / "a", model=posdep.name, block_size=200, halo=48)
     b = _run(synth["s25"], tmp_path / "b", model=posdep.name, block_size=333, halo=60, batch_size=7)
-    da, db = gpd.read_parquet(tmp_path / "a" / "nuclei.parquet"), gpd.read_parquet(tmp_path / "b" / "nuclei.parquet")
+    da, db = (
+        gpd.read_parquet(tmp_path / "a" / "nuclei.parquet"),
+        gpd.read_parquet(tmp_path / "b" / "nuclei.parquet"),
+    )
     assert a.manifest["qc"]["seam_candidates"] > 100
     # tiling invariance: the same nuclei, the same outlines, whatever the blocks
     assert sorted(da["id"]) == sorted(db["id"]) and a.n_nuclei == b.n_nuclei == len(db)
@@ -414,7 +499,9 @@ def test_external_scheduler_gives_the_same_result(synth: dict, base: Path) -> No
     from distributed import LocalCluster
 
     out = synth["dir"] / "cluster"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster:
         res = _run(synth["s25"], out, scheduler=cluster.scheduler_address, block_size=256)
         assert cluster.scheduler_address.startswith(("tcp://", "inproc://"))
     assert res.manifest["scheduler"] == cluster.scheduler_address
@@ -435,7 +522,9 @@ def test_regions_with_tissue_none_process_only_their_blocks(synth: dict, tmp_pat
     assert res.manifest["qc"]["blocks_processed"] == 4 and res.patches_run < res.patches_total == 16
     poly = shapely.Polygon(pts)
     df = gpd.read_parquet(out / "nuclei.parquet")
-    assert len(df) and all(poly.covers(shapely.Point(x, y)) for x, y in zip(df.centroid_x, df.centroid_y))
+    assert len(df) and all(
+        poly.covers(shapely.Point(x, y)) for x, y in zip(df.centroid_x, df.centroid_y)
+    )
     truth = synth["truth"]
     inside = np.array([poly.covers(shapely.Point(x, y)) for x, y in truth])
     m = _match(df[["centroid_x", "centroid_y"]].to_numpy(), truth[inside], 3.0)
@@ -453,7 +542,9 @@ def test_nested_and_overlapping_regions_count_as_in_qupath(synth: dict, tmp_path
     big = [(50, 50), (700, 50), (700, 700), (50, 700)]
     hot = [(200, 200), (400, 200), (400, 400), (200, 400)]
     side = [(600, 50), (900, 50), (900, 300), (600, 300)]  # overlaps the big box
-    regions = _regions_file(tmp_path / "nested.geojson", {"tissue": big, "hotspot": hot, "side": side})
+    regions = _regions_file(
+        tmp_path / "nested.geojson", {"tissue": big, "hotspot": hot, "side": side}
+    )
     out = tmp_path / "out"
     res = _run(synth["s25"], out, regions=regions, block_size=256)
     df = gpd.read_parquet(out / "nuclei.parquet")
@@ -473,7 +564,9 @@ def test_nested_and_overlapping_regions_count_as_in_qupath(synth: dict, tmp_path
     assert res.manifest["warnings"] and "overlap" in res.manifest["warnings"][0]
     # each nucleus's region_id is the smallest region holding it
     hot_id = [r["region_id"] for r in summary["regions"] if r["region_name"] == "hotspot"][0]
-    in_hot = np.array([polys["hotspot"].covers(shapely.Point(x, y)) for x, y in zip(df.centroid_x, df.centroid_y)])
+    in_hot = np.array(
+        [polys["hotspot"].covers(shapely.Point(x, y)) for x, y in zip(df.centroid_x, df.centroid_y)]
+    )
     assert (df["region_id"].to_numpy()[in_hot] == hot_id).all()
 
 
@@ -494,10 +587,20 @@ def test_tcga_with_mpp_and_a_user_region(wsi_dir: Path, tmp_path: Path) -> None:
     # the frozen section's haematoxylin is too faint for the classic model's fixed threshold
     # (it finds nothing); the "null" model puts nuclei everywhere in every processed tile,
     # which is what the region filter needs
-    res = _run(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs", out, mpp=0.5, tissue="auto", regions=regions, model="null")
+    res = _run(
+        wsi_dir / "tcga-cr-7395-01a-01-ts1.svs",
+        out,
+        mpp=0.5,
+        tissue="auto",
+        regions=regions,
+        model="null",
+    )
     assert res.manifest["qc"]["blocks_processed"] < 10 and res.patches_run < res.patches_total
     m = res.manifest
-    assert m["resolution"]["mpp_source"] == "user:--mpp" and m["resolution"]["scale_level0_to_model"] == 2.0
+    assert (
+        m["resolution"]["mpp_source"] == "user:--mpp"
+        and m["resolution"]["scale_level0_to_model"] == 2.0
+    )
     assert m["regions"]["source"] == "user (--regions)"
     assert m["qc"]["nuclei_outside_regions_removed"] > 0
     df = gpd.read_parquet(out / "nuclei.parquet")
@@ -585,7 +688,9 @@ class _Classic164:
     def infer(self, batch: np.ndarray) -> list[dict]:
         c = (self.spec.input_size - self.spec.output_size) // 2
         n = self.spec.output_size
-        return [{"rgb": t[c : c + n, c : c + n].transpose(2, 0, 1).astype(np.float32)} for t in batch]
+        return [
+            {"rgb": t[c : c + n, c : c + n].transpose(2, 0, 1).astype(np.float32)} for t in batch
+        ]
 
     def postprocess(self, raw: dict, origin=None):
         from wsi_nuclei.models.classic import ClassicModel
@@ -599,8 +704,14 @@ def classic164():
     from wsi_nuclei.models import ModelSpec, _registry, register_model
 
     spec = ModelSpec(
-        name="test-classic-164", description="test", licence="test", mpp=0.25, input_size=256, output_size=164,
-        class_names={}, builder=lambda spec, weights, device: _Classic164(spec),
+        name="test-classic-164",
+        description="test",
+        licence="test",
+        mpp=0.25,
+        input_size=256,
+        output_size=164,
+        class_names={},
+        builder=lambda spec, weights, device: _Classic164(spec),
     )
     register_model(spec)
     engine.clear_model_cache()
@@ -609,7 +720,9 @@ def classic164():
     engine.clear_model_cache()
 
 
-def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, classic164: str, base: Path) -> None:
+def test_output_window_smaller_than_input_is_exact(
+    synth: dict, tmp_path: Path, classic164: str, base: Path
+) -> None:
     out = tmp_path / "o164"
     res = _run(synth["s25"], out, model=classic164, block_size=256)
     m = res.manifest["tiling"]
@@ -618,7 +731,12 @@ def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, 
     df = gpd.read_parquet(out / "nuclei.parquet")
     truth = synth["truth"]
     assert _match(df[["centroid_x", "centroid_y"]].to_numpy(), truth, 3.0) == {
-        "true": len(truth), "found": len(truth), "matched": len(truth), "missed": 0, "extra": 0}
+        "true": len(truth),
+        "found": len(truth),
+        "matched": len(truth),
+        "missed": 0,
+        "extra": 0,
+    }
     assert df["id"].is_unique and _max_overlap(list(df.geometry)) < 1.0
     # same nuclei, same geometry as the 256/256 classic run: the output window is invisible
     a = gpd.read_parquet(base / "nuclei.parquet").sort_values("id").reset_index(drop=True)
@@ -630,7 +748,9 @@ def test_output_window_smaller_than_input_is_exact(synth: dict, tmp_path: Path, 
 # --------------------------------------------------------------------------------------------
 # accelerator out of memory, a worker process that dies
 # --------------------------------------------------------------------------------------------
-def test_out_of_memory_halves_the_batch_and_completes(synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_halves_the_batch_and_completes(
+    synth: dict, base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from wsi_nuclei.models.classic import ClassicModel
@@ -672,7 +792,9 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_dead_worker_process_does_not_change_the_result(synth: dict, base: Path, tmp_path: Path) -> None:
+def test_a_dead_worker_process_does_not_change_the_result(
+    synth: dict, base: Path, tmp_path: Path
+) -> None:
     """--workers 2: one worker process is killed mid-run; Dask reruns its tasks elsewhere, the
     coordinator resubmits any block whose window was on it, and the output is the same."""
     import signal
@@ -683,17 +805,46 @@ def test_a_dead_worker_process_does_not_change_the_result(synth: dict, base: Pat
     script = Path(sys.executable).parent / "wsi-nuclei"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "wsi_nuclei.cli"]
     out = tmp_path / "dead"
-    proc = subprocess.Popen([*cmd, "run", str(synth["s25"]), "--model", "classic", "--tissue", "none", "--block-size", "256",
-                             "--batch-size", "2", "--workers", "2", "--threads", "1", "--out", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "run",
+            str(synth["s25"]),
+            "--model",
+            "classic",
+            "--tissue",
+            "none",
+            "--block-size",
+            "256",
+            "--batch-size",
+            "2",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed = None
     deadline = time.time() + 120
     while killed is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-        workers = [p for p in _descendants(proc.pid)
-                   if "distributed" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")
-                   or "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
-        blocks = list((out / ".work" / "blocks").glob("*.parquet")) if (out / ".work" / "blocks").is_dir() else []
+        workers = [
+            p
+            for p in _descendants(proc.pid)
+            if "distributed" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")
+            or "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")
+        ]
+        blocks = (
+            list((out / ".work" / "blocks").glob("*.parquet"))
+            if (out / ".work" / "blocks").is_dir()
+            else []
+        )
         if len(workers) >= 2 and len(blocks) >= 2:
             killed = workers[-1]
             os.kill(killed, signal.SIGKILL)

@@ -21,9 +21,12 @@ from wsi_nuclei.postprocess import HVParams, classify_instances, hv_to_instances
 # (row, col, radius, PanNuke class); the first two pairs touch (centre distance < r1 + r2),
 # the third group is a chain of three touching ellipses, the rest stand alone.
 _DISCS = [
-    (30, 30, 12, 1), (30, 52, 11, 2),
-    (90, 40, 13, 3), (112, 52, 12, 5),
-    (40, 110, 9, 2), (120, 120, 10, 4),
+    (30, 30, 12, 1),
+    (30, 52, 11, 2),
+    (90, 40, 13, 3),
+    (112, 52, 12, 5),
+    (40, 110, 9, 2),
+    (120, 120, 10, 4),
     (200, 200, 14, 1),
 ]
 _ELLIPSES = [(170, 60, 16, 8, 0.3, 5), (174, 76, 14, 9, -0.2, 1), (188, 92, 12, 7, 0.9, 3)]
@@ -124,8 +127,11 @@ def test_hv_to_instances_without_classes_and_empty() -> None:
     np.testing.assert_array_equal(res.class_id, 0)
     np.testing.assert_allclose(res.class_prob, 0.8, atol=1e-6)  # mean nucleus probability
 
-    empty = hv_to_instances(np.zeros((64, 64), np.float32), np.zeros((2, 64, 64), np.float32),
-                            np.full((6, 64, 64), 1 / 6, np.float32))
+    empty = hv_to_instances(
+        np.zeros((64, 64), np.float32),
+        np.zeros((2, 64, 64), np.float32),
+        np.full((6, 64, 64), 1 / 6, np.float32),
+    )
     assert empty.inst.max() == 0 and len(empty.labels) == 0 and len(empty.class_id) == 0
     assert empty.class_probs.shape == (0, 5)
 
@@ -163,7 +169,9 @@ def test_classify_instances_hand_case() -> None:
     np.testing.assert_array_equal(class_id, [1, 5])
     assert class_id.dtype == np.int8
     np.testing.assert_allclose(class_prob, [0.3, 0.8], atol=1e-6)
-    np.testing.assert_allclose(class_probs, [[0.3, 0.5125, 0.1875, 0, 0], [0, 0, 0, 0.2, 0.8]], atol=1e-6)
+    np.testing.assert_allclose(
+        class_probs, [[0.3, 0.5125, 0.1875, 0, 0], [0, 0, 0, 0.2, 0.8]], atol=1e-6
+    )
     # n larger than the labels present: absent labels get class 1 with probability 0
     class_id, class_prob, class_probs = classify_instances(inst, tp, 3)
     assert class_probs.shape == (3, 5) and class_prob[2] == 0
@@ -276,7 +284,9 @@ def test_measure_polygons(shapes) -> None:
         # the outline lies on the pixel edges of the mask: bounds = [c0, c1+1] x [r0, r1+1]
         rr, cc = np.nonzero(inst == label)
         x0, y0, x1, y1 = P.bounds
-        assert (x0, y0, x1, y1) == pytest.approx((cc.min(), rr.min(), cc.max() + 1, rr.max() + 1), abs=0.5)
+        assert (x0, y0, x1, y1) == pytest.approx(
+            (cc.min(), rr.min(), cc.max() + 1, rr.max() + 1), abs=0.5
+        )
         # pixel centres (c + .5, r + .5) of the mask are inside, those outside are outside
         inside = np.mean([P.contains(Point(c + 0.5, r + 0.5)) for r, c in zip(rr, cc)])
         assert inside > 0.98

@@ -87,14 +87,18 @@ def test_number_drops_small_components_keeping_raster_order() -> None:
 def test_flood_equals_skimage_watershed_on_random_energy(seed: int) -> None:
     rng = np.random.default_rng(seed)
     h, w = 90, 110
-    energy = ndi.gaussian_filter(rng.random((h, w)), 2).astype(np.float32) + 0.01 * rng.random((h, w)).astype(np.float32)
+    energy = ndi.gaussian_filter(rng.random((h, w)), 2).astype(np.float32) + 0.01 * rng.random(
+        (h, w)
+    ).astype(np.float32)
     mask = ndi.binary_opening(rng.random((h, w)) < 0.8, iterations=2)
     markers = np.zeros((h, w), np.int64)
     for i, (r, c) in enumerate(rng.integers(3, [h - 3, w - 3], size=(25, 2))):
         markers[r - 1 : r + 2, c - 1 : c + 2] = i + 1
     markers *= mask
     ref = watershed(energy, markers=markers, mask=mask)
-    out = _flood(torch.from_numpy(energy), torch.from_numpy(markers), torch.from_numpy(mask)).numpy()
+    out = _flood(
+        torch.from_numpy(energy), torch.from_numpy(markers), torch.from_numpy(mask)
+    ).numpy()
     np.testing.assert_array_equal(out, ref)
     assert ((out == 0) & mask).sum() > 0  # some parts of the mask hold no marker and stay 0
 
@@ -120,13 +124,31 @@ def test_noisy_maps_and_other_parameters_match_numpy() -> None:
     inst, cls = _scene()
     np_prob, hv, tp = _perfect_maps(inst, cls)
     rng = np.random.default_rng(3)
-    np_prob = np.clip(ndi.gaussian_filter(np_prob, 1.5) + 0.1 * rng.standard_normal(inst.shape), 0, 1).astype(np.float32)
-    hv = np.clip(ndi.gaussian_filter(hv, (0, 1.5, 1.5)) + 0.05 * rng.standard_normal(hv.shape), -1, 1).astype(np.float32)
-    tp = 0.6 * tp + 0.4 * rng.dirichlet(np.ones(6), size=inst.shape).transpose(2, 0, 1).astype(np.float32)
-    for params in (HVParams(), HVParams(np_threshold=0.45, edge_threshold=0.35, sobel_ksize=15, min_marker_px=40,
-                                        min_nucleus_px=40, class_temperature=1.1, class_exclude=(4,)),
-                   HVParams(class_prior=(1.0, 2.0, 0.5, 1.0, 1.0), hole_px=0, marker_open_px=3, sobel_ksize=7)):
-        _same(hv_to_instances(np_prob, hv, tp, params), hv_to_instances_torch(np_prob, hv, tp, params))
+    np_prob = np.clip(
+        ndi.gaussian_filter(np_prob, 1.5) + 0.1 * rng.standard_normal(inst.shape), 0, 1
+    ).astype(np.float32)
+    hv = np.clip(
+        ndi.gaussian_filter(hv, (0, 1.5, 1.5)) + 0.05 * rng.standard_normal(hv.shape), -1, 1
+    ).astype(np.float32)
+    tp = 0.6 * tp + 0.4 * rng.dirichlet(np.ones(6), size=inst.shape).transpose(2, 0, 1).astype(
+        np.float32
+    )
+    for params in (
+        HVParams(),
+        HVParams(
+            np_threshold=0.45,
+            edge_threshold=0.35,
+            sobel_ksize=15,
+            min_marker_px=40,
+            min_nucleus_px=40,
+            class_temperature=1.1,
+            class_exclude=(4,),
+        ),
+        HVParams(class_prior=(1.0, 2.0, 0.5, 1.0, 1.0), hole_px=0, marker_open_px=3, sobel_ksize=7),
+    ):
+        _same(
+            hv_to_instances(np_prob, hv, tp, params), hv_to_instances_torch(np_prob, hv, tp, params)
+        )
 
 
 def test_without_classes_tiny_and_empty_inputs() -> None:
@@ -137,8 +159,12 @@ def test_without_classes_tiny_and_empty_inputs() -> None:
     assert b.inst.max() == 7 and not b.class_id.any()
     # smaller than the Sobel kernel: OpenCV reflects repeatedly, so must we
     small_np, small_hv = np_prob[20:29, 20:35], hv[:, 20:29, 20:35]
-    _same(hv_to_instances(small_np, small_hv, params=HVParams(min_nucleus_px=3, min_marker_px=3)),
-          hv_to_instances_torch(small_np, small_hv, params=HVParams(min_nucleus_px=3, min_marker_px=3)))
+    _same(
+        hv_to_instances(small_np, small_hv, params=HVParams(min_nucleus_px=3, min_marker_px=3)),
+        hv_to_instances_torch(
+            small_np, small_hv, params=HVParams(min_nucleus_px=3, min_marker_px=3)
+        ),
+    )
     for np_map in (np.zeros((64, 48), np.float32), np.ones((64, 48), np.float32)):
         hv0 = np.zeros((2, 64, 48), np.float32)
         tp0 = np.zeros((6, 64, 48), np.float32)
@@ -200,7 +226,10 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert postprocess_backend("cpu") == "numpy"
     assert postprocess_backend("cuda") == "torch" and postprocess_backend("cuda:1") == "torch"
-    assert postprocess_backend("cuda", "numpy") == "numpy" and postprocess_backend("cpu", "torch") == "torch"
+    assert (
+        postprocess_backend("cuda", "numpy") == "numpy"
+        and postprocess_backend("cpu", "torch") == "torch"
+    )
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert postprocess_backend("cpu") == "torch"
     monkeypatch.setenv(BACKEND_ENV, "numpy")
@@ -221,7 +250,9 @@ def test_model_uses_the_forced_backend(lite_model, monkeypatch: pytest.MonkeyPat
     import wsi_nuclei.postprocess_torch as pt
 
     real = pt.hv_to_instances_torch
-    monkeypatch.setattr(pt, "hv_to_instances_torch", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(
+        pt, "hv_to_instances_torch", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
     inst, cls = _scene()
     np_prob, hv, tp = _perfect_maps(inst, cls)
     raw = {"np": np_prob, "hv": hv, "tp": tp}

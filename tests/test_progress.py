@@ -84,8 +84,18 @@ def test_eta_without_warm_up_and_with_simultaneous_completions() -> None:
         EtaEstimator(10, min_samples=0)
 
 
-@pytest.mark.parametrize("seconds, text", [(0.04, "0.0 s"), (0.44, "0.4 s"), (32.14, "32.1 s"), (59.96, "1 min 00 s"),
-                                           (125, "2 min 05 s"), (3720, "1 h 02 min"), (-3, "0.0 s")])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0.04, "0.0 s"),
+        (0.44, "0.4 s"),
+        (32.14, "32.1 s"),
+        (59.96, "1 min 00 s"),
+        (125, "2 min 05 s"),
+        (3720, "1 h 02 min"),
+        (-3, "0.0 s"),
+    ],
+)
 def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
 
@@ -134,7 +144,10 @@ def test_a_failing_stage_prints_nothing_and_quiet_nothing_but_warnings() -> None
         p = Progress(stream=buf, tty=tty)
         with pytest.raises(RuntimeError), p.stage("tissue", "detecting tissue"):
             raise RuntimeError("no tissue")
-        with pytest.raises(RuntimeError), p.stage("patches", total=10, unit="patch", eta=True) as st:
+        with (
+            pytest.raises(RuntimeError),
+            p.stage("patches", total=10, unit="patch", eta=True) as st,
+        ):
             st.update(3)
             raise RuntimeError("corrupt tile")
         text = buf.getvalue()
@@ -185,20 +198,31 @@ def _stage_lines(err: str) -> dict[str, list[str]]:
 DETERMINISTIC = ("nuclei.geojson.gz", "nuclei.parquet", "tissue.geojson", "qupath.geojson.gz")
 
 
-def test_cli_names_each_stage_once_and_quiet_shows_nothing(small_slide: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_cli_names_each_stage_once_and_quiet_shows_nothing(
+    small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     opts = ["--model", "classic", "--block-size", "256"]
     assert main(["run", str(small_slide), *opts, "--out", str(tmp_path / "a")]) == 0
     cap = capsys.readouterr()
-    assert "Traceback" not in cap.err and "\r" not in cap.err  # captured stderr is no terminal: nothing drawn
+    assert (
+        "Traceback" not in cap.err and "\r" not in cap.err
+    )  # captured stderr is no terminal: nothing drawn
     lines = _stage_lines(cap.err)
     for stage in STAGES:
         assert len(lines[stage]) == 1, cap.err
-    assert "1 region (tissue detection)" in lines["tissue"][0] and "blocks planned" in lines["tissue"][0]
+    assert (
+        "1 region (tissue detection)" in lines["tissue"][0]
+        and "blocks planned" in lines["tissue"][0]
+    )
     assert "4 patches" in lines["patches"][0] and "patch/s" in lines["patches"][0]
     assert "4 blocks" in lines["stitching"][0] and "seam candidates" in lines["stitching"][0]
     assert "8 files" in lines["writing"][0]
-    for name in (*DETERMINISTIC, "summary.csv", "run.json", "report.html"):  # one timed line per output file
+    for name in (
+        *DETERMINISTIC,
+        "summary.csv",
+        "run.json",
+        "report.html",
+    ):  # one timed line per output file
         assert sum(ln.startswith(f"  {name}") for ln in cap.err.splitlines()) == 1, (name, cap.err)
     assert "nuclei" in cap.out  # the final report is on stdout, as before
 
@@ -207,13 +231,19 @@ def test_cli_names_each_stage_once_and_quiet_shows_nothing(small_slide: Path, tm
     assert cap.err == "" and cap.out == ""
     for name in DETERMINISTIC:  # progress changes no output file
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "q" / name).read_bytes(), name
-    a, q = (pd.read_csv(tmp_path / d / "summary.csv") for d in ("a", "q"))  # the same but for its timings
+    a, q = (
+        pd.read_csv(tmp_path / d / "summary.csv") for d in ("a", "q")
+    )  # the same but for its timings
     timing = [c for c in a.columns if c.startswith("qc_seconds_") or c == "qc_peak_band_mb"]
     pd.testing.assert_frame_equal(a.drop(columns=timing), q.drop(columns=timing))
 
 
 def test_cli_failure_while_writing_leaves_the_error_alone_and_a_rerun_says_it_resumed(
-        small_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_slide: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from wsi_nuclei import _io
 
     real = _io.os.replace
@@ -224,14 +254,28 @@ def test_cli_failure_while_writing_leaves_the_error_alone_and_a_rerun_says_it_re
         return real(src, dst)
 
     monkeypatch.setattr(_io.os, "replace", full)
-    opts = ["run", str(small_slide), "--model", "classic", "--tissue", "none", "--block-size", "256", "--no-report",
-            "--out", str(tmp_path / "o")]
+    opts = [
+        "run",
+        str(small_slide),
+        "--model",
+        "classic",
+        "--tissue",
+        "none",
+        "--block-size",
+        "256",
+        "--no-report",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(opts) == 7
     err = capsys.readouterr().err
     lines = _stage_lines(err)
     assert [len(lines[s]) for s in STAGES] == [1, 1, 1, 0], err  # the failed stage prints nothing
     assert "1 region (whole slide)" in lines["tissue"][0]
-    assert err.splitlines()[-1].startswith("wsi-nuclei: error: ") and "No space left" in err.splitlines()[-1]
+    assert (
+        err.splitlines()[-1].startswith("wsi-nuclei: error: ")
+        and "No space left" in err.splitlines()[-1]
+    )
     assert "Traceback" not in err
     monkeypatch.setattr(_io.os, "replace", real)
     assert main([*opts, "--overwrite"]) == 0

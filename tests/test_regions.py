@@ -172,7 +172,7 @@ def test_load_regions_repairs_a_bow_tie(tmp_path: Path) -> None:
         (
             "nan.geojson",
             b'[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-            b"[[[0, 0], [NaN, 0], [5, 5], [0, 0]]]}, \"properties\": {}}]",
+            b'[[[0, 0], [NaN, 0], [5, 5], [0, 0]]]}, "properties": {}}]',
             "non-finite",
         ),
         (
@@ -272,25 +272,74 @@ def test_region_is_frozen() -> None:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_fz_num = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.text(max_size=3))
+_fz_num = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.text(max_size=3),
+)
 _fz_coord = st.lists(_fz_num, min_size=0, max_size=3)
 _fz_ring = st.lists(_fz_coord, min_size=0, max_size=8)
 _fz_geom = st.one_of(
-    st.fixed_dictionaries({"type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "LineString", "GeometryCollection", "Bogus", 7]),
-                           "coordinates": st.one_of(st.lists(_fz_ring, max_size=3), st.lists(st.lists(_fz_ring, max_size=2), max_size=2), _fz_num)}),
-    _fz_num, st.lists(_fz_num, max_size=3),
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(
+                ["Polygon", "MultiPolygon", "Point", "LineString", "GeometryCollection", "Bogus", 7]
+            ),
+            "coordinates": st.one_of(
+                st.lists(_fz_ring, max_size=3),
+                st.lists(st.lists(_fz_ring, max_size=2), max_size=2),
+                _fz_num,
+            ),
+        }
+    ),
+    _fz_num,
+    st.lists(_fz_num, max_size=3),
 )
-_fz_props = st.one_of(st.none(), _fz_num, st.fixed_dictionaries({}, optional={
-    "objectType": st.one_of(st.sampled_from(["annotation", "detection", "cell", "tile"]), _fz_num),
-    "name": st.one_of(st.text(max_size=10), _fz_num),
-    "classification": st.one_of(st.fixed_dictionaries({}, optional={"name": st.one_of(st.text(max_size=5), _fz_num),
-                                                                   "color": st.one_of(st.lists(_fz_num, max_size=4), _fz_num)}), _fz_num),
-    "isLocked": st.booleans()}))
-_fz_feature = st.one_of(st.fixed_dictionaries({"type": st.just("Feature")}, optional={"geometry": _fz_geom, "properties": _fz_props,
-                                                                                  "id": st.one_of(st.text(max_size=8), _fz_num)}), _fz_num, _fz_geom)
-_fz_doc = st.one_of(_fz_feature, st.lists(_fz_feature, max_size=4),
-                 st.fixed_dictionaries({"type": st.sampled_from(["FeatureCollection", "Feature", "Nope"])},
-                                       optional={"features": st.one_of(st.lists(_fz_feature, max_size=4), _fz_num)}))
+_fz_props = st.one_of(
+    st.none(),
+    _fz_num,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "objectType": st.one_of(
+                st.sampled_from(["annotation", "detection", "cell", "tile"]), _fz_num
+            ),
+            "name": st.one_of(st.text(max_size=10), _fz_num),
+            "classification": st.one_of(
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "name": st.one_of(st.text(max_size=5), _fz_num),
+                        "color": st.one_of(st.lists(_fz_num, max_size=4), _fz_num),
+                    },
+                ),
+                _fz_num,
+            ),
+            "isLocked": st.booleans(),
+        },
+    ),
+)
+_fz_feature = st.one_of(
+    st.fixed_dictionaries(
+        {"type": st.just("Feature")},
+        optional={
+            "geometry": _fz_geom,
+            "properties": _fz_props,
+            "id": st.one_of(st.text(max_size=8), _fz_num),
+        },
+    ),
+    _fz_num,
+    _fz_geom,
+)
+_fz_doc = st.one_of(
+    _fz_feature,
+    st.lists(_fz_feature, max_size=4),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["FeatureCollection", "Feature", "Nope"])},
+        optional={"features": st.one_of(st.lists(_fz_feature, max_size=4), _fz_num)},
+    ),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -304,7 +353,9 @@ def test_regions_parser_never_raises_anything_else(doc) -> None:
     except RegionsFileError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
-    assert out and all(isinstance(r, Region) and r.geometry.is_valid and not r.geometry.is_empty for r in out)
+    assert out and all(
+        isinstance(r, Region) and r.geometry.is_valid and not r.geometry.is_empty for r in out
+    )
 
 
 @settings(max_examples=60, deadline=None)

@@ -106,9 +106,10 @@ def test_tcga_two_levels_and_missing_mpp(wsi_dir: Path) -> None:
 
 
 def test_tcga_tiffslide_levels_match_openslide(wsi_dir: Path) -> None:
-    with open_slide(wsi_dir / TCGA, mpp=0.5) as a, open_slide(
-        wsi_dir / TCGA, mpp=0.5, backend="tiffslide"
-    ) as b:
+    with (
+        open_slide(wsi_dir / TCGA, mpp=0.5) as a,
+        open_slide(wsi_dir / TCGA, mpp=0.5, backend="tiffslide") as b,
+    ):
         assert b.backend == "tiffslide"
         assert a.level_dimensions == b.level_dimensions
         ra = a.read_region((2000, 1600), 0, (128, 128))
@@ -239,8 +240,7 @@ def _write_dicom(
             items.append(item)
         ds.PerFrameFunctionalGroupsSequence = items
     ds.PixelData = b"".join(
-        padded[r * frame : (r + 1) * frame, c * frame : (c + 1) * frame].tobytes()
-        for r, c in cells
+        padded[r * frame : (r + 1) * frame, c * frame : (c + 1) * frame].tobytes() for r, c in cells
     )
     ds.save_as(path, enforce_file_format=True)
 
@@ -475,7 +475,9 @@ def test_backends_are_tried_in_registry_order(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedSlideError, match="no backend can read it") as exc:
         open_slide(junk)
     tried = str(exc.value).split("no backend can read it (", 1)[1]
-    assert [tried.index(f"{b}: ") for b in BACKENDS] == sorted(tried.index(f"{b}: ") for b in BACKENDS)
+    assert [tried.index(f"{b}: ") for b in BACKENDS] == sorted(
+        tried.index(f"{b}: ") for b in BACKENDS
+    )
 
 
 def test_bad_arguments(tmp_path: Path, he_image: np.ndarray) -> None:

@@ -31,13 +31,25 @@ from wsi_nuclei.tiling import BlockGrid
 def test_classify_hand_cases() -> None:
     bg = BlockGrid(300, 300, 100, 20)  # block (1, 1): core [100, 200)², window [80, 220)²
     # (y0, x0, y1, x1) canvas boxes and centroids
-    boxes = np.array([
-        [140, 140, 160, 160],  # deep in the core, away from every other window: exclusive
-        [105, 140, 125, 160],  # in the core but within 20 px of the top seam: candidate
-        [85, 140, 98, 160],    # whole, centred in the upper neighbour's core: candidate (not owner)
-        [80, 140, 110, 160],   # touches the window's top border, centroid in the core: cut owner -> candidate
-        [80, 150, 95, 170],    # touches the border, centred outside the core: dropped
-    ])
+    boxes = np.array(
+        [
+            [140, 140, 160, 160],  # deep in the core, away from every other window: exclusive
+            [105, 140, 125, 160],  # in the core but within 20 px of the top seam: candidate
+            [
+                85,
+                140,
+                98,
+                160,
+            ],  # whole, centred in the upper neighbour's core: candidate (not owner)
+            [
+                80,
+                140,
+                110,
+                160,
+            ],  # touches the window's top border, centroid in the core: cut owner -> candidate
+            [80, 150, 95, 170],  # touches the border, centred outside the core: dropped
+        ]
+    )
     cy = (boxes[:, 0] + boxes[:, 2]) / 2
     cx = (boxes[:, 1] + boxes[:, 3]) / 2
     cy[3] = 101.0
@@ -50,7 +62,7 @@ def test_classify_hand_cases() -> None:
     # the centroid's owner wins a tie
     whole = 1 << 20
     assert k.priority[1] == whole + 2 * 10 + 1  # 25 px from the top border, capped
-    assert k.priority[2] == whole + 2 * 5 + 0   # 5 px from the top border
+    assert k.priority[2] == whole + 2 * 5 + 0  # 5 px from the top border
     assert k.priority[3] == 0 + 0 + 1
 
 
@@ -75,7 +87,9 @@ def test_pack_unpack_roundtrip(h: int, w: int, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # resolve_seams on hand cases
 # --------------------------------------------------------------------------------------------
-def _cands(items: list[tuple[tuple[int, int, int], int, np.ndarray, tuple[int, int]]]) -> Candidates:
+def _cands(
+    items: list[tuple[tuple[int, int, int], int, np.ndarray, tuple[int, int]]],
+) -> Candidates:
     """(key, priority, mask, (y0, x0)) -> Candidates."""
     keys = np.array([k for k, _, _, _ in items], np.int64)
     prio = np.array([p for _, p, _, _ in items], np.int64)
@@ -102,14 +116,24 @@ def test_merged_view_against_split_views_loses_nothing() -> None:
     a[:, :11], b[:, 12:] = _disc(5), _disc(5)
     merged = a | b
     # block A split the pair (two candidates), block B merged it; A sees more context
-    c = _cands([((0, 0, 0), 50, a[:, :11], (0, 0)), ((0, 0, 1), 50, b[:, 12:], (0, 12)),
-                ((0, 1, 0), 20, merged, (0, 0))])
+    c = _cands(
+        [
+            ((0, 0, 0), 50, a[:, :11], (0, 0)),
+            ((0, 0, 1), 50, b[:, 12:], (0, 12)),
+            ((0, 1, 0), 20, merged, (0, 0)),
+        ]
+    )
     res = resolve_seams(c)
     assert res.status.tolist() == [1, 1, 0]
     check_resolution(c, res)
     # the other way round: the merged view is preferred, the split views are its duplicates
-    c2 = _cands([((0, 0, 0), 10, a[:, :11], (0, 0)), ((0, 0, 1), 10, b[:, 12:], (0, 12)),
-                 ((0, 1, 0), 60, merged, (0, 0))])
+    c2 = _cands(
+        [
+            ((0, 0, 0), 10, a[:, :11], (0, 0)),
+            ((0, 0, 1), 10, b[:, 12:], (0, 12)),
+            ((0, 1, 0), 60, merged, (0, 0)),
+        ]
+    )
     res2 = resolve_seams(c2)
     assert res2.status.tolist() == [0, 0, 1]
     check_resolution(c2, res2)
@@ -141,15 +165,26 @@ def test_resolution_does_not_depend_on_input_order() -> None:
     items = []
     for k in range(40):
         m = _disc(int(rng.integers(3, 7)))
-        items.append(((int(rng.integers(0, 3)), int(rng.integers(0, 3)), k), int(rng.integers(0, 5)),
-                      m, (int(rng.integers(0, 60)), int(rng.integers(0, 60)))))
+        items.append(
+            (
+                (int(rng.integers(0, 3)), int(rng.integers(0, 3)), k),
+                int(rng.integers(0, 5)),
+                m,
+                (int(rng.integers(0, 60)), int(rng.integers(0, 60))),
+            )
+        )
     base = resolve_seams(_cands(items))
-    key_status = {tuple(k): s for k, s in zip(np.array([i[0] for i in items]).tolist(), base.status.tolist())}
+    key_status = {
+        tuple(k): s for k, s in zip(np.array([i[0] for i in items]).tolist(), base.status.tolist())
+    }
     for seed in range(3):
         perm = np.random.default_rng(seed).permutation(len(items))
         shuffled = [items[i] for i in perm]
         res = resolve_seams(_cands(shuffled))
-        got = {tuple(k): s for k, s in zip(np.array([i[0] for i in shuffled]).tolist(), res.status.tolist())}
+        got = {
+            tuple(k): s
+            for k, s in zip(np.array([i[0] for i in shuffled]).tolist(), res.status.tolist())
+        }
         assert got == key_status
 
 
@@ -219,7 +254,11 @@ def _awkward(crop: np.ndarray, seed: int, reach: int, mode: str) -> np.ndarray:
             if others:
                 o = others[0]
                 out[out == o] = lab
-                bridge = ndi.binary_dilation(m, iterations=3) & ndi.binary_dilation(out == lab, iterations=3) & (out == 0)
+                bridge = (
+                    ndi.binary_dilation(m, iterations=3)
+                    & ndi.binary_dilation(out == lab, iterations=3)
+                    & (out == 0)
+                )
                 out[bridge & ndi.binary_dilation(out == lab, iterations=2)] = lab
         elif r < 0.85:  # split along its middle column
             ys, xs = np.nonzero(m)
@@ -238,7 +277,9 @@ def _awkward(crop: np.ndarray, seed: int, reach: int, mode: str) -> np.ndarray:
     return res
 
 
-def _stitch(truth: np.ndarray, bg: BlockGrid, mode: str, order: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _stitch(
+    truth: np.ndarray, bg: BlockGrid, mode: str, order: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Run every block (in ``order``) as the engine does and resolve; returns (ys, xs) per output."""
     H, W = truth.shape
     finals, keys, prio, bbox, masks = [], [], [], [], []
@@ -266,8 +307,12 @@ def _stitch(truth: np.ndarray, bg: BlockGrid, mode: str, order: np.ndarray) -> l
                 prio.append(int(k.priority[j]))
                 bbox.append(geo["bbox"][j])
                 masks.append(m)
-    cands = Candidates(np.array(keys, np.int64).reshape(-1, 3), np.array(prio, np.int64),
-                       np.array(bbox, np.int64).reshape(-1, 4), masks)
+    cands = Candidates(
+        np.array(keys, np.int64).reshape(-1, 3),
+        np.array(prio, np.int64),
+        np.array(bbox, np.int64).reshape(-1, 4),
+        masks,
+    )
     res = resolve_seams(cands)
     check_resolution(cands, res)
     for i in np.nonzero(res.status)[0].tolist():
@@ -286,7 +331,9 @@ def _stitch(truth: np.ndarray, bg: BlockGrid, mode: str, order: np.ndarray) -> l
     mode=st.sampled_from(["exact", "awkward"]),
     seed=st.integers(0, 2**31),
 )
-def test_every_nucleus_reaches_the_output_once(size: int, n: int, core: int, halo: int, mode: str, seed: int) -> None:
+def test_every_nucleus_reaches_the_output_once(
+    size: int, n: int, core: int, halo: int, mode: str, seed: int
+) -> None:
     truth = _truth(size, n, seed)
     bg = BlockGrid(size, size, core, min(halo, core))
     order = np.arange(len(bg))
@@ -311,7 +358,9 @@ def test_every_nucleus_reaches_the_output_once(size: int, n: int, core: int, hal
             assert (canvas[m] > 0).mean() >= 0.5, f"true nucleus {i} lost"
     # the completion order of blocks does not matter
     rev = _stitch(truth, bg, mode, order[::-1].copy())
-    assert sorted((tuple(ys), tuple(xs)) for ys, xs in rev) == sorted((tuple(ys), tuple(xs)) for ys, xs in out)
+    assert sorted((tuple(ys), tuple(xs)) for ys, xs in rev) == sorted(
+        (tuple(ys), tuple(xs)) for ys, xs in out
+    )
 
 
 def test_polygon_overlaps_hand_case() -> None:

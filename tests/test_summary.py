@@ -33,29 +33,42 @@ class Region:
 
 def regions() -> list[Region]:
     # 4000 x 4000 px at 0.25 µm/px = 1000 x 1000 µm = 1 mm^2; 2000 x 4000 px = 0.5 mm^2
-    return [Region(0, "tissue 1", box(0, 0, 4000, 4000)),
-            Region(7, "tissue 2", box(10000, 0, 12000, 4000))]
+    return [
+        Region(0, "tissue 1", box(0, 0, 4000, 4000)),
+        Region(7, "tissue 2", box(10000, 0, 12000, 4000)),
+    ]
 
 
-def frame(class_ids: list[int], region_ids: list[int], areas: list[float],
-          geoms: list[Any] | None = None) -> pd.DataFrame:
+def frame(
+    class_ids: list[int], region_ids: list[int], areas: list[float], geoms: list[Any] | None = None
+) -> pd.DataFrame:
     """A nucleus table with the columns the summary and the writers use."""
     n = len(class_ids)
     if geoms is None:
         geoms = [box(10 * i, 10, 10 * i + 5, 15) for i in range(n)]
-    return pd.DataFrame({
-        "class_id": np.array(class_ids, np.int8),
-        "region_id": np.array(region_ids, np.int32),
-        "area_um2": np.array(areas, np.float32),
-        "class_prob": np.full(n, 0.9, np.float32),
-        "geometry": geoms,
-    })
+    return pd.DataFrame(
+        {
+            "class_id": np.array(class_ids, np.int8),
+            "region_id": np.array(region_ids, np.int32),
+            "area_um2": np.array(areas, np.float32),
+            "class_prob": np.full(n, 0.9, np.float32),
+            "geometry": geoms,
+        }
+    )
 
 
-QC = {"tiles_total": 10, "tiles_processed": 8, "tiles_skipped": 2, "mpp": MPP,
-      "mpp_source": "openslide.mpp-x", "level": 0, "model": "hovernet-lite",
-      "model_sha256": "ab" * 32, "package_version": "0.1.0",
-      "seconds": {"tissue": 1.5, "inference": 30.25, "export": float("nan")}}
+QC = {
+    "tiles_total": 10,
+    "tiles_processed": 8,
+    "tiles_skipped": 2,
+    "mpp": MPP,
+    "mpp_source": "openslide.mpp-x",
+    "level": 0,
+    "model": "hovernet-lite",
+    "model_sha256": "ab" * 32,
+    "package_version": "0.1.0",
+    "seconds": {"tissue": 1.5, "inference": 30.25, "export": float("nan")},
+}
 
 
 def hand_summary(**kwargs: Any) -> dict[str, Any]:
@@ -73,13 +86,30 @@ def test_hand_computed_regions() -> None:
     assert (r0["region_id"], r0["region_name"], r0["source"]) == (0, "tissue 1", "tissue")
     assert r0["area_mm2"] == pytest.approx(1.0)
     assert r0["n_nuclei"] == 4
-    assert r0["counts"] == {"Neoplastic": 2, "Inflammatory": 1, "Connective": 1, "Dead": 0,
-                            "Epithelial": 0}
-    assert r0["fractions"] == {"Neoplastic": 0.5, "Inflammatory": 0.25, "Connective": 0.25,
-                               "Dead": 0.0, "Epithelial": 0.0}
+    assert r0["counts"] == {
+        "Neoplastic": 2,
+        "Inflammatory": 1,
+        "Connective": 1,
+        "Dead": 0,
+        "Epithelial": 0,
+    }
+    assert r0["fractions"] == {
+        "Neoplastic": 0.5,
+        "Inflammatory": 0.25,
+        "Connective": 0.25,
+        "Dead": 0.0,
+        "Epithelial": 0.0,
+    }
     assert r0["density_per_mm2"] == pytest.approx(
-        {"total": 4.0, "Neoplastic": 2.0, "Inflammatory": 1.0, "Connective": 1.0, "Dead": 0.0,
-         "Epithelial": 0.0})
+        {
+            "total": 4.0,
+            "Neoplastic": 2.0,
+            "Inflammatory": 1.0,
+            "Connective": 1.0,
+            "Dead": 0.0,
+            "Epithelial": 0.0,
+        }
+    )
     # areas 10, 20, 30, 40: median 25, q25 17.5, q75 32.5 (linear interpolation)
     assert r0["area_um2"]["all"] == {"median": 25.0, "q25": 17.5, "q75": 32.5}
     assert r0["area_um2"]["Neoplastic"] == {"median": 15.0, "q25": 12.5, "q75": 17.5}
@@ -143,8 +173,7 @@ def test_unclassified_empty_and_errors() -> None:
     with pytest.raises(ValueError, match="mpp"):
         RegionSummarizer(regions(), mpp=0)
     with pytest.raises(ValueError, match="unique"):
-        RegionSummarizer([Region(1, "a", box(0, 0, 1, 1)), Region(1, "b", box(0, 0, 1, 1))],
-                         mpp=1)
+        RegionSummarizer([Region(1, "a", box(0, 0, 1, 1)), Region(1, "b", box(0, 0, 1, 1))], mpp=1)
     with pytest.raises(ValueError, match="area_um2"):
         s.add(frame([1], [0], [1.0]).drop(columns=["area_um2"]))
 
@@ -157,7 +186,13 @@ def test_classes_not_measured_are_none_not_zero(tmp_path: Path) -> None:
     out = s.finalize({})
     r0 = out["regions"][0]
     assert out["classes_not_measured"] == ["Dead"]
-    assert r0["counts"] == {"Neoplastic": 1, "Inflammatory": 1, "Connective": 0, "Dead": None, "Epithelial": 0}
+    assert r0["counts"] == {
+        "Neoplastic": 1,
+        "Inflammatory": 1,
+        "Connective": 0,
+        "Dead": None,
+        "Epithelial": 0,
+    }
     assert r0["fractions"]["Dead"] is None and r0["fractions"]["Neoplastic"] == pytest.approx(1 / 3)
     assert r0["density_per_mm2"]["Dead"] is None and r0["density_per_mm2"]["Connective"] == 0.0
     assert r0["area_um2"]["Dead"] == {"median": None, "q25": None, "q75": None}
@@ -183,14 +218,25 @@ def test_nested_regions_count_their_nuclei_and_the_slide_counts_each_once() -> N
     y = np.array([1500.0, 500.0, 100.0, 100.0, 100.0])
     m = region_membership(x, y, [tissue, hot, other])
     # nucleus 0 in tissue and hotspot (primary: the smaller), 2 in tissue and overlap
-    assert sorted(zip(m.rows.tolist(), m.region_ids.tolist())) == [(0, 1), (0, 2), (1, 1), (2, 1), (2, 3), (3, 3)]
+    assert sorted(zip(m.rows.tolist(), m.region_ids.tolist())) == [
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (2, 1),
+        (2, 3),
+        (3, 3),
+    ]
     assert m.primary.tolist() == [2, 1, 3, 3, -1]  # the smallest containing region
     f = frame([1, 2, 3, 1, 2], m.primary.tolist(), [10, 20, 30, 40, 50])
     s = RegionSummarizer([tissue, hot, other], mpp=MPP)
     s.add(f, (m.rows, m.region_ids))
     out = s.finalize()
     r = {x["region_name"]: x for x in out["regions"]}
-    assert (r["tissue"]["n_nuclei"], r["hotspot"]["n_nuclei"], r["overlap"]["n_nuclei"]) == (3, 1, 2)
+    assert (r["tissue"]["n_nuclei"], r["hotspot"]["n_nuclei"], r["overlap"]["n_nuclei"]) == (
+        3,
+        1,
+        2,
+    )
     assert r["hotspot"]["counts"]["Neoplastic"] == 1 and r["tissue"]["counts"]["Connective"] == 1
     assert (r["tissue"]["region_class"], r["tissue"]["annotation_id"]) == ("Tumor", "a1")
     assert out["slide"]["n_nuclei"] == 4 and out["slide"]["n_nuclei_outside_regions"] == 1
@@ -199,13 +245,16 @@ def test_nested_regions_count_their_nuclei_and_the_slide_counts_each_once() -> N
     assert out["slide"]["area_mm2"] == pytest.approx(5000 * 4000 * MPP**2 / 1e6)
     assert out["slide"]["area_um2"]["all"]["median"] == 25.0  # each nucleus once
     # with a tolerance, a point just outside belongs to the nearest region
-    m2 = region_membership(np.array([4001.0, 6000.0]), np.array([4010.0, 100.0]), [tissue], tolerance=20)
+    m2 = region_membership(
+        np.array([4001.0, 6000.0]), np.array([4010.0, 100.0]), [tissue], tolerance=20
+    )
     assert m2.primary.tolist() == [1, -1] and m2.n_tolerated == 1
 
 
 def _strict(text: str) -> Any:
     def bad(name: str) -> Any:
         raise AssertionError(f"non-strict literal {name}")
+
     return json.loads(text, parse_constant=bad)
 
 
@@ -217,12 +266,25 @@ def test_write_summary_json_and_csv_roundtrip(tmp_path: Path) -> None:
     table = pd.read_csv(csv_path)
     assert list(table["region_id"]) == ["0", "7", "slide"]
     assert list(table["region_name"]) == ["tissue 1", "tissue 2", "slide"]
-    first_cols = ["region_id", "region_name", "region_source", "region_class", "annotation_id", "area_mm2", "n_nuclei"]
+    first_cols = [
+        "region_id",
+        "region_name",
+        "region_source",
+        "region_class",
+        "annotation_id",
+        "area_mm2",
+        "n_nuclei",
+    ]
     assert list(table.columns[:7]) == first_cols
     for name in NAMES:
-        for col in (f"count_{name}", f"fraction_{name}", f"density_{name}_per_mm2",
-                    f"area_um2_median_{name}", f"area_um2_q25_{name}",
-                    f"area_um2_q75_{name}"):
+        for col in (
+            f"count_{name}",
+            f"fraction_{name}",
+            f"density_{name}_per_mm2",
+            f"area_um2_median_{name}",
+            f"area_um2_q25_{name}",
+            f"area_um2_q75_{name}",
+        ):
             assert col in table.columns
     row0 = table.iloc[0]
     assert row0["count_Neoplastic"] == 2 and row0["fraction_Neoplastic"] == 0.5
@@ -237,14 +299,14 @@ def test_write_summary_json_and_csv_roundtrip(tmp_path: Path) -> None:
     text = csv_path.read_text("utf-8")
     assert "nan" not in text.lower()
     assert ",," in text
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["summary.csv",
-                                                                    "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["summary.csv", "summary.json"]
 
 
 def test_summarize_runs_cohort_table(tmp_path: Path) -> None:
     write_summary(hand_summary(), tmp_path / "runA")
-    other = RegionSummarizer([Region(0, "only", box(0, 0, 2000, 2000))], mpp=0.5,
-                             slide_name="/data/slide-B.ndpi")
+    other = RegionSummarizer(
+        [Region(0, "only", box(0, 0, 2000, 2000))], mpp=0.5, slide_name="/data/slide-B.ndpi"
+    )
     other.add(frame([2, 2, 4], [0, 0, 0], [3, 5, 7]))
     write_summary(other.finalize({"model": "m"}), tmp_path / "runB")
     table = summarize_runs([tmp_path / "runA", tmp_path / "runB"], tmp_path / "out" / "c.csv")
@@ -260,8 +322,7 @@ def test_summarize_runs_cohort_table(tmp_path: Path) -> None:
     assert back.shape == table.shape and list(back.columns) == list(table.columns)
     assert list(back["n_nuclei"]) == [4, 2, 6, 3, 3]
     # a run from a model with other classes: union of columns
-    third = RegionSummarizer([Region(0, "x", box(0, 0, 10, 10))], mpp=1,
-                             class_names={0: "Nucleus"})
+    third = RegionSummarizer([Region(0, "x", box(0, 0, 10, 10))], mpp=1, class_names={0: "Nucleus"})
     write_summary(third.finalize({}), tmp_path / "runC")
     table3 = summarize_runs([tmp_path / "runA", tmp_path / "runC"], tmp_path / "c3.csv")
     assert "count_Nucleus" in table3.columns and "count_Neoplastic" in table3.columns
@@ -290,12 +351,18 @@ def test_summary_counts_equal_features_written(tmp_path: Path) -> None:
     batches = []
     for k in range(4):
         n = 50
-        geoms: list[Any] = [box(x, y, x + rng.uniform(2, 9), y + rng.uniform(2, 9))
-                            for x, y in rng.uniform(0, 3000, (n, 2))]
+        geoms: list[Any] = [
+            box(x, y, x + rng.uniform(2, 9), y + rng.uniform(2, 9))
+            for x, y in rng.uniform(0, 3000, (n, 2))
+        ]
         geoms[k] = box(5, 5, 5.001, 5.001)  # collapses on the grid: dropped everywhere
         geoms[k + 1] = Polygon([(0, 0), (4, 4), (4, 0), (0, 3)])  # repaired
-        batch = frame(rng.integers(0, 6, n).tolist(), rng.choice([0, 7, -1], n).tolist(),
-                      rng.uniform(10, 60, n).tolist(), geoms)
+        batch = frame(
+            rng.integers(0, 6, n).tolist(),
+            rng.choice([0, 7, -1], n).tolist(),
+            rng.uniform(10, 60, n).tolist(),
+            geoms,
+        )
         cleaned, stats = clean_frame(batch)
         assert stats["n_dropped"] == 1 and stats["n_repaired"] == 1
         summarizer.add(cleaned)
@@ -308,8 +375,9 @@ def test_summary_counts_equal_features_written(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "n.geojson.gz", "rt") as fh:
         feats = json.load(fh)["features"]
     for region in summary["regions"]:
-        mine = [f for f in feats
-                if f["properties"]["measurements"]["Region ID"] == region["region_id"]]
+        mine = [
+            f for f in feats if f["properties"]["measurements"]["Region ID"] == region["region_id"]
+        ]
         assert len(mine) == region["n_nuclei"]
         for name in NAMES:
             n_cls = sum(f["properties"]["classification"]["name"] == name for f in mine)

@@ -245,6 +245,6 @@ def test_synthetic_full_tissue_and_pickle() -> None:
     s2 = pickle.loads(pickle.dumps(s))
     np.testing.assert_array_equal(s2.read_region((1000, 1000), 0, (300, 300)), region)
     assert s2.fingerprint == s.fingerprint
-    assert (SyntheticSlide(2048, 2048, tissue_fraction=0.0).get_thumbnail(64).min() > 235)
+    assert SyntheticSlide(2048, 2048, tissue_fraction=0.0).get_thumbnail(64).min() > 235
     with pytest.raises(ValueError):
         SyntheticSlide(100, 100, tissue_fraction=1.5)

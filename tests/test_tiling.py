@@ -17,7 +17,13 @@ from wsi_nuclei.tiling import BlockGrid, PatchGrid, blend_weights, passes_per_pi
 # --------------------------------------------------------------------------------------------
 def test_patch_grid_full_window_model() -> None:
     g = PatchGrid(1000, 700, input_size=256, output_size=256, stride=192)
-    assert (g.border, g.context, g.n_rows, g.n_cols, len(g)) == (32, 0, 4, 6, 24)  # ceil(700/192), ceil(1000/192)
+    assert (g.border, g.context, g.n_rows, g.n_cols, len(g)) == (
+        32,
+        0,
+        4,
+        6,
+        24,
+    )  # ceil(700/192), ceil(1000/192)
     assert g.output_box(0, 0) == (-32, -32, 224, 224)
     assert g.output_box(2, 3) == (544, 352, 800, 608)
     assert g.input_box(2, 3) == g.output_box(2, 3)
@@ -32,8 +38,17 @@ def test_patch_grid_hovernet_fast() -> None:
     assert g.input_box(1, 2) == (282, 118, 538, 374)  # 46 px of context on each side
 
 
-@pytest.mark.parametrize("args", [(256, 256, 0), (256, 256, 300), (256, 164, 163), (256, 257, 256), (256, 256, 191),
-                                  (256, 256, 126)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (256, 256, 0),
+        (256, 256, 300),
+        (256, 164, 163),
+        (256, 257, 256),
+        (256, 256, 191),
+        (256, 256, 126),
+    ],
+)
 def test_patch_grid_rejects_bad_geometry(args: tuple) -> None:
     n_in, n_out, s = args
     with pytest.raises(ValueError):
@@ -41,13 +56,25 @@ def test_patch_grid_rejects_bad_geometry(args: tuple) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 900), st.integers(8, 64), st.integers(0, 32), st.integers(-300, 1200), st.integers(1, 400))
-def test_covering_matches_the_definition(width: int, half_s: int, border: int, lo: int, length: int) -> None:
+@given(
+    st.integers(1, 900),
+    st.integers(8, 64),
+    st.integers(0, 32),
+    st.integers(-300, 1200),
+    st.integers(1, 400),
+)
+def test_covering_matches_the_definition(
+    width: int, half_s: int, border: int, lo: int, length: int
+) -> None:
     s = 2 * half_s
     border = min(border, half_s)
     g = PatchGrid(width, width, input_size=s + 2 * border, output_size=s + 2 * border, stride=s)
     hi = lo + length
-    want = [k for k in range(g.n_cols) if g.output_start(k) < hi and g.output_start(k) + g.output_size > lo]
+    want = [
+        k
+        for k in range(g.n_cols)
+        if g.output_start(k) < hi and g.output_start(k) + g.output_size > lo
+    ]
     assert list(g.covering(lo, hi, g.n_cols)) == want
 
 
@@ -57,7 +84,11 @@ def test_covering_matches_the_definition(width: int, half_s: int, border: int, l
 def test_blend_weights_hand_values() -> None:
     w = blend_weights(8, 4)  # overlap 4: t = (d + 0.5) / 4 for d = 0, 1 (then 1)
     s = lambda t: 3 * t * t - 2 * t**3  # noqa: E731
-    np.testing.assert_allclose(w, [s(0.125), s(0.375), s(0.625), s(0.875), s(0.875), s(0.625), s(0.375), s(0.125)], rtol=1e-6)
+    np.testing.assert_allclose(
+        w,
+        [s(0.125), s(0.375), s(0.625), s(0.875), s(0.875), s(0.625), s(0.375), s(0.125)],
+        rtol=1e-6,
+    )
     assert (blend_weights(164, 164) == 1).all()
 
 
@@ -95,10 +126,21 @@ def test_block_cores_partition_the_canvas(width: int, height: int, core: int, da
     x0, y0, x1, y1 = g.core_box(r, c)
     wx0, wy0, wx1, wy1 = g.window_box(r, c)
     assert (x0 - wx0, y0 - wy0, wx1 - x1, wy1 - y1) == (halo,) * 4
-    xs = np.array(data.draw(st.lists(st.floats(0, width, exclude_max=True), min_size=1, max_size=10)))
-    ys = np.array(data.draw(st.lists(st.floats(0, height, exclude_max=True), min_size=len(xs), max_size=len(xs))))
+    xs = np.array(
+        data.draw(st.lists(st.floats(0, width, exclude_max=True), min_size=1, max_size=10))
+    )
+    ys = np.array(
+        data.draw(
+            st.lists(st.floats(0, height, exclude_max=True), min_size=len(xs), max_size=len(xs))
+        )
+    )
     rows, cols = g.owner_of(xs, ys)
-    assert ((cols * core <= xs) & (xs < (cols + 1) * core) & (rows * core <= ys) & (ys < (rows + 1) * core)).all()
+    assert (
+        (cols * core <= xs)
+        & (xs < (cols + 1) * core)
+        & (rows * core <= ys)
+        & (ys < (rows + 1) * core)
+    ).all()
 
 
 def test_block_grid_rejects_bad_sizes() -> None:
@@ -116,8 +158,12 @@ def _field(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(x / 37.0) * np.cos(y / 23.0), (x - 2 * y) / 1000.0]).astype(np.float32)
 
 
-@pytest.mark.parametrize("stride, border, strip", [(48, 8, (0, 300)), (64, 0, (-20, 260)), (40, 12, (100, 200))])
-def test_blender_reproduces_a_field_every_patch_agrees_on(stride: int, border: int, strip: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    "stride, border, strip", [(48, 8, (0, 300)), (64, 0, (-20, 260)), (40, 12, (100, 200))]
+)
+def test_blender_reproduces_a_field_every_patch_agrees_on(
+    stride: int, border: int, strip: tuple[int, int]
+) -> None:
     """If every patch outputs the global field at its pixels, the blend is that field exactly
     (the weights sum to one), also across strip edges and at the canvas corners."""
     n = stride + 2 * border
@@ -168,7 +214,9 @@ def test_blender_fill_where_no_patch_ran() -> None:
     bl.add((0, 3), np.zeros((1, 64, 64), np.float16))
     bl.finish()
     w = bl.window((0, 0, 400, 64))
-    assert (w[0, :, :64] == 0).all() and (w[0, :, 64:192] == 7).all() and (w[0, :, 192:256] == 0).all()
+    assert (
+        (w[0, :, :64] == 0).all() and (w[0, :, 64:192] == 7).all() and (w[0, :, 192:256] == 0).all()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,9 +235,15 @@ def test_plan_strips_batches_cover_every_window_once() -> None:
         assert all(len(b) == 5 for b in s.batches[:-1]) and 1 <= len(s.batches[-1]) <= 5
         for r, c in s.blocks:  # every patch meeting an active window is in the strip
             x0, y0, x1, y1 = bg.window_box(r, c)
-            want = {(pr, pc) for pr in pg.covering(y0, y1, pg.n_rows) for pc in pg.covering(x0, x1, pg.n_cols)}
+            want = {
+                (pr, pc)
+                for pr in pg.covering(y0, y1, pg.n_rows)
+                for pc in pg.covering(x0, x1, pg.n_cols)
+            }
             assert want <= set(flat)
         assert (s.x0, s.x1) == (2 * k * 512 - 64, (2 * k + 2) * 512 + 64)
     # a filter of the slide (e.g. "near tissue") removes patches, never adds any
-    only_left = plan_strips(pg, bg, active, patch_ok=lambda r, c: c < 3, strip_blocks=2, batch_size=5)
+    only_left = plan_strips(
+        pg, bg, active, patch_ok=lambda r, c: c < 3, strip_blocks=2, batch_size=5
+    )
     assert all(p[1] < 3 for s in only_left for b in s.batches for p in b)

@@ -340,8 +340,11 @@ def _dicom_thumbnail(path: Path, step: int) -> np.ndarray:
         image[r * fh : (r + 1) * fh, c * fw : (c + 1) * fw] = frame
     image = image[:rows, :cols]
     h, w = (rows // step) * step, (cols // step) * step
-    return image[:h, :w].reshape(h // step, step, w // step, step, 3).mean(axis=(1, 3)).astype(
-        np.uint8
+    return (
+        image[:h, :w]
+        .reshape(h // step, step, w // step, step, 3)
+        .mean(axis=(1, 3))
+        .astype(np.uint8)
     )
 
 

@@ -31,15 +31,18 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 # --------------------------------------------------------------------------------------------
 
 # One row of pixels (N=1, H=1, W=7) with known logits over 6 channels (0 = background).
-_LOGITS = np.array([
-    [0.5, 2.0, -1.0, 0.0, 1.0, -0.5],
-    [1.5, 0.2, 0.3, -2.0, 0.0, 1.0],
-    [-1.0, 0.0, 0.0, 3.0, 0.5, 0.5],
-    [2.0, -1.0, 1.0, 0.0, 0.0, 2.5],
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [30.0, -30.0, -30.0, -30.0, -30.0, -30.0],  # background almost surely
-    [0.3, 0.1, -0.2, 0.4, 0.0, 2.0],
-], np.float64)
+_LOGITS = np.array(
+    [
+        [0.5, 2.0, -1.0, 0.0, 1.0, -0.5],
+        [1.5, 0.2, 0.3, -2.0, 0.0, 1.0],
+        [-1.0, 0.0, 0.0, 3.0, 0.5, 0.5],
+        [2.0, -1.0, 1.0, 0.0, 0.0, 2.5],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [30.0, -30.0, -30.0, -30.0, -30.0, -30.0],  # background almost surely
+        [0.3, 0.1, -0.2, 0.4, 0.0, 2.0],
+    ],
+    np.float64,
+)
 
 
 def _p() -> np.ndarray:
@@ -87,17 +90,28 @@ def test_partial_label_nll_single_pixels() -> None:
         a[i] = 30
         assert _loss(a, w) == pytest.approx(_nll(i, [2, 3, 4, 5]), rel=1e-4, abs=1e-5)
     # spot values: pixel 4 (all logits equal): exact 1/6 each
-    assert _loss([0, 0, 0, 0, 31, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(6 / 5), rel=1e-5)
-    assert _loss([0, 0, 0, 0, 17, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(3), rel=1e-5)
-    assert _loss([0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(math.log(6), rel=1e-5)
+    assert _loss([0, 0, 0, 0, 31, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(
+        math.log(6 / 5), rel=1e-5
+    )
+    assert _loss([0, 0, 0, 0, 17, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(
+        math.log(3), rel=1e-5
+    )
+    assert _loss([0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]) == pytest.approx(
+        math.log(6), rel=1e-5
+    )
 
 
 def test_partial_label_nll_weighted_mean_and_ignored_pixels() -> None:
     p = _p()
     allowed = [1, 0, 31, 4, 17, 16, 2]
     per_px = [
-        -math.log(p[0, 1]), -math.log(p[1, 0]), -math.log(1 - p[2, 0]), -math.log(p[3, 3]),
-        -math.log(p[4, 1] + p[4, 5]), _nll(5, [5]), -math.log(p[6, 2]),
+        -math.log(p[0, 1]),
+        -math.log(p[1, 0]),
+        -math.log(1 - p[2, 0]),
+        -math.log(p[3, 3]),
+        -math.log(p[4, 1] + p[4, 5]),
+        _nll(5, [5]),
+        -math.log(p[6, 2]),
     ]
     assert per_px[5] > 50  # pixel 5 would dominate if it were not ignored
     weight = [1.0, 2.0, 1.0, 0.5, 1.0, 0.0, 1.0]
@@ -111,7 +125,9 @@ def test_partial_label_nll_gradient_is_free_within_the_allowed_set() -> None:
     # With allowed = all classes, the loss depends only on p_bg: its gradient does not favour
     # any class over another (equal logits stay equal after a step).
     logits = torch.zeros(1, 6, 1, 1, requires_grad=True)
-    partial_label_nll(logits, torch.full((1, 1, 1), 31, dtype=torch.uint8), torch.ones(1, 1, 1)).backward()
+    partial_label_nll(
+        logits, torch.full((1, 1, 1), 31, dtype=torch.uint8), torch.ones(1, 1, 1)
+    ).backward()
     g = logits.grad.view(6)
     assert g[0] > 0  # pushes background down
     torch.testing.assert_close(g[1:], torch.full((5,), float(g[1])))
@@ -157,9 +173,19 @@ def _write_dataset(root: Path, n_images: int = 3) -> Path:
         allowed = np.where(classes > 0, 1 << (classes.astype(np.int32) - 1), 31).astype(np.uint8)
         allowed[0] = 0
         Image.fromarray(rgb).save(d / "images" / f"img{i}.png")
-        np.savez_compressed(d / "labels" / f"img{i}.npz", inst=inst, classes=classes, allowed=allowed,
-                            source_class=np.full(n + 1, -1, np.int16))
-        meta["images"][f"img{i}"] = {"height": rgb.shape[0], "width": rgb.shape[1], "nuclei": n, "mpp": 0.25}
+        np.savez_compressed(
+            d / "labels" / f"img{i}.npz",
+            inst=inst,
+            classes=classes,
+            allowed=allowed,
+            source_class=np.full(n + 1, -1, np.int16),
+        )
+        meta["images"][f"img{i}"] = {
+            "height": rgb.shape[0],
+            "width": rgb.shape[1],
+            "nuclei": n,
+            "mpp": 0.25,
+        }
     (d / "meta.json").write_text(json.dumps(meta))
     return d
 
@@ -182,10 +208,16 @@ def test_make_batch_targets_are_consistent(tmp_path: Path) -> None:
     assert (b["mask"] == 1).all() and (b["hv_on"] == 1).all()
     # the loss is finite and decomposes as documented
     torch.manual_seed(0)
-    out = {"np": torch.randn(3, 2, 64, 64), "hv": torch.randn(3, 2, 64, 64), "tp": torch.randn(3, 6, 64, 64)}
+    out = {
+        "np": torch.randn(3, 2, 64, 64),
+        "hv": torch.randn(3, 2, 64, 64),
+        "tp": torch.randn(3, 6, 64, 64),
+    }
     total, parts = hovernet_loss(out, b)
     assert set(parts) == {"np_ce", "np_dice", "hv_mse", "hv_msge", "tp_nll"}
-    want = parts["np_ce"] + parts["np_dice"] + 2 * parts["hv_mse"] + parts["hv_msge"] + parts["tp_nll"]
+    want = (
+        parts["np_ce"] + parts["np_dice"] + 2 * parts["hv_mse"] + parts["hv_msge"] + parts["tp_nll"]
+    )
     assert float(total) == pytest.approx(want, rel=1e-5)
 
 
@@ -193,19 +225,48 @@ def test_make_batch_targets_are_consistent(tmp_path: Path) -> None:
 # End-to-end training, resumed
 # --------------------------------------------------------------------------------------------
 
-_COMMON = ["--steps-per-epoch", "2", "--batch", "2", "--crop", "64", "--no-pretrained", "--threads", "1",
-           "--device", "cpu", "--quiet"]
+_COMMON = [
+    "--steps-per-epoch",
+    "2",
+    "--batch",
+    "2",
+    "--crop",
+    "64",
+    "--no-pretrained",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def test_train_resume_and_best_weights(tmp_path: Path) -> None:
     from wsi_nuclei.models.effunet import EffUNet
 
     _write_dataset(tmp_path / "data", 3)
-    (tmp_path / "split.json").write_text(json.dumps({"_comment": "validation images", "synth": ["img2"]}))
-    (tmp_path / "cfg.json").write_text(json.dumps({
-        "datasets": [{"name": "synth", "weight": 1.0}], "val_split": "split.json", "target_mpp": 0.25}))
+    (tmp_path / "split.json").write_text(
+        json.dumps({"_comment": "validation images", "synth": ["img2"]})
+    )
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "datasets": [{"name": "synth", "weight": 1.0}],
+                "val_split": "split.json",
+                "target_mpp": 0.25,
+            }
+        )
+    )
     out = tmp_path / "run"
-    args = ["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), *_COMMON]
+    args = [
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        *_COMMON,
+    ]
 
     assert main(["--epochs", "1", *args]) == 0
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
@@ -245,7 +306,19 @@ def test_train_resume_and_best_weights(tmp_path: Path) -> None:
 def test_train_is_deterministic(tmp_path: Path) -> None:
     d = _write_dataset(tmp_path / "data", 2)
     for run in ("a", "b"):
-        main(["--data", str(d), "--out", str(tmp_path / run), "--epochs", "1", "--seed", "3", *_COMMON])
+        main(
+            [
+                "--data",
+                str(d),
+                "--out",
+                str(tmp_path / run),
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+                *_COMMON,
+            ]
+        )
     a = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=False)["model"]
     for k in a:
@@ -269,9 +342,25 @@ def test_train_init_weights_starts_from_given_network(tmp_path: Path) -> None:
     torch.manual_seed(5)
     src = EffUNet()
     init = tmp_path / "init.pt"
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in src.state_dict().items()}, init)
+    torch.save(
+        {k: (v.half() if v.is_floating_point() else v) for k, v in src.state_dict().items()}, init
+    )
     out = tmp_path / "run"
-    main(["--data", str(d), "--out", str(out), "--epochs", "1", "--lr", "0", "--init-weights", str(init), *_COMMON])
+    main(
+        [
+            "--data",
+            str(d),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--lr",
+            "0",
+            "--init-weights",
+            str(init),
+            *_COMMON,
+        ]
+    )
     got = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
     ref = src.state_dict()
     # conv/linear weights unchanged at lr 0 (BN running stats do move in train mode)
@@ -291,17 +380,33 @@ def test_train_with_separate_validation_dataset(tmp_path: Path) -> None:
     assert best["metrics"] == {k: hist[0][k] for k in best["metrics"]}
 
 
-def test_train_config_stages_chain_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_config_stages_chain_and_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A config with stages runs each in <out>/<name>; "init": "previous" starts from the
     previous stage's best weights (checked at learning rate 0); --resume skips finished stages."""
     _write_dataset(tmp_path / "data", 3)
     (tmp_path / "split.json").write_text(json.dumps({"synth": ["img2"]}))
-    cfg = {"datasets": [{"name": "synth", "weight": 1.0}], "val_split": "split.json", "target_mpp": 0.25,
-           "stages": [{"name": "s1", "epochs": 1, "lr": 1e-3},
-                      {"name": "s2", "epochs": 2, "lr": 0.0, "class_weight": 3, "init": "previous"}]}
+    cfg = {
+        "datasets": [{"name": "synth", "weight": 1.0}],
+        "val_split": "split.json",
+        "target_mpp": 0.25,
+        "stages": [
+            {"name": "s1", "epochs": 1, "lr": 1e-3},
+            {"name": "s2", "epochs": 2, "lr": 0.0, "class_weight": 3, "init": "previous"},
+        ],
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    args = ["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), *_COMMON]
+    args = [
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        *_COMMON,
+    ]
     assert main(["--resume", *args]) == 0
     s1 = torch.load(out / "s1" / "best.pt", map_location="cpu", weights_only=True)["model"]
     s2 = torch.load(out / "s2" / "last.pt", map_location="cpu", weights_only=False)
@@ -314,19 +419,34 @@ def test_train_config_stages_chain_and_resume(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.count("already finished") == 2
 
 
-@pytest.mark.parametrize("stages, message", [
-    ([{"epochs": 1}], "needs a name"),
-    ([{"name": "a", "momentum": 0.9}], "may only set"),
-    ([{"name": "a", "init": "previous"}], "init must be"),
-    ([{"name": "a"}, {"name": "a"}], "unique"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{"epochs": 1}], "needs a name"),
+        ([{"name": "a", "momentum": 0.9}], "may only set"),
+        ([{"name": "a", "init": "previous"}], "init must be"),
+        ([{"name": "a"}, {"name": "a"}], "unique"),
+    ],
+)
 def test_train_config_bad_stages_are_refused(tmp_path: Path, stages: list, message: str) -> None:
     from wsi_nuclei.errors import DatasetError
 
     _write_dataset(tmp_path / "data", 2)
-    (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}], "stages": stages}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"datasets": [{"name": "synth"}], "stages": stages})
+    )
     with pytest.raises(DatasetError, match=message):
-        main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *_COMMON])
+        main(
+            [
+                "--config",
+                str(tmp_path / "cfg.json"),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "r"),
+                *_COMMON,
+            ]
+        )
 
 
 def test_train_config_unknown_key_is_refused(tmp_path: Path) -> None:
@@ -335,7 +455,17 @@ def test_train_config_unknown_key_is_refused(tmp_path: Path) -> None:
     _write_dataset(tmp_path / "data", 2)
     (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}], "epochs": 3}))
     with pytest.raises(DatasetError, match="unknown training config keys"):
-        main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *_COMMON])
+        main(
+            [
+                "--config",
+                str(tmp_path / "cfg.json"),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "r"),
+                *_COMMON,
+            ]
+        )
 
 
 def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
@@ -346,11 +476,21 @@ def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
     nll = np.array([np.log(6), np.log(6), -np.log(5 / 6)])
     for w in (1.0, 3.0):
         weights = np.array([1, w, 1])
-        got = float(partial_label_nll(logits, b["allowed"], b["mask"] * torch.tensor([[[1, w, 1]]])))
+        got = float(
+            partial_label_nll(logits, b["allowed"], b["mask"] * torch.tensor([[[1, w, 1]]]))
+        )
         assert got == pytest.approx((nll * weights).sum() / weights.sum(), rel=1e-5)
     from wsi_nuclei.train.losses import _labelled_px
 
-    assert _labelled_px(torch.tensor([0, 1, 2, 4, 17, 30, 31], dtype=torch.uint8)).tolist() == [False, True, True, True, True, False, False]
+    assert _labelled_px(torch.tensor([0, 1, 2, 4, 17, 30, 31], dtype=torch.uint8)).tolist() == [
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_hed_jitter_strength() -> None:
@@ -361,8 +501,11 @@ def test_hed_jitter_strength() -> None:
     img = make_nuclei_image(64, 64, seed=1)[0]
     same = _hed_jitter(img, np.random.default_rng(0), 0.0)
     assert np.abs(same.astype(int) - img).mean() < 1.5  # HED round trip and uint8 truncation only
-    dev = [np.abs(_hed_jitter(img, np.random.default_rng(s), k).astype(int) - img).mean()
-           for k in (0.05, 0.3) for s in range(5)]
+    dev = [
+        np.abs(_hed_jitter(img, np.random.default_rng(s), k).astype(int) - img).mean()
+        for k in (0.05, 0.3)
+        for s in range(5)
+    ]
     assert np.mean(dev[5:]) > 2 * np.mean(dev[:5]) > 0
 
 
@@ -370,7 +513,9 @@ def test_hed_jitter_strength() -> None:
 # point labels
 # --------------------------------------------------------------------------------------------
 def test_point_label_map_disks() -> None:
-    lab = point_label_map((10, 12), np.array([[2.0, 3.0], [11.0, 9.0]]), np.array([2, 17], np.uint8), 1.5)
+    lab = point_label_map(
+        (10, 12), np.array([[2.0, 3.0], [11.0, 9.0]]), np.array([2, 17], np.uint8), 1.5
+    )
     # radius 1.5: the 3x3 square around each point (corners at distance sqrt(2) <= 1.5), clipped
     want = np.zeros((10, 12), np.uint8)
     want[2:5, 1:4] = 2
@@ -386,12 +531,21 @@ def _write_points_dataset(root: Path) -> Path:
     rgb, inst = _make_image(7)
     from scipy import ndimage as ndi
 
-    c = np.asarray(ndi.center_of_mass(np.ones_like(inst), inst, np.arange(1, inst.max() + 1)))[:, ::-1]
+    c = np.asarray(ndi.center_of_mass(np.ones_like(inst), inst, np.arange(1, inst.max() + 1)))[
+        :, ::-1
+    ]
     n = len(c)
     Image.fromarray(rgb).save(d / "images" / "a.png")
-    np.savez_compressed(d / "labels" / "a.npz", points=c.astype(np.float32), point_classes=np.full(n, 2, np.uint8),
-                        point_allowed=np.full(n, 2, np.uint8), point_source_class=np.full(n, 2, np.int16))
-    (d / "meta.json").write_text(json.dumps({"name": "pts", "annotation": "points", "images": {"a": {"mpp": 0.25}}}))
+    np.savez_compressed(
+        d / "labels" / "a.npz",
+        points=c.astype(np.float32),
+        point_classes=np.full(n, 2, np.uint8),
+        point_allowed=np.full(n, 2, np.uint8),
+        point_source_class=np.full(n, 2, np.int16),
+    )
+    (d / "meta.json").write_text(
+        json.dumps({"name": "pts", "annotation": "points", "images": {"a": {"mpp": 0.25}}})
+    )
     return d
 
 
@@ -404,8 +558,11 @@ def test_point_items_train_the_class_head_only(tmp_path: Path) -> None:
     assert float(b["cls_mask"].sum()) > 0
     assert set(b["allowed"][b["cls_mask"].bool()].unique().tolist()) == {2}
     torch.manual_seed(0)
-    out = {"np": torch.randn(2, 2, 64, 64, requires_grad=True), "hv": torch.randn(2, 2, 64, 64, requires_grad=True),
-           "tp": torch.randn(2, 6, 64, 64, requires_grad=True)}
+    out = {
+        "np": torch.randn(2, 2, 64, 64, requires_grad=True),
+        "hv": torch.randn(2, 2, 64, 64, requires_grad=True),
+        "tp": torch.randn(2, 6, 64, 64, requires_grad=True),
+    }
     total, parts = hovernet_loss(out, b)
     total.backward()
     assert float(out["np"].grad.abs().sum()) == 0 and float(out["hv"].grad.abs().sum()) == 0
@@ -418,10 +575,28 @@ def test_training_validates_on_points(tmp_path: Path) -> None:
     _write_dataset(tmp_path / "data", 2)
     _write_points_dataset(tmp_path / "data")
     (tmp_path / "split.json").write_text(json.dumps({"synth": ["img1"], "pts": ["a"]}))
-    (tmp_path / "cfg.json").write_text(json.dumps({"datasets": [{"name": "synth"}, {"name": "pts", "weight": 0.5}],
-                                                   "val_split": "split.json"}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "datasets": [{"name": "synth"}, {"name": "pts", "weight": 0.5}],
+                "val_split": "split.json",
+            }
+        )
+    )
     out = tmp_path / "run"
-    main(["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", *_COMMON])
+    main(
+        [
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            *_COMMON,
+        ]
+    )
     hist = json.loads((out / "history.json").read_text())
     assert {"synth/bPQ", "pts/det_f1"} <= set(hist[0]) and "pts/bPQ" not in hist[0]
 
@@ -430,7 +605,9 @@ def test_validation_score_weighs_segmentation_and_classes() -> None:
     from wsi_nuclei.train import validation_score
 
     assert validation_score({"a/bPQ": 0.5, "b/bPQ": 0.7}) == pytest.approx(0.6)
-    assert validation_score({"a/bPQ": 0.6, "a/cls_f1": 0.4, "c/cls_f1": float("nan")}) == pytest.approx(0.5)
+    assert validation_score(
+        {"a/bPQ": 0.6, "a/cls_f1": 0.4, "c/cls_f1": float("nan")}
+    ) == pytest.approx(0.5)
     assert validation_score({"p/cls_f1": 0.3}) == pytest.approx(0.3)
 
 
@@ -444,13 +621,19 @@ def test_shift_pairs_are_two_views_of_one_region(tmp_path: Path) -> None:
     for k, (dy, dx) in enumerate(b["pair_shift"].tolist()):
         assert 1 <= dy <= SHIFT_MAX and 1 <= dx <= SHIFT_MAX
         a, v = b["x"][2 * k], b["x"][2 * k + 1]
-        torch.testing.assert_close(a[:, dy:, dx:], v[:, : 48 - dy, : 48 - dx])  # same pixels, shifted
-        torch.testing.assert_close(b["np"][2 * k][dy:, dx:], b["np"][2 * k + 1][: 48 - dy, : 48 - dx])
+        torch.testing.assert_close(
+            a[:, dy:, dx:], v[:, : 48 - dy, : 48 - dx]
+        )  # same pixels, shifted
+        torch.testing.assert_close(
+            b["np"][2 * k][dy:, dx:], b["np"][2 * k + 1][: 48 - dy, : 48 - dx]
+        )
     # maps that follow the shift exactly cost nothing; others do
     x = b["x"].mean(1, keepdim=True) / 255
     out = {"np": torch.cat([-x, x], 1), "hv": torch.cat([x, x], 1), "tp": torch.cat([x] * 6, 1)}
     assert float(shift_consistency_loss(out, b["pair_shift"])) == pytest.approx(0.0, abs=1e-7)
-    out["np"] = out["np"] + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1) * torch.linspace(0, 3, 48).view(1, 1, 1, -1)  # position-dependent
+    out["np"] = out["np"] + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1) * torch.linspace(
+        0, 3, 48
+    ).view(1, 1, 1, -1)  # position-dependent
     assert float(shift_consistency_loss(out, b["pair_shift"])) > 1e-4
     total, parts = hovernet_loss({"np": out["np"], "hv": out["hv"], "tp": out["tp"]}, b, 1.0, 20.0)
     assert "shift_cons" in parts and np.isfinite(float(total))

@@ -43,8 +43,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as exc:
         if exc.errno in _DISK_ERRNOS:
-            raise OutputError(f"{final.parent}: cannot write {final.name} ({exc.strerror or exc}); "
-                              "finished work is kept, free space and rerun to resume") from None
+            raise OutputError(
+                f"{final.parent}: cannot write {final.name} ({exc.strerror or exc}); "
+                "finished work is kept, free space and rerun to resume"
+            ) from None
         raise
     finally:
         with contextlib.suppress(OSError):

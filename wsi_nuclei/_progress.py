@@ -85,8 +85,14 @@ class EtaEstimator:
         Seconds, monotonic (a fake clock in tests).
     """
 
-    def __init__(self, total: int, warmup: int = 1, min_samples: int = 2, window: int = 64,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        total: int,
+        warmup: int = 1,
+        min_samples: int = 2,
+        window: int = 64,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         if warmup < 0 or min_samples < 1 or window < min_samples:
             raise ValueError("need warmup >= 0, min_samples >= 1 and window >= min_samples")
         self.total = int(total)
@@ -175,7 +181,9 @@ def _is_terminal(stream: Any) -> bool:
 class _Stage:
     """One running stage; made by :meth:`Progress.stage`."""
 
-    def __init__(self, progress: Progress, name: str, doing: str, total: int | None, unit: str, eta: bool) -> None:
+    def __init__(
+        self, progress: Progress, name: str, doing: str, total: int | None, unit: str, eta: bool
+    ) -> None:
         self.p = progress
         self.name = name
         self.doing = doing
@@ -195,9 +203,16 @@ class _Stage:
         if progress.tty and total:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=f"{name:<{_NAME_WIDTH}}", unit=unit, file=progress.stream, leave=False,
-                             dynamic_ncols=True, mininterval=0.25,
-                             bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+            self._bar = tqdm(
+                total=total,
+                desc=f"{name:<{_NAME_WIDTH}}",
+                unit=unit,
+                file=progress.stream,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.25,
+                bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
             self._refresh_postfix()
         elif progress.tty:
             self._status(doing)
@@ -254,8 +269,10 @@ class _Stage:
                 self._last_plain = now
                 pct = 100.0 * self._n / self.total
                 eta = self._eta_text()
-                self.p._line(f"{self.name:<{_NAME_WIDTH}}{format_seconds(now - self.start):>9}  {self._n}/{self.total} "
-                             f"{_plural(self.unit)} ({pct:.0f}%)" + (f", {eta}" if eta else ""))
+                self.p._line(
+                    f"{self.name:<{_NAME_WIDTH}}{format_seconds(now - self.start):>9}  {self._n}/{self.total} "
+                    f"{_plural(self.unit)} ({pct:.0f}%)" + (f", {eta}" if eta else "")
+                )
 
     def label(self, text: str) -> None:
         """Show what the stage is doing now (a file being written, a pass over the blocks).
@@ -342,7 +359,10 @@ class _Stage:
         if not self.p.enabled:
             return
         elapsed = self.p.clock() - self.start
-        self.p._line(f"{self.name:<{_NAME_WIDTH}}{format_seconds(elapsed):>9}" + (f"  {self.detail}" if self.detail else ""))
+        self.p._line(
+            f"{self.name:<{_NAME_WIDTH}}{format_seconds(elapsed):>9}"
+            + (f"  {self.detail}" if self.detail else "")
+        )
         width = max((len(s) for s, _ in self.steps), default=0)
         for s, dt in self.steps:
             self.p._line(f"  {s:<{width}}  {dt:8.2f} s")
@@ -369,8 +389,14 @@ class Progress:
         Seconds, monotonic (a fake clock in tests).
     """
 
-    def __init__(self, enabled: bool = True, stream: TextIO | None = None, tty: bool | None = None,
-                 interval: float | None = 60.0, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        interval: float | None = 60.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.enabled = bool(enabled)
         self.stream = stream if stream is not None else sys.stderr
         self.tty = _is_terminal(self.stream) if tty is None else bool(tty)
@@ -383,8 +409,14 @@ class Progress:
         self.stream.flush()
 
     @contextmanager
-    def stage(self, name: str, doing: str = "", total: int | None = None, unit: str = "step",
-              eta: bool = False) -> Iterator[_Stage]:
+    def stage(
+        self,
+        name: str,
+        doing: str = "",
+        total: int | None = None,
+        unit: str = "step",
+        eta: bool = False,
+    ) -> Iterator[_Stage]:
         """Run a stage: shown live while the block runs, one end line when it succeeds.
 
         Parameters

@@ -42,12 +42,19 @@ def require_anndata() -> Any:
     try:
         import anndata
     except ImportError:
-        raise WsiNucleiError(f"--anndata needs the 'anndata' package, which is not installed: {INSTALL_HINT}") from None
+        raise WsiNucleiError(
+            f"--anndata needs the 'anndata' package, which is not installed: {INSTALL_HINT}"
+        ) from None
     return anndata
 
 
-def nuclei_anndata(nuclei: pd.DataFrame, *, regions: Sequence[Any] = (), classes: Sequence[str] | None = None,
-                   uns: Mapping[str, Any] | None = None) -> Any:
+def nuclei_anndata(
+    nuclei: pd.DataFrame,
+    *,
+    regions: Sequence[Any] = (),
+    classes: Sequence[str] | None = None,
+    uns: Mapping[str, Any] | None = None,
+) -> Any:
     """Build the :class:`anndata.AnnData` of a nucleus table (see the module docstring).
 
     Parameters
@@ -71,7 +78,11 @@ def nuclei_anndata(nuclei: pd.DataFrame, *, regions: Sequence[Any] = (), classes
     anndata = require_anndata()
     n = len(nuclei)
     index = pd.Index(nuclei["id"].astype(str).to_numpy(dtype=object), dtype=object, name="id")
-    known = list(dict.fromkeys(classes)) if classes is not None else [CLASS_NAMES[k] for k in sorted(CLASS_NAMES)]
+    known = (
+        list(dict.fromkeys(classes))
+        if classes is not None
+        else [CLASS_NAMES[k] for k in sorted(CLASS_NAMES)]
+    )
     names = nuclei["class_name"].astype(str).to_numpy(dtype=object)
     categories = known + sorted(set(names) - set(known))
     obs: dict[str, Any] = {
@@ -86,28 +97,59 @@ def nuclei_anndata(nuclei: pd.DataFrame, *, regions: Sequence[Any] = (), classes
         obs[c] = nuclei[c].to_numpy(np.float32)
     region_id = nuclei["region_id"].to_numpy(np.int32)
     region_names = {int(r.id): str(r.name) for r in regions}
-    labels = {rid: region_names.get(rid, f"region {rid}") for rid in set(region_id.tolist()) if rid >= 0}
+    labels = {
+        rid: region_names.get(rid, f"region {rid}") for rid in set(region_id.tolist()) if rid >= 0
+    }
     # every region of the run in id order (also those without nuclei), names used twice once
-    order = list(dict.fromkeys(region_names.get(k, labels.get(k)) for k in sorted(set(region_names) | set(labels))))
+    order = list(
+        dict.fromkeys(
+            region_names.get(k, labels.get(k)) for k in sorted(set(region_names) | set(labels))
+        )
+    )
     obs["region_id"] = region_id
     obs["region"] = pd.Categorical([labels.get(int(r)) for r in region_id], categories=order)
     obs["centroid_x"] = nuclei["centroid_x"].to_numpy(np.float64)
     obs["centroid_y"] = nuclei["centroid_y"].to_numpy(np.float64)
     obs_frame = pd.DataFrame(obs, index=index)
     var = pd.DataFrame(index=pd.Index(list(MORPHOLOGY_COLUMNS), dtype=object, name="feature"))
-    x = np.column_stack([obs_frame[c].to_numpy(np.float32) for c in MORPHOLOGY_COLUMNS]) if n else np.zeros((0, len(MORPHOLOGY_COLUMNS)), np.float32)
+    x = (
+        np.column_stack([obs_frame[c].to_numpy(np.float32) for c in MORPHOLOGY_COLUMNS])
+        if n
+        else np.zeros((0, len(MORPHOLOGY_COLUMNS)), np.float32)
+    )
     adata = anndata.AnnData(X=x.astype(np.float32), obs=obs_frame, var=var)
-    adata.obsm["spatial"] = np.column_stack([nuclei["centroid_x_um"].to_numpy(np.float64),
-                                             nuclei["centroid_y_um"].to_numpy(np.float64)]) if n else np.zeros((0, 2))
-    meta = {k: ("" if v is None else v) for k, v in json_ready(dict(uns or {})).items()}  # HDF5 has no None
-    meta.update({"spatial_unit": "um", "obsm_spatial": "centroid (x, y) in um",
-                 "centroid_unit": "level-0 px, OpenSlide bounds subtracted (QuPath frame)"})
+    adata.obsm["spatial"] = (
+        np.column_stack(
+            [
+                nuclei["centroid_x_um"].to_numpy(np.float64),
+                nuclei["centroid_y_um"].to_numpy(np.float64),
+            ]
+        )
+        if n
+        else np.zeros((0, 2))
+    )
+    meta = {
+        k: ("" if v is None else v) for k, v in json_ready(dict(uns or {})).items()
+    }  # HDF5 has no None
+    meta.update(
+        {
+            "spatial_unit": "um",
+            "obsm_spatial": "centroid (x, y) in um",
+            "centroid_unit": "level-0 px, OpenSlide bounds subtracted (QuPath frame)",
+        }
+    )
     adata.uns["wsi_nuclei"] = meta
     return adata
 
 
-def write_anndata(parquet: str | Path, path: str | Path, *, regions: Sequence[Any] = (),
-                  classes: Sequence[str] | None = None, uns: Mapping[str, Any] | None = None) -> Path:
+def write_anndata(
+    parquet: str | Path,
+    path: str | Path,
+    *,
+    regions: Sequence[Any] = (),
+    classes: Sequence[str] | None = None,
+    uns: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``nuclei.h5ad`` from a run's ``nuclei.parquet``, atomically (temporary name, then rename).
 
     Parameters

@@ -42,7 +42,9 @@ def _is_slide_name(path: Path) -> bool:
 
 def _mirax_data_folder(path: Path) -> bool:
     """True for the data folder of a MIRAX slide (``x/`` beside ``x.mrxs``): part of that slide."""
-    return path.is_dir() and any(path.with_name(path.name + ext).is_file() for ext in (".mrxs", ".MRXS"))
+    return path.is_dir() and any(
+        path.with_name(path.name + ext).is_file() for ext in (".mrxs", ".MRXS")
+    )
 
 
 def _list_folder(folder: Path) -> list[Path]:
@@ -88,7 +90,9 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], bool]:
                 cohort = True
                 found = _list_folder(p)
                 if not found:
-                    raise InputNotFoundError(f"{p}: no slides in this folder (looked for {', '.join(SLIDE_EXTENSIONS)})")
+                    raise InputNotFoundError(
+                        f"{p}: no slides in this folder (looked for {', '.join(SLIDE_EXTENSIONS)})"
+                    )
                 slides += found
             else:
                 slides.append(p)
@@ -188,20 +192,36 @@ def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
 
     spec = get_spec(cfg.model or default_model_name())
     weights = find_weights(spec, cfg.weights)
-    sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_file(weights) if weights else None)
+    sha = (
+        spec.sha256
+        if (spec.sha256 and cfg.weights is None)
+        else (sha256_file(weights) if weights else None)
+    )
     with open_slide(slide, backend=cfg.backend, mpp=cfg.mpp) as s:
         fingerprint = s.fingerprint
     model = m.get("model") or {}
     source = "tissue detection" if cfg.tissue == "auto" else "whole slide"
     wanted = [fingerprint, spec.name, sha, bool(cfg.tta), source, bool(cfg.anndata)]
-    found = [m.get("fingerprint"), model.get("name"), model.get("sha256"), bool(model.get("tta")),
-             (m.get("regions") or {}).get("source"), (run_dir / "nuclei.h5ad").is_file()]
+    found = [
+        m.get("fingerprint"),
+        model.get("name"),
+        model.get("sha256"),
+        bool(model.get("tta")),
+        (m.get("regions") or {}).get("source"),
+        (run_dir / "nuclei.h5ad").is_file(),
+    ]
     return wanted == found and (run_dir / "summary.json").is_file()
 
 
-def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
-               names: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
-               report: Callable[[Any], None] | None = None) -> CohortResult:
+def run_cohort(
+    slides: Sequence[Path],
+    out_root: str | Path,
+    base: Any,
+    *,
+    names: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+    report: Callable[[Any], None] | None = None,
+) -> CohortResult:
     """Run the pipeline on every slide, each into ``out_root/<name>/``, and write the cohort table.
 
     The model is loaded once (the engine caches it per process, and one Dask client, hence one
@@ -246,8 +266,10 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
 
     t0 = time.perf_counter()
     if log is None:
+
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
+
     out_root = Path(out_root)
     if names is None:
         names, notes = output_names(slides)
@@ -263,7 +285,9 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
                 if _finished_earlier(run_dir, slide, base):
                     res.skipped.append(run_dir)
                     if not base.quiet:
-                        log(f"{head}: finished earlier in {run_dir}/, skipped (--overwrite to redo)")
+                        log(
+                            f"{head}: finished earlier in {run_dir}/, skipped (--overwrite to redo)"
+                        )
                     continue
                 if not base.quiet:
                     log(f"{head} -> {run_dir}/")
@@ -274,7 +298,9 @@ def run_cohort(slides: Sequence[Path], out_root: str | Path, base: Any, *,
                 raise
             except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the cohort
                 code = getattr(exc, "exit_code", 1)
-                what = "" if isinstance(exc, WsiNucleiError) else f"unexpected {type(exc).__name__}: "
+                what = (
+                    "" if isinstance(exc, WsiNucleiError) else f"unexpected {type(exc).__name__}: "
+                )
                 log(f"wsi-nuclei: error: {slide}: {what}{first_line(exc)}")
                 res.failed.append((slide, first_line(exc), int(code)))
                 # the engine cancels a failed slide's tasks, so the client (and the model its

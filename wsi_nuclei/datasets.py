@@ -98,8 +98,12 @@ def resample_sample(sample: Sample, target_mpp: float, *, tol: float = 0.02) -> 
         pts = np.column_stack([(pts[:, 0] + 0.5) * sx - 0.5, (pts[:, 1] + 0.5) * sy - 0.5])
         pts = np.clip(pts, 0, [nw - 1, nh - 1]).astype(np.float32)
         return Sample(sample.name, img, None, sample.classes, sample.allowed, target_mpp, info, pts)
-    inst = np.asarray(Image.fromarray(sample.inst.astype(np.int32)).resize((nw, nh), Image.Resampling.NEAREST))
-    return Sample(sample.name, img, inst.astype(np.int32), sample.classes, sample.allowed, target_mpp, info)
+    inst = np.asarray(
+        Image.fromarray(sample.inst.astype(np.int32)).resize((nw, nh), Image.Resampling.NEAREST)
+    )
+    return Sample(
+        sample.name, img, inst.astype(np.int32), sample.classes, sample.allowed, target_mpp, info
+    )
 
 
 def is_pannuke_fold(path: str | Path) -> bool:
@@ -112,7 +116,9 @@ def list_images(dataset_dir: str | Path) -> list[str]:
     """Image names of a shared-format dataset, sorted."""
     d = Path(dataset_dir)
     if not (d / "images").is_dir() or not (d / "labels").is_dir():
-        raise DatasetError(f"{d}: not a dataset (expected images/ and labels/ folders, or PanNuke .npy files)")
+        raise DatasetError(
+            f"{d}: not a dataset (expected images/ and labels/ folders, or PanNuke .npy files)"
+        )
     return sorted(p.stem for p in (d / "images").glob("*.png"))
 
 
@@ -157,16 +163,24 @@ def read_shared_dataset(
                     allowed = lab["allowed"].astype(np.uint8)
                     points = None
         except KeyError as exc:
-            raise DatasetError(f"{lab_path}: missing array {exc} for a {annotation!r} dataset") from None
+            raise DatasetError(
+                f"{lab_path}: missing array {exc} for a {annotation!r} dataset"
+            ) from None
         h, w = image.shape[:2]
         if inst is not None and inst.shape != (h, w):
             raise DatasetError(f"{lab_path}: inst shape {inst.shape} != image {image.shape[:2]}")
         if points is not None:
             if not (len(classes) == len(allowed) == len(points)):
-                raise DatasetError(f"{lab_path}: points, point_classes and point_allowed differ in length")
-            if len(points) and (points.min() < 0 or (points[:, 0] > w - 1).any() or (points[:, 1] > h - 1).any()):
+                raise DatasetError(
+                    f"{lab_path}: points, point_classes and point_allowed differ in length"
+                )
+            if len(points) and (
+                points.min() < 0 or (points[:, 0] > w - 1).any() or (points[:, 1] > h - 1).any()
+            ):
                 raise DatasetError(f"{lab_path}: points outside the image")
-        s = Sample(f"{d.name}/{name}", image, inst, classes, allowed, float(mpp), dict(img_meta), points)
+        s = Sample(
+            f"{d.name}/{name}", image, inst, classes, allowed, float(mpp), dict(img_meta), points
+        )
         yield resample_sample(s, target_mpp) if target_mpp else s
 
 
@@ -190,7 +204,9 @@ def read_pannuke_fold(
         images = np.load(_pannuke_file(root, "images.npy"), mmap_mode="r")
         masks = np.load(_pannuke_file(root, "masks.npy"), mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
-        raise DatasetError(f"{root}: unreadable PanNuke images.npy/masks.npy ({str(exc).splitlines()[0][:120]})") from None
+        raise DatasetError(
+            f"{root}: unreadable PanNuke images.npy/masks.npy ({str(exc).splitlines()[0][:120]})"
+        ) from None
     try:
         types = np.load(_pannuke_file(root, "types.npy"), allow_pickle=False)
     except (DatasetError, ValueError):
@@ -200,7 +216,9 @@ def read_pannuke_fold(
             f"{root}: expected images (N, H, W, 3) and masks (N, H, W, 6), got {images.shape} and {masks.shape}"
         )
     if images.shape[:3] != masks.shape[:3]:
-        raise DatasetError(f"{root}: images {images.shape[:3]} and masks {masks.shape[:3]} differ in number or size")
+        raise DatasetError(
+            f"{root}: images {images.shape[:3]} and masks {masks.shape[:3]} differ in number or size"
+        )
     if indices is not None and any(not 0 <= i < images.shape[0] for i in indices):
         raise DatasetError(f"{root}: image index out of range 0..{images.shape[0] - 1}")
     for i in indices if indices is not None else range(images.shape[0]):
@@ -225,7 +243,9 @@ def read_pannuke_fold(
         yield resample_sample(s, target_mpp) if target_mpp else s
 
 
-def read_dataset(path: str | Path, *, target_mpp: float | None = 0.25, names: list[str] | None = None) -> Iterator[Sample]:
+def read_dataset(
+    path: str | Path, *, target_mpp: float | None = 0.25, names: list[str] | None = None
+) -> Iterator[Sample]:
     """Read either format, detected from the folder's content."""
     path = Path(path)
     if not path.exists():
@@ -238,7 +258,9 @@ def read_dataset(path: str | Path, *, target_mpp: float | None = 0.25, names: li
             raise DatasetError(f"{path}: PanNuke image names are indices such as '00012'")
         indices = [int(n) for n in names] if names is not None else None
         return read_pannuke_fold(path, target_mpp=target_mpp, indices=indices)
-    raise DatasetError(f"{path}: neither the shared format (meta.json) nor a PanNuke fold (images.npy, masks.npy)")
+    raise DatasetError(
+        f"{path}: neither the shared format (meta.json) nor a PanNuke fold (images.npy, masks.npy)"
+    )
 
 
 def hv_targets(inst: np.ndarray) -> np.ndarray:

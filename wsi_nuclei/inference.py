@@ -36,7 +36,12 @@ class ArraySlide:
         self.dimensions = (img.shape[1], img.shape[0])
         self.fingerprint = hashlib.sha256(img.tobytes()).hexdigest()[:32]
 
-    def read_scaled(self, box: tuple[float, float, float, float], out_size: tuple[int, int], target_mpp: float | None = None) -> np.ndarray:
+    def read_scaled(
+        self,
+        box: tuple[float, float, float, float],
+        out_size: tuple[int, int],
+        target_mpp: float | None = None,
+    ) -> np.ndarray:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         if (x1 - x0, y1 - y0) != tuple(out_size):
             raise ValueError("ArraySlide reads at its own resolution only")
@@ -51,7 +56,14 @@ class ArraySlide:
         return self.image
 
 
-def engine_context(model: Any, slide: Any, *, block_size: int = 1024, halo: int | None = None, all_masks: bool = True) -> Any:
+def engine_context(
+    model: Any,
+    slide: Any,
+    *,
+    block_size: int = 1024,
+    halo: int | None = None,
+    all_masks: bool = True,
+) -> Any:
     """An :class:`~wsi_nuclei.engine.EngineContext` for ``slide`` (already at model resolution)."""
     from .engine import EngineContext, register_instance
     from .tiling import BlockGrid, PatchGrid
@@ -60,8 +72,18 @@ def engine_context(model: Any, slide: Any, *, block_size: int = 1024, halo: int 
     w, h = slide.dimensions
     pg = PatchGrid(w, h, spec.input_size, spec.output_size, spec.stride)
     bg = BlockGrid(w, h, block_size, spec.halo if halo is None else halo)
-    return EngineContext(slide, register_instance(model), pg, bg, 1.0, spec.mpp, spec.mpp, spec.mpp,
-                         slide.fingerprint, all_masks=all_masks)
+    return EngineContext(
+        slide,
+        register_instance(model),
+        pg,
+        bg,
+        1.0,
+        spec.mpp,
+        spec.mpp,
+        spec.mpp,
+        slide.fingerprint,
+        all_masks=all_masks,
+    )
 
 
 def predict_maps(model: Any, image: np.ndarray, *, batch: int = 8) -> dict[str, np.ndarray]:
@@ -98,8 +120,14 @@ def predict_maps(model: Any, image: np.ndarray, *, batch: int = 8) -> dict[str, 
     return out
 
 
-def segment_image(model: Any, image: np.ndarray, *, block_size: int = 1024, halo: int | None = None,
-                  batch: int = 8) -> InstanceResult:
+def segment_image(
+    model: Any,
+    image: np.ndarray,
+    *,
+    block_size: int = 1024,
+    halo: int | None = None,
+    batch: int = 8,
+) -> InstanceResult:
     """Instances of a whole image (at the model's resolution) through the slide engine.
 
     Parameters
@@ -140,9 +168,18 @@ def segment_image(model: Any, image: np.ndarray, *, block_size: int = 1024, halo
         if not len(f):
             continue
         bb = f[["_by0", "_bx0", "_by1", "_bx1"]].to_numpy(np.int64)
-        pcols = f[[f"prob_{c}" for c in ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")]].to_numpy(np.float32)
+        pcols = f[
+            [
+                f"prob_{c}"
+                for c in ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
+            ]
+        ].to_numpy(np.float32)
         for j, (mb, (y0, x0, y1, x1)) in enumerate(zip(f["_mask"].to_numpy(), bb)):
-            m = np.unpackbits(np.frombuffer(mb, np.uint8), count=(y1 - y0) * (x1 - x0)).astype(bool).reshape(y1 - y0, x1 - x0)
+            m = (
+                np.unpackbits(np.frombuffer(mb, np.uint8), count=(y1 - y0) * (x1 - x0))
+                .astype(bool)
+                .reshape(y1 - y0, x1 - x0)
+            )
             a0, b0, a1, b1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
             if a1 <= a0 or b1 <= b0:
                 continue
@@ -156,8 +193,13 @@ def segment_image(model: Any, image: np.ndarray, *, block_size: int = 1024, halo
             probs.append(pcols[j])
     labels = np.arange(1, n + 1, dtype=np.int32)
     has_probs = bool(model.spec.class_names)
-    return InstanceResult(inst, labels, np.asarray(cls, np.int8), np.asarray(prob, np.float32),
-                          np.asarray(probs, np.float32).reshape(-1, 5) if has_probs else None)
+    return InstanceResult(
+        inst,
+        labels,
+        np.asarray(cls, np.int8),
+        np.asarray(prob, np.float32),
+        np.asarray(probs, np.float32).reshape(-1, 5) if has_probs else None,
+    )
 
 
 def predict_instances(model: Any, image: np.ndarray) -> InstanceResult:

@@ -161,10 +161,17 @@ def hv_to_instances(
     labels = np.arange(1, int(inst.max()) + 1, dtype=np.int32)
     if tp_prob is None:
         prob = _mean_per_label(np_prob, inst, len(labels))
-        return InstanceResult(inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None)
-    class_id, class_prob, class_probs = classify_instances(inst, tp_prob, len(labels), prior=params.class_prior,
-                                                           temperature=params.class_temperature,
-                                                           exclude=params.class_exclude)
+        return InstanceResult(
+            inst, labels, np.zeros(len(labels), np.int8), prob.astype(np.float32), None
+        )
+    class_id, class_prob, class_probs = classify_instances(
+        inst,
+        tp_prob,
+        len(labels),
+        prior=params.class_prior,
+        temperature=params.class_temperature,
+        exclude=params.class_exclude,
+    )
     return InstanceResult(inst, labels, class_id, class_prob, class_probs)
 
 
@@ -187,7 +194,10 @@ def _mean_per_label(values: np.ndarray, inst: np.ndarray, n: int) -> np.ndarray:
 
 
 def classify_instances(
-    inst: np.ndarray, tp_prob: np.ndarray, n: int | None = None, prior: tuple[float, ...] | None = None,
+    inst: np.ndarray,
+    tp_prob: np.ndarray,
+    n: int | None = None,
+    prior: tuple[float, ...] | None = None,
     temperature: float = 1.0,
     exclude: tuple[int, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -249,7 +259,8 @@ def classify_instances(
     np.add.at(votes, (lab, vote), 1)
     counts = np.maximum(np.bincount(lab, minlength=n), 1)
     probs = np.stack(
-        [np.bincount(lab, weights=fg[k].ravel()[sel], minlength=n) / counts for k in range(c)], axis=1
+        [np.bincount(lab, weights=fg[k].ravel()[sel], minlength=n) / counts for k in range(c)],
+        axis=1,
     ).astype(np.float32)
     winner = np.argmax(votes, axis=1)
     class_prob = probs[np.arange(n), winner]
@@ -288,7 +299,9 @@ def _ring_area(xy: np.ndarray) -> float:
     return float(abs(twice) / 2)
 
 
-def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[str, np.ndarray | list]:
+def measure_instances(
+    inst: np.ndarray, labels: np.ndarray, mpp: float
+) -> dict[str, np.ndarray | list]:
     """Polygons and morphometry of instances.
 
     Parameters
@@ -314,7 +327,10 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
     polygons: list[np.ndarray | None] = []
     out: dict[str, np.ndarray | list] = {
         "polygon": polygons,
-        **{k: np.full(n, np.nan, np.float64) for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)},
+        **{
+            k: np.full(n, np.nan, np.float64)
+            for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)
+        },
     }
     if n == 0:
         return out
@@ -356,7 +372,9 @@ def measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict[
         hull = cv2.convexHull(ring.astype(np.float32)).reshape(-1, 2)
         hull_area = _ring_area(hull.astype(np.float64))
         out["solidity"][i] = min(1.0, _ring_area(ring) / hull_area) if hull_area > 0 else np.nan
-        approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
+        approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(
+            -1, 2
+        )
         if len(approx) < 3:
             polygons.append(None)
             continue

@@ -70,7 +70,9 @@ def postprocess_backend(device: str, requested: str | None = None) -> str:
         ``torch`` when requested, or for ``auto`` when ``device`` is a CUDA device; else
         ``numpy``.
     """
-    choice = (requested if requested is not None else os.environ.get(BACKEND_ENV, "auto")).strip().lower() or "auto"
+    choice = (
+        requested if requested is not None else os.environ.get(BACKEND_ENV, "auto")
+    ).strip().lower() or "auto"
     if choice not in ("auto", "numpy", "torch"):
         raise ValueError(f"post-processing backend must be auto, numpy or torch, not {choice!r}")
     if choice == "auto":
@@ -102,7 +104,9 @@ def _reflect101(n: int, pad: int, device: torch.device) -> torch.Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _sep_filter(x: torch.Tensor, kx: Sequence[float] | np.ndarray, ky: Sequence[float] | np.ndarray) -> torch.Tensor:
+def _sep_filter(
+    x: torch.Tensor, kx: Sequence[float] | np.ndarray, ky: Sequence[float] | np.ndarray
+) -> torch.Tensor:
     """Correlate (H, W) ``x`` with ``kx`` along columns and ``ky`` along rows (reflect-101).
 
     A sum of shifted slices in float32 rather than ``conv2d``: on recent GPUs cuDNN may run a
@@ -163,7 +167,11 @@ def _open(mask: torch.Tensor, r: int) -> torch.Tensor:
             if not erode:
                 dy, dx = kh - 1 - dy, kw - 1 - dx
             part = xp[dy : dy + h, dx : dx + w]
-            out = part.clone() if out is None else (out.logical_and_(part) if erode else out.logical_or_(part))
+            out = (
+                part.clone()
+                if out is None
+                else (out.logical_and_(part) if erode else out.logical_or_(part))
+            )
         assert out is not None
         return out
 
@@ -250,7 +258,9 @@ def _ordered_levels(e: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int64) + 2**31
 
 
-def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_rounds: int = 100000) -> torch.Tensor:
+def _flood(
+    energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_rounds: int = 100000
+) -> torch.Tensor:
     """Labels of ``markers`` flooded over ``mask`` in order of increasing ``energy``.
 
     The fixed point of a parallel relaxation of a priority-flood (see the module docstring),
@@ -259,14 +269,21 @@ def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_
     h, w = markers.shape
     n = h * w
     if n >= 2**_STEP_BITS:
-        raise ValueError(f"a {h} x {w} window is too large for the flood keys (at most 2**{_STEP_BITS} pixels)")
+        raise ValueError(
+            f"a {h} x {w} window is too large for the flood keys (at most 2**{_STEP_BITS} pixels)"
+        )
     seeded = markers > 0
     free = (mask & ~seeded).view(-1)
     if not bool(free.any()) or not bool(seeded.any()):
         return markers.clone()
     inf = _INT64_MAX
     level = _ordered_levels(energy).view(-1) << _STEP_BITS
-    key = torch.cat([torch.where(seeded.view(-1), level, torch.full_like(level, inf)), level.new_full((1,), inf)])
+    key = torch.cat(
+        [
+            torch.where(seeded.view(-1), level, torch.full_like(level, inf)),
+            level.new_full((1,), inf),
+        ]
+    )
     lab = torch.cat([markers.reshape(-1).to(torch.int64), markers.new_zeros(1, dtype=torch.int64)])
     pix = torch.nonzero(free).view(-1)
     n_free = len(pix)
@@ -274,10 +291,14 @@ def _flood(energy: torch.Tensor, markers: torch.Tensor, mask: torch.Tensor, max_
     row, col = pix // w, pix % w
     sentinel = torch.full_like(pix, n)
     # neighbours in the order up, down, left, right (the first of equal keys wins); n = outside
-    nbr = torch.stack([
-        torch.where(row > 0, pix - w, sentinel), torch.where(row < h - 1, pix + w, sentinel),
-        torch.where(col > 0, pix - 1, sentinel), torch.where(col < w - 1, pix + 1, sentinel),
-    ])
+    nbr = torch.stack(
+        [
+            torch.where(row > 0, pix - w, sentinel),
+            torch.where(row < h - 1, pix + w, sentinel),
+            torch.where(col > 0, pix - 1, sentinel),
+            torch.where(col < w - 1, pix + 1, sentinel),
+        ]
+    )
     # position of a pixel among the free ones (n_free: not free), to find whom a change concerns
     slot = torch.full((n + 1,), n_free, dtype=torch.int64, device=pix.device)
     slot[pix] = torch.arange(n_free, device=pix.device)
@@ -351,12 +372,16 @@ def hv_to_instances_torch(
             if n == 0:
                 prob = torch.zeros(0, dtype=torch.float64)
             else:
-                sums = torch.zeros(n + 1, dtype=torch.float64, device=dev).index_add_(0, inst.view(-1), npp.view(-1).double())
+                sums = torch.zeros(n + 1, dtype=torch.float64, device=dev).index_add_(
+                    0, inst.view(-1), npp.view(-1).double()
+                )
                 counts = torch.bincount(inst.view(-1), minlength=n + 1).clamp_min(1)
                 prob = (sums / counts)[1:]
             inst_np = inst.to(torch.int32).cpu().numpy()
             labels = np.arange(1, n + 1, dtype=np.int32)
-            return InstanceResult(inst_np, labels, np.zeros(n, np.int8), prob.cpu().numpy().astype(np.float32), None)
+            return InstanceResult(
+                inst_np, labels, np.zeros(n, np.int8), prob.cpu().numpy().astype(np.float32), None
+            )
         tpt = _as_tensor(tp_prob, dev)
         class_id, class_prob, class_probs = _classify(inst, tpt, n, params)
         inst_np = inst.to(torch.int32).cpu().numpy()
@@ -398,7 +423,9 @@ def _instances(npp: torch.Tensor, hv: torch.Tensor, params: HVParams) -> tuple[t
     return _remove_small_consecutive(inst, n_markers, params.min_nucleus_px)
 
 
-def _classify(inst: torch.Tensor, tp: torch.Tensor, n: int, params: HVParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _classify(
+    inst: torch.Tensor, tp: torch.Tensor, n: int, params: HVParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`wsi_nuclei.postprocess.classify_instances` on tensors (numpy results)."""
     c = tp.shape[0] - 1
     if n == 0:
@@ -425,9 +452,14 @@ def _classify(inst: torch.Tensor, tp: torch.Tensor, n: int, params: HVParams) ->
     vote = torch.argmax(fgs, 0)
     votes = torch.bincount(lab * c + vote, minlength=n * c).view(n, c)
     counts = torch.bincount(lab, minlength=n).clamp_min(1).double()
-    sums = torch.zeros((n, c), dtype=torch.float64, device=fg.device).index_add_(0, lab, fgs.t().double())
+    sums = torch.zeros((n, c), dtype=torch.float64, device=fg.device).index_add_(
+        0, lab, fgs.t().double()
+    )
     probs = (sums / counts[:, None]).float()
     winner = torch.argmax(votes, 1)
     class_prob = probs[torch.arange(n, device=fg.device), winner]
-    return ((winner + 1).to(torch.int8).cpu().numpy(), class_prob.cpu().numpy().astype(np.float32),
-            probs.cpu().numpy())
+    return (
+        (winner + 1).to(torch.int8).cpu().numpy(),
+        class_prob.cpu().numpy().astype(np.float32),
+        probs.cpu().numpy(),
+    )

@@ -240,11 +240,7 @@ def _parse_classification(value: Any) -> tuple[str | None, tuple[int, int, int] 
         name = value.get("name")
         if not isinstance(name, str) or not name.strip():
             names = value.get("names")
-            name = (
-                ": ".join(str(n) for n in names)
-                if isinstance(names, list) and names
-                else None
-            )
+            name = ": ".join(str(n) for n in names) if isinstance(names, list) and names else None
         color = _parse_color(value.get("color", value.get("colorRGB")))
         return (name.strip() if isinstance(name, str) and name.strip() else None), color
     return None, None
@@ -370,7 +366,9 @@ def regions_from_geojson(
                 source="user",
                 classification=cls_name,
                 color=color,
-                annotation_id=str(feat["id"]) if isinstance(feat.get("id"), (str, int)) and not isinstance(feat.get("id"), bool) else None,
+                annotation_id=str(feat["id"])
+                if isinstance(feat.get("id"), (str, int)) and not isinstance(feat.get("id"), bool)
+                else None,
                 properties=_kept_properties(props),
             )
         )
@@ -501,8 +499,11 @@ class Membership:
 
 
 def region_membership(
-    x: np.ndarray | Sequence[float], y: np.ndarray | Sequence[float], regions: Sequence[Region],
-    *, tolerance: float = 0.0,
+    x: np.ndarray | Sequence[float],
+    y: np.ndarray | Sequence[float],
+    regions: Sequence[Region],
+    *,
+    tolerance: float = 0.0,
 ) -> Membership:
     """Every region that contains each point (QuPath's rule: a nucleus belongs to every
     annotation that contains its centroid, so nested annotations all count it).

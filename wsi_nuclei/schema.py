@@ -79,44 +79,123 @@ class Column:
 
 
 def _prob_column(name: str) -> Column:
-    return Column(f"prob_{name}", "float32", None, "class", f"Prob: {name}", 4,
-                  f"probability of class {name} (NaN when the model has no class head)")
+    return Column(
+        f"prob_{name}",
+        "float32",
+        None,
+        "class",
+        f"Prob: {name}",
+        4,
+        f"probability of class {name} (NaN when the model has no class head)",
+    )
 
 
 #: The nucleus table, in column order.
 COLUMNS: Final[tuple[Column, ...]] = (
-    Column("id", "str", None, "id", None, None,
-           "deterministic UUID (uuid5), see wsi_nuclei.export.nucleus_uuid"),
-    Column("block_row", "int32", None, "id", None, None,
-           "post-processing block that output the nucleus"),
-    Column("block_col", "int32", None, "id", None, None,
-           "post-processing block that output the nucleus"),
+    Column(
+        "id",
+        "str",
+        None,
+        "id",
+        None,
+        None,
+        "deterministic UUID (uuid5), see wsi_nuclei.export.nucleus_uuid",
+    ),
+    Column(
+        "block_row",
+        "int32",
+        None,
+        "id",
+        None,
+        None,
+        "post-processing block that output the nucleus",
+    ),
+    Column(
+        "block_col",
+        "int32",
+        None,
+        "id",
+        None,
+        None,
+        "post-processing block that output the nucleus",
+    ),
     Column("centroid_x", "float64", "px", "position", None, None, "centroid, level-0 px"),
     Column("centroid_y", "float64", "px", "position", None, None, "centroid, level-0 px"),
     Column("centroid_x_um", "float64", "µm", "position", None, None, "centroid in µm"),
     Column("centroid_y_um", "float64", "µm", "position", None, None, "centroid in µm"),
     Column("class_id", "int8", None, "class", None, None, "PanNuke class id, 0..5"),
     Column("class_name", "str", None, "class", None, None, "class name (see class_name)"),
-    Column("class_prob", "float32", None, "class", "Class probability", 4,
-           "probability of the assigned class (nucleus prob. when no classes)"),
+    Column(
+        "class_prob",
+        "float32",
+        None,
+        "class",
+        "Class probability",
+        4,
+        "probability of the assigned class (nucleus prob. when no classes)",
+    ),
     *(_prob_column(CLASS_NAMES[c]) for c in range(1, 6)),
     Column("area_um2", "float32", "µm²", "morphology", "Nucleus: Area µm^2", 2, "area"),
-    Column("perimeter_um", "float32", "µm", "morphology", "Nucleus: Perimeter µm", 2,
-           "perimeter (Crofton estimate)"),
-    Column("circularity", "float32", None, "morphology", "Nucleus: Circularity", 4,
-           "4*pi*area/perimeter^2, clipped to [0, 1]"),
-    Column("solidity", "float32", None, "morphology", "Nucleus: Solidity", 4,
-           "area / convex hull area"),
-    Column("eccentricity", "float32", None, "morphology", "Nucleus: Eccentricity", 4,
-           "of the ellipse with the same second moments"),
-    Column("major_axis_um", "float32", "µm", "morphology", "Nucleus: Major axis µm", 2,
-           "major axis of the ellipse with the same second moments"),
-    Column("minor_axis_um", "float32", "µm", "morphology", "Nucleus: Minor axis µm", 2,
-           "minor axis of the ellipse with the same second moments"),
-    Column("region_id", "int32", None, "region", "Region ID", 0,
-           "region holding the centroid, -1 when outside every region"),
-    Column("geometry", "object", "px", "geometry", None, None,
-           "outline, shapely.Polygon in level-0 px"),
+    Column(
+        "perimeter_um",
+        "float32",
+        "µm",
+        "morphology",
+        "Nucleus: Perimeter µm",
+        2,
+        "perimeter (Crofton estimate)",
+    ),
+    Column(
+        "circularity",
+        "float32",
+        None,
+        "morphology",
+        "Nucleus: Circularity",
+        4,
+        "4*pi*area/perimeter^2, clipped to [0, 1]",
+    ),
+    Column(
+        "solidity", "float32", None, "morphology", "Nucleus: Solidity", 4, "area / convex hull area"
+    ),
+    Column(
+        "eccentricity",
+        "float32",
+        None,
+        "morphology",
+        "Nucleus: Eccentricity",
+        4,
+        "of the ellipse with the same second moments",
+    ),
+    Column(
+        "major_axis_um",
+        "float32",
+        "µm",
+        "morphology",
+        "Nucleus: Major axis µm",
+        2,
+        "major axis of the ellipse with the same second moments",
+    ),
+    Column(
+        "minor_axis_um",
+        "float32",
+        "µm",
+        "morphology",
+        "Nucleus: Minor axis µm",
+        2,
+        "minor axis of the ellipse with the same second moments",
+    ),
+    Column(
+        "region_id",
+        "int32",
+        None,
+        "region",
+        "Region ID",
+        0,
+        "region holding the centroid, -1 when outside every region",
+    ),
+    Column(
+        "geometry", "object", "px", "geometry", None, None, "outline, shapely.Polygon in level-0 px"
+    ),
 )
 
 #: Columns of a nucleus table -> dtypes, in order. ``geometry`` holds shapely Polygons.
@@ -126,8 +205,9 @@ NUCLEUS_COLUMNS: Final[dict[str, str]] = {c.name: c.dtype for c in COLUMNS}
 PROB_COLUMNS: Final[list[str]] = [c.name for c in COLUMNS if c.name.startswith("prob_")]
 
 #: Morphology columns (measured by :func:`wsi_nuclei.postprocess.measure_instances`), in order.
-MORPHOLOGY_COLUMNS: Final[tuple[str, ...]] = tuple(c.name for c in COLUMNS
-                                                   if c.group == "morphology")
+MORPHOLOGY_COLUMNS: Final[tuple[str, ...]] = tuple(
+    c.name for c in COLUMNS if c.group == "morphology"
+)
 
 #: Order of the groups in a nucleus's QuPath measurements: shape first, then the class
 #: probabilities, then the region id (columns of one group in table order).

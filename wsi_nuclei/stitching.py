@@ -237,7 +237,9 @@ class _Index:
         return sorted(seen)
 
 
-def _taken(i: int, cands: Candidates, others: list[int], final: dict[int, np.ndarray]) -> tuple[np.ndarray, list[int]]:
+def _taken(
+    i: int, cands: Candidates, others: list[int], final: dict[int, np.ndarray]
+) -> tuple[np.ndarray, list[int]]:
     """Pixels of candidate ``i`` (over its bbox) that the final masks of ``others`` cover."""
     by0, bx0, by1, bx1 = (int(v) for v in cands.bbox[i])
     taken = np.zeros((by1 - by0, bx1 - bx0), bool)
@@ -247,7 +249,10 @@ def _taken(i: int, cands: Candidates, others: list[int], final: dict[int, np.nda
         y0, x0, y1, x1 = max(by0, jy0), max(bx0, jx0), min(by1, jy1), min(bx1, jx1)
         if y0 >= y1 or x0 >= x1:
             continue
-        ov = final[j][y0 - jy0 : y1 - jy0, x0 - jx0 : x1 - jx0] & cands.masks[i][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        ov = (
+            final[j][y0 - jy0 : y1 - jy0, x0 - jx0 : x1 - jx0]
+            & cands.masks[i][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        )
         if ov.any():
             taken[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] |= ov
             hit.append(j)
@@ -323,9 +328,17 @@ def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) ->
     for i in np.nonzero(res.status)[0].tolist():
         if res.status[i] == 2:
             parts = list(res.masks.get(i, []))
-            if not parts or any(m.shape != cands.masks[i].shape or not m.any() or (m & ~cands.masks[i]).any() for m in parts) \
-                    or sum(int(m.sum()) for m in parts) != int(np.logical_or.reduce(parts).sum()):
-                raise SeamError(f"candidate {tuple(cands.key[i])}: trimmed mask is not a part of the original")
+            if (
+                not parts
+                or any(
+                    m.shape != cands.masks[i].shape or not m.any() or (m & ~cands.masks[i]).any()
+                    for m in parts
+                )
+                or sum(int(m.sum()) for m in parts) != int(np.logical_or.reduce(parts).sum())
+            ):
+                raise SeamError(
+                    f"candidate {tuple(cands.key[i])}: trimmed mask is not a part of the original"
+                )
             final[i] = np.logical_or.reduce(parts)
         else:
             final[i] = cands.masks[i]
@@ -338,7 +351,9 @@ def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) ->
         cands.masks[i] = saved
         if taken.any():
             j = hit[0]
-            raise SeamError(f"candidates {tuple(cands.key[i])} and {tuple(cands.key[j])} share {int(taken.sum())} pixel(s)")
+            raise SeamError(
+                f"candidates {tuple(cands.key[i])} and {tuple(cands.key[j])} share {int(taken.sum())} pixel(s)"
+            )
         index.add(i, b)
     for i in np.nonzero(res.status == 0)[0].tolist():
         before = [j for j in index.near(cands.bbox[i]) if rank[j] < rank[i]]
@@ -346,8 +361,10 @@ def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) ->
         size = int(cands.masks[i].sum())
         rest = _pieces(cands.masks[i] & ~taken, min_px)
         if rest:
-            raise SeamError(f"candidate {tuple(cands.key[i])} dropped but {int(rest[0].sum())} of its {size} px are covered by "
-                            "no output: a nucleus would be lost")
+            raise SeamError(
+                f"candidate {tuple(cands.key[i])} dropped but {int(rest[0].sum())} of its {size} px are covered by "
+                "no output: a nucleus would be lost"
+            )
 
 
 def polygon_overlaps(geoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -379,4 +396,3 @@ def polygon_overlaps(geoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # typ
     a, b = a[sel].astype(np.int64), b[sel].astype(np.int64)
     area = shapely.area(shapely.intersection(g[a], g[b])) if len(a) else np.zeros(0)
     return a, b, np.asarray(area, np.float64)
-

@@ -53,7 +53,9 @@ class PatchGrid:
 
     def __post_init__(self) -> None:
         if not 0 < self.stride <= self.output_size <= self.input_size:
-            raise ValueError(f"need 0 < stride <= output <= input, got {self.stride}, {self.output_size}, {self.input_size}")
+            raise ValueError(
+                f"need 0 < stride <= output <= input, got {self.stride}, {self.output_size}, {self.input_size}"
+            )
         if (self.output_size - self.stride) % 2 or (self.input_size - self.output_size) % 2:
             raise ValueError("output - stride and input - output must be even")
         if self.output_size > 2 * self.stride:  # more than two patches would overlap a pixel

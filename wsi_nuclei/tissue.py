@@ -471,7 +471,10 @@ class TissueMap:
         )
 
     def fraction_in_box(
-        self, x0: float | np.ndarray, y0: float | np.ndarray, x1: float | np.ndarray,
+        self,
+        x0: float | np.ndarray,
+        y0: float | np.ndarray,
+        x1: float | np.ndarray,
         y1: float | np.ndarray,
     ) -> float | np.ndarray:
         """Fraction of a level-0 box ``[x0, x1) x [y0, y1)`` covered by tissue.

@@ -21,7 +21,9 @@ def _plural(n: int, word: str) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..cohort import expand_inputs
 
-    slides, cohort = expand_inputs(args.slides)  # a missing path: one line, exit 2, before anything runs
+    slides, cohort = expand_inputs(
+        args.slides
+    )  # a missing path: one line, exit 2, before anything runs
     if args.anndata:
         from ..anndata_export import require_anndata
 
@@ -41,24 +43,37 @@ def _run_cohort(args: argparse.Namespace, slides: list[Path]) -> int:
     from ..errors import WsiNucleiError as _Error
 
     if args.regions:
-        raise _Error(f"--regions describes one slide; it cannot be used with {len(slides)} slides (run them one by one)")
+        raise _Error(
+            f"--regions describes one slide; it cannot be used with {len(slides)} slides (run them one by one)"
+        )
     root = Path(args.out) if args.out else Path("wsi-nuclei-out")
 
     def report(res) -> None:  # type: ignore[no-untyped-def]
         if not args.quiet:
-            print(f"  {res.manifest['slide_name']}: {res.n_nuclei} {'nucleus' if res.n_nuclei == 1 else 'nuclei'} "
-                  f"in {res.seconds['total']:.1f} s -> {res.out_dir}/", flush=True)
+            print(
+                f"  {res.manifest['slide_name']}: {res.n_nuclei} {'nucleus' if res.n_nuclei == 1 else 'nuclei'} "
+                f"in {res.seconds['total']:.1f} s -> {res.out_dir}/",
+                flush=True,
+            )
 
     res = run_cohort(slides, root, _run_config(args, None, None), report=report)
     n = len(slides)
     if not args.quiet:
-        parts = [f"{len(res.done)} done"] + ([f"{len(res.skipped)} finished earlier"] if res.skipped else []) \
+        parts = (
+            [f"{len(res.done)} done"]
+            + ([f"{len(res.skipped)} finished earlier"] if res.skipped else [])
             + ([f"{len(res.failed)} failed"] if res.failed else [])
-        print(f"cohort: {_plural(n, 'slide')}: {', '.join(parts)} in {res.seconds:.1f} s"
-              + (f"; table -> {res.table}" if res.table else ""))
+        )
+        print(
+            f"cohort: {_plural(n, 'slide')}: {', '.join(parts)} in {res.seconds:.1f} s"
+            + (f"; table -> {res.table}" if res.table else "")
+        )
     if res.failed:
-        print(f"wsi-nuclei: error: {len(res.failed)} of {_plural(n, 'slide')} failed (see the lines above); "
-              "rerun the same command to retry them, the finished ones are skipped", file=sys.stderr)
+        print(
+            f"wsi-nuclei: error: {len(res.failed)} of {_plural(n, 'slide')} failed (see the lines above); "
+            "rerun the same command to retry them, the finished ones are skipped",
+            file=sys.stderr,
+        )
     return res.exit_code
 
 
@@ -84,12 +99,25 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
     for name, n in sorted(res.counts.items(), key=lambda kv: (-kv[1], kv[0])):
         pct = 100 * n / max(1, res.n_nuclei)
         label = "no class" if name == "Nucleus" and m.get("classes", {}).get("support") else name
-        lines.append(f"    {label:<14}{n:>9}  {pct:5.1f}%" + _density(n, m["qc"].get("tissue_area_mm2")))
+        lines.append(
+            f"    {label:<14}{n:>9}  {pct:5.1f}%" + _density(n, m["qc"].get("tissue_area_mm2"))
+        )
     for name in m.get("classes", {}).get("not_measured", []):
-        lines.append(f"    {name:<14}{'-':>9}  not measured (the model was never trained to produce it)")
+        lines.append(
+            f"    {name:<14}{'-':>9}  not measured (the model was never trained to produce it)"
+        )
     if m.get("reliability_note"):
-        lines.extend(textwrap.wrap(m["reliability_note"], 96, initial_indent="  classes     ", subsequent_indent="              "))
-    lines.append(f"  time        {res.seconds['total']:.1f} s (inference and post-processing {res.seconds['execute']:.1f} s)")
+        lines.extend(
+            textwrap.wrap(
+                m["reliability_note"],
+                96,
+                initial_indent="  classes     ",
+                subsequent_indent="              ",
+            )
+        )
+    lines.append(
+        f"  time        {res.seconds['total']:.1f} s (inference and post-processing {res.seconds['execute']:.1f} s)"
+    )
     for w in m.get("warnings", []):
         lines.append(f"  warning     {w}")
     lines.append(f"  files in    {res.out_dir}/")
@@ -101,7 +129,9 @@ def _report(res) -> None:  # type: ignore[no-untyped-def]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    return run_demo(out=args.out, size=args.size, model=args.model, overwrite=args.overwrite, quiet=args.quiet)
+    return run_demo(
+        out=args.out, size=args.size, model=args.model, overwrite=args.overwrite, quiet=args.quiet
+    )
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
@@ -115,7 +145,9 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     table = summarize_runs(dirs, output)
     for warning in duplicate_slides(dirs):
         print(f"wsi-nuclei: warning: {warning}", file=sys.stderr)
-    print(f"{_plural(len(table), 'row')} ({_plural(table['slide_name'].nunique(), 'slide')}, {_plural(len(dirs), 'run')}) -> {output}")
+    print(
+        f"{_plural(len(table), 'row')} ({_plural(table['slide_name'].nunique(), 'slide')}, {_plural(len(dirs), 'run')}) -> {output}"
+    )
     return 0
 
 
@@ -131,7 +163,16 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     from ..report import write_overlay
 
     w, h = (args.size[0], args.size[-1])
-    path = write_overlay(args.run_dir, args.x, args.y, w, h, args.output, slide_path=args.slide, line_width=args.line_width)
+    path = write_overlay(
+        args.run_dir,
+        args.x,
+        args.y,
+        w,
+        h,
+        args.output,
+        slide_path=args.slide,
+        line_width=args.line_width,
+    )
     print(path)
     return 0
 
@@ -151,7 +192,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{spec.name}: weights are bundled with the package; nothing to fetch")
             return 0
         if not spec.url:
-            raise ModelError(f"{spec.name}: no public download location is recorded; place {spec.weights_file} in {default_cache_dir()} or pass --weights PATH")
+            raise ModelError(
+                f"{spec.name}: no public download location is recorded; place {spec.weights_file} in {default_cache_dir()} or pass --weights PATH"
+            )
         dest = default_cache_dir() / spec.weights_file  # type: ignore[operator]
         fetch_weights(spec.url, dest, spec.sha256)  # type: ignore[arg-type]
         print(f"{spec.name}: weights saved to {dest}")
@@ -161,13 +204,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"{spec.name}")
         print(textwrap.fill(spec.description, 96, initial_indent="    ", subsequent_indent="    "))
         print(f"    licence:    {spec.licence}")
-        print(f"    resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px")
+        print(
+            f"    resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px"
+        )
         print(f"    classes:    {classes}")
         if spec.class_support:
             print("    trained:    " + ", ".join(f"{c} {v}" for c, v in spec.class_support.items()))
         if spec.min_class_prob:
-            print(f"    min class probability: {spec.min_class_prob:g} (calibrated; below it nuclei get no class)")
-        print(f"    weights:    {weights_status(spec)}" + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else ""))
+            print(
+                f"    min class probability: {spec.min_class_prob:g} (calibrated; below it nuclei get no class)"
+            )
+        print(
+            f"    weights:    {weights_status(spec)}"
+            + (f" (sha256 {spec.sha256[:16]}...)" if spec.sha256 else "")
+        )
     return 0
 
 

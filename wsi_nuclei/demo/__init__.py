@@ -40,11 +40,27 @@ def compare_with_truth(found_xy: np.ndarray, true_xy: np.ndarray, radius: float)
     """
     from ..eval import match_centroids
 
-    pairs, un_true, un_pred = match_centroids(np.asarray(true_xy, float).reshape(-1, 2), np.asarray(found_xy, float).reshape(-1, 2), radius)
-    return {"true": len(true_xy), "found": len(found_xy), "matched": len(pairs), "missed": len(un_true), "extra": len(un_pred)}
+    pairs, un_true, un_pred = match_centroids(
+        np.asarray(true_xy, float).reshape(-1, 2),
+        np.asarray(found_xy, float).reshape(-1, 2),
+        radius,
+    )
+    return {
+        "true": len(true_xy),
+        "found": len(found_xy),
+        "matched": len(pairs),
+        "missed": len(un_true),
+        "extra": len(un_pred),
+    }
 
 
-def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str = "classic", overwrite: bool = False, quiet: bool = False) -> int:
+def run_demo(
+    out: str | Path = "wsi-nuclei-demo",
+    size: int = 2048,
+    model: str = "classic",
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> int:
     """Generate the synthetic slide, run the pipeline, print the comparison; 0 when exact."""
     from ..errors import OutputError
     from ..pipeline import RunConfig, run
@@ -56,7 +72,10 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
         raise OutputError(f"{results}: demo results already exist; use --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"generating a {size}x{size} px synthetic H&E-like slide at 0.25 um/px ...", file=sys.stderr)
+        print(
+            f"generating a {size}x{size} px synthetic H&E-like slide at 0.25 um/px ...",
+            file=sys.stderr,
+        )
     # nuclei of 3-7 µm diameter (radius 6-14 px at 0.25 µm/px) with >= 1 µm between them, so the
     # classical model separates each one and any miss or duplicate is the engine's fault
     rgb, inst, table = make_nuclei_image(size, size, seed=0, min_radius=6, max_radius=14, gap=4)
@@ -68,17 +87,30 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
 
     spec = get_spec(model)
     print(f"model: {spec.name} ({spec.description})", file=sys.stderr)
-    res = run(RunConfig(slide=slide_path, out=results, model=spec.name, overwrite=True, tissue="none", quiet=quiet))
+    res = run(
+        RunConfig(
+            slide=slide_path,
+            out=results,
+            model=spec.name,
+            overwrite=True,
+            tissue="none",
+            quiet=quiet,
+        )
+    )
     import pandas as pd
 
-    nuc = pd.read_parquet(results / "nuclei.parquet", columns=["centroid_x", "centroid_y", "geometry"])
+    nuc = pd.read_parquet(
+        results / "nuclei.parquet", columns=["centroid_x", "centroid_y", "geometry"]
+    )
     found = nuc[["centroid_x", "centroid_y"]].to_numpy()
     true_xy = _true_centroids(inst)
     cmp = compare_with_truth(found, true_xy, radius=12.0)
     overlaps = _overlapping_pairs(nuc["geometry"].to_numpy())
     print(f"\nsynthetic slide: {slide_path}")
-    print(f"model {spec.name}: known nuclei {cmp['true']}, found {cmp['found']}: matched {cmp['matched']}, "
-          f"missed {cmp['missed']}, extra {cmp['extra']}; output nuclei overlapping each other: {overlaps}")
+    print(
+        f"model {spec.name}: known nuclei {cmp['true']}, found {cmp['found']}: matched {cmp['matched']}, "
+        f"missed {cmp['missed']}, extra {cmp['extra']}; output nuclei overlapping each other: {overlaps}"
+    )
     if not spec.needs_weights:
         # the classical model finds every synthetic nucleus in any tile alike: every miss or
         # duplicate would be the engine's (tiling, seams, ownership)
@@ -90,10 +122,14 @@ def run_demo(out: str | Path = "wsi-nuclei-demo", size: int = 2048, model: str =
         recall = cmp["matched"] / max(1, cmp["true"])
         precision = cmp["matched"] / max(1, cmp["found"])
         exact = overlaps == 0
-        print(f"-> recall {recall:.1%}, precision {precision:.1%} against the drawn nuclei. These are not real "
-              "H&E nuclei, so this is no accuracy figure for slides (docs/model-card.md has those); the engine's "
-              f"own guarantee, no nucleus output twice or overlapping another, {'holds' if exact else 'is BROKEN'}.")
-    print(f"outputs in {res.out_dir}/ (report.html to look at; qupath.geojson.gz for QuPath with the slide)")
+        print(
+            f"-> recall {recall:.1%}, precision {precision:.1%} against the drawn nuclei. These are not real "
+            "H&E nuclei, so this is no accuracy figure for slides (docs/model-card.md has those); the engine's "
+            f"own guarantee, no nucleus output twice or overlapping another, {'holds' if exact else 'is BROKEN'}."
+        )
+    print(
+        f"outputs in {res.out_dir}/ (report.html to look at; qupath.geojson.gz for QuPath with the slide)"
+    )
     return 0 if exact else 1
 
 
@@ -112,5 +148,7 @@ def _true_centroids(inst: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
 
     labels = np.arange(1, int(inst.max()) + 1)
-    c = np.asarray(ndi.center_of_mass(np.ones_like(inst, dtype=np.float32), inst, labels)).reshape(-1, 2)
+    c = np.asarray(ndi.center_of_mass(np.ones_like(inst, dtype=np.float32), inst, labels)).reshape(
+        -1, 2
+    )
     return np.column_stack([c[:, 1] + 0.5, c[:, 0] + 0.5])

@@ -57,10 +57,7 @@ def render_stains(
     return out
 
 
-
-
 def downsample_rgb(rgb: np.ndarray, factor: int) -> np.ndarray:
     """Area-average ``rgb`` by an integer ``factor`` (partial edge blocks averaged too)."""
     img = Image.fromarray(rgb)
     return np.asarray(img.reduce(factor))
-

@@ -13,7 +13,9 @@ from ._context import EngineContext, model_of
 from ._patches import _split
 
 
-def process_block(ctx: EngineContext, block: tuple[int, int], window: np.ndarray | None, layout: tuple) -> tuple[Any, dict]:
+def process_block(
+    ctx: EngineContext, block: tuple[int, int], window: np.ndarray | None, layout: tuple
+) -> tuple[Any, dict]:
     """Post-process one block's window and return its nuclei table and stats.
 
     The table holds the block's exclusive nuclei and its seam candidates (column ``_seam``,
@@ -43,16 +45,23 @@ def process_block(ctx: EngineContext, block: tuple[int, int], window: np.ndarray
     geo = _instance_geometry(inst, labels, wx0, wy0)
     cls = classify_block_nuclei(bg, r, c, geo["cx"], geo["cy"], geo["bbox"])
     # nothing centred beyond the slide's edge (e.g. the null model's lattice) is on the slide
-    on_canvas = (geo["cx"] >= 0) & (geo["cy"] >= 0) & (geo["cx"] < bg.width) & (geo["cy"] < bg.height)
+    on_canvas = (
+        (geo["cx"] >= 0) & (geo["cy"] >= 0) & (geo["cx"] < bg.width) & (geo["cy"] < bg.height)
+    )
     keep = (cls.exclusive | cls.candidate) & on_canvas
     if ctx.strict and (cls.cut & cls.owner).any():
         from ..errors import OwnershipError
 
-        raise OwnershipError(f"block ({r}, {c}): {int((cls.cut & cls.owner).sum())} nucleus/nuclei owned by this block touch its "
-                             f"window border; the halo ({bg.halo} px) is smaller than the nucleus radius")
+        raise OwnershipError(
+            f"block ({r}, {c}): {int((cls.cut & cls.owner).sum())} nucleus/nuclei owned by this block touch its "
+            f"window border; the halo ({bg.halo} px) is smaller than the nucleus radius"
+        )
     idx = np.nonzero(keep)[0]
-    stats.update(n_exclusive=int(cls.exclusive.sum()), n_candidates=int(cls.candidate.sum()),
-                 n_cut_owned=int((cls.cut & cls.owner).sum()))
+    stats.update(
+        n_exclusive=int(cls.exclusive.sum()),
+        n_candidates=int(cls.candidate.sum()),
+        n_cut_owned=int((cls.cut & cls.owner).sum()),
+    )
     data = nucleus_columns(ctx, inst, labels[idx], (wx0, wy0), geo, idx, res, block)
     with_mask = cls.candidate[idx] | ctx.all_masks
     masks: list[bytes | None] = []
@@ -75,7 +84,9 @@ def process_block(ctx: EngineContext, block: tuple[int, int], window: np.ndarray
     return frame, stats
 
 
-def _instance_geometry(inst: np.ndarray, labels: np.ndarray, ox: int, oy: int) -> dict[str, np.ndarray]:
+def _instance_geometry(
+    inst: np.ndarray, labels: np.ndarray, ox: int, oy: int
+) -> dict[str, np.ndarray]:
     """Pixel count, exact centroid (canvas px, from integer sums) and canvas bbox per label."""
     ys, xs = np.nonzero(inst)
     lab = inst[ys, xs].astype(np.int64)
@@ -93,12 +104,22 @@ def _instance_geometry(inst: np.ndarray, labels: np.ndarray, ox: int, oy: int) -
     np.minimum.at(x_min, lab, xs)
     np.maximum.at(y_max, lab, ys)
     np.maximum.at(x_max, lab, xs)
-    bbox = np.column_stack([y_min[labels] + oy, x_min[labels] + ox, y_max[labels] + 1 + oy, x_max[labels] + 1 + ox])
+    bbox = np.column_stack(
+        [y_min[labels] + oy, x_min[labels] + ox, y_max[labels] + 1 + oy, x_max[labels] + 1 + ox]
+    )
     return {"n": cnt, "cx": sx / n + 0.5, "cy": sy / n + 0.5, "bbox": bbox}
 
 
-def nucleus_columns(ctx: EngineContext, inst: np.ndarray, labels: np.ndarray, origin: tuple[int, int],
-                    geo: dict[str, np.ndarray], idx: np.ndarray, res: Any, block: tuple[int, int]) -> dict[str, Any]:
+def nucleus_columns(
+    ctx: EngineContext,
+    inst: np.ndarray,
+    labels: np.ndarray,
+    origin: tuple[int, int],
+    geo: dict[str, np.ndarray],
+    idx: np.ndarray,
+    res: Any,
+    block: tuple[int, int],
+) -> dict[str, Any]:
     """The nucleus-table columns (level-0 coordinates, µm measurements) of ``labels`` of ``inst``.
 
     ``geo`` comes from :func:`_instance_geometry` over all of ``res``'s labels and ``idx``
@@ -113,7 +134,9 @@ def nucleus_columns(ctx: EngineContext, inst: np.ndarray, labels: np.ndarray, or
     ox, oy = origin
     m = measure_instances(inst, labels, ctx.model_mpp)
     s = 1.0 / ctx.scale
-    geoms = [None if poly is None else shapely.Polygon((poly + (ox, oy)) * s) for poly in m["polygon"]]
+    geoms = [
+        None if poly is None else shapely.Polygon((poly + (ox, oy)) * s) for poly in m["polygon"]
+    ]
     cx0 = geo["cx"][idx] * s
     cy0 = geo["cy"][idx] * s
     n = len(idx)
@@ -130,7 +153,9 @@ def nucleus_columns(ctx: EngineContext, inst: np.ndarray, labels: np.ndarray, or
         "class_name": [class_name(k) for k in class_id],
         "class_prob": np.asarray(res.class_prob)[idx].astype(np.float32),
     }
-    probs = res.class_probs[idx] if res.class_probs is not None else np.full((n, 5), np.nan, np.float32)
+    probs = (
+        res.class_probs[idx] if res.class_probs is not None else np.full((n, 5), np.nan, np.float32)
+    )
     for j, col in enumerate(PROB_COLUMNS):
         data[col] = probs[:, j].astype(np.float32)
     for col in MORPHOLOGY_COLUMNS:
@@ -150,9 +175,19 @@ def _frame(data: dict[str, Any]) -> Any:
     from ..schema import NUCLEUS_COLUMNS
 
     if not data:
-        cols = {k: pd.Series(dtype=object if v in ("str", "object") else v) for k, v in NUCLEUS_COLUMNS.items()}
-        cols.update({"_seam": pd.Series(dtype=bool), "_prio": pd.Series(dtype=np.int64), "_cut": pd.Series(dtype=bool),
-                     "_idx": pd.Series(dtype=np.int32), **{k: pd.Series(dtype=np.int32) for k in ("_by0", "_bx0", "_by1", "_bx1")},
-                     "_mask": pd.Series(dtype=object)})
+        cols = {
+            k: pd.Series(dtype=object if v in ("str", "object") else v)
+            for k, v in NUCLEUS_COLUMNS.items()
+        }
+        cols.update(
+            {
+                "_seam": pd.Series(dtype=bool),
+                "_prio": pd.Series(dtype=np.int64),
+                "_cut": pd.Series(dtype=bool),
+                "_idx": pd.Series(dtype=np.int32),
+                **{k: pd.Series(dtype=np.int32) for k in ("_by0", "_bx0", "_by1", "_bx1")},
+                "_mask": pd.Series(dtype=object),
+            }
+        )
         return pd.DataFrame(cols)
     return pd.DataFrame(data)

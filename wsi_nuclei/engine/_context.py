@@ -31,7 +31,9 @@ class EngineContext:
     fingerprint: str
     strict: bool = False
     torch_threads: int = 0  # > 0: set in each worker process (local --workers N)
-    all_masks: bool = False  # keep the pixel mask of every nucleus (evaluation), not only candidates
+    all_masks: bool = (
+        False  # keep the pixel mask of every nucleus (evaluation), not only candidates
+    )
     infer_chunk: int = 0  # > 0: at most this many patches per network call (bounds activation memory); 0: the whole batch
 
 
@@ -53,8 +55,14 @@ def register_instance(model: Any) -> tuple[str, None, str, bool]:
     """Make an already built model usable by in-process tasks; returns its model key."""
     key = f"instance:{id(model)}"
     _INSTANCES[key] = model
-    return (key, None, getattr(model, "device", "cpu") if isinstance(getattr(model, "device", "cpu"), str) else "cpu",
-            bool(getattr(model, "tta", False)))
+    return (
+        key,
+        None,
+        getattr(model, "device", "cpu")
+        if isinstance(getattr(model, "device", "cpu"), str)
+        else "cpu",
+        bool(getattr(model, "tta", False)),
+    )
 
 
 def _slide_of(ctx: EngineContext) -> Any:

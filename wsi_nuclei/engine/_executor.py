@@ -79,14 +79,25 @@ class DaskExecutor:
         if futures:
             try:
                 wait(futures, return_when="FIRST_COMPLETED")
-            except Exception:  # e.g. futures cancelled with a lost worker: the caller sees them as done
+            except (
+                Exception
+            ):  # e.g. futures cancelled with a lost worker: the caller sees them as done
                 pass
 
 
 def _lost_work(exc: BaseException) -> bool:
     """An error that means "the worker (or its data) went away", not "the task failed"."""
     names = {t.__name__ for t in type(exc).__mro__}
-    return bool(names & {"KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError", "FutureLostError"})
+    return bool(
+        names
+        & {
+            "KilledWorker",
+            "CancelledError",
+            "FutureCancelledError",
+            "CommClosedError",
+            "FutureLostError",
+        }
+    )
 
 
 def run_strip(
@@ -127,8 +138,15 @@ def run_strip(
             rows, cols = patches_for_window(pg, bg.window_box(r, c))
             need.update((pr, pc) for pr in rows for pc in cols)
         run_batches = [i for i, b in enumerate(strip.batches) if any(p in need for p in b)]
-    stats = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "oom_batch_splits": 0,
-             "post_retries": 0}
+    stats = {
+        "t_read": 0.0,
+        "t_infer": 0.0,
+        "t_post": 0.0,
+        "n_patches": 0,
+        "peak_band_bytes": 0,
+        "oom_batch_splits": 0,
+        "post_retries": 0,
+    }
     if not blocks:
         return stats
     blender: MapBlender | None = None
@@ -176,10 +194,16 @@ def run_strip(
                 progressed = True
             if blender is not None:
                 stats["peak_band_bytes"] = max(stats["peak_band_bytes"], blender.nbytes)
-                while pending and len(posts) < max_post and bg.window_box(*pending[0])[3] <= blender.final_y:
+                while (
+                    pending
+                    and len(posts) < max_post
+                    and bg.window_box(*pending[0])[3] <= blender.final_y
+                ):
                     b = pending.popleft()
                     win = blender.window(bg.window_box(*b)) if blender.c else None
-                    fut = ex.submit(process_block, ctx, b, ex.put(win) if win is not None else None, layout)
+                    fut = ex.submit(
+                        process_block, ctx, b, ex.put(win) if win is not None else None, layout
+                    )
                     posts[fut] = (b, win, 0)
                     progressed = True
                 blender.drop_before(min((bg.window_box(*b)[1] for b in pending), default=1 << 60))
@@ -192,7 +216,9 @@ def run_strip(
                     # the coordinator still holds the window, so the block is simply resubmitted
                     if not _lost_work(exc) or tries >= 3:
                         raise
-                    fut2 = ex.submit(process_block, ctx, b, ex.put(win) if win is not None else None, layout)
+                    fut2 = ex.submit(
+                        process_block, ctx, b, ex.put(win) if win is not None else None, layout
+                    )
                     posts[fut2] = (b, win, tries + 1)
                     stats["post_retries"] += 1
                     progressed = True

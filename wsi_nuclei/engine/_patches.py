@@ -13,7 +13,9 @@ import numpy as np
 from ._context import _INFER_LOCK, EngineContext, _slide_of, model_of
 
 
-def read_patches(ctx: EngineContext, patches: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, float]:
+def read_patches(
+    ctx: EngineContext, patches: tuple[tuple[int, int], ...]
+) -> tuple[np.ndarray, float]:
     """RGB input patches at model resolution, ``(B, input, input, 3)`` uint8.
 
     Each patch's input box is read from the slide where it lies on the canvas; beyond the
@@ -33,7 +35,9 @@ def read_patches(ctx: EngineContext, patches: tuple[tuple[int, int], ...]) -> tu
             out[i] = 255
             continue
         s = ctx.scale
-        img = slide.read_scaled((cx0 / s, cy0 / s, cx1 / s, cy1 / s), (cx1 - cx0, cy1 - cy0), target_mpp=ctx.read_mpp)
+        img = slide.read_scaled(
+            (cx0 / s, cy0 / s, cx1 / s, cy1 / s), (cx1 - cx0, cy1 - cy0), target_mpp=ctx.read_mpp
+        )
         pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
         if any(p for p in pad[0] + pad[1]):
             img = np.pad(img, pad, mode="reflect" if min(img.shape[:2]) > 1 else "edge")
@@ -41,7 +45,9 @@ def read_patches(ctx: EngineContext, patches: tuple[tuple[int, int], ...]) -> tu
     return out, time.perf_counter() - t
 
 
-def infer_patches(ctx: EngineContext, read: tuple[np.ndarray, float]) -> tuple[np.ndarray, tuple, float, float, int]:
+def infer_patches(
+    ctx: EngineContext, read: tuple[np.ndarray, float]
+) -> tuple[np.ndarray, tuple, float, float, int]:
     """Run the model on a batch: ``(maps (B, C, N, N) float16, layout, t_read, t_infer, splits)``.
 
     ``layout`` lists ``(name, channels, shape_kind)`` so that a window of the blended array can
@@ -128,4 +134,10 @@ def _split(window: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
 def fill_values(model: Any, layout: tuple) -> np.ndarray:
     """Per-channel value of the maps where no patch ran (the model's ``map_fill``, else 0)."""
     fill = getattr(model, "map_fill", {}) or {}
-    return np.concatenate([np.full(k, float(fill.get(name, 0.0)), np.float32) for name, k, _ in layout]) if layout else np.zeros(0, np.float32)
+    return (
+        np.concatenate(
+            [np.full(k, float(fill.get(name, 0.0)), np.float32) for name, k, _ in layout]
+        )
+        if layout
+        else np.zeros(0, np.float32)
+    )

@@ -26,15 +26,25 @@ def collect_candidates(frames: Iterable[tuple[tuple[int, int], Any]]) -> Any:
         b = g[["_by0", "_bx0", "_by1", "_bx1"]].to_numpy(np.int64)
         for i, (mb, bb) in zip(g["_idx"].to_numpy(), zip(g["_mask"].to_numpy(), b)):
             shape = (int(bb[2] - bb[0]), int(bb[3] - bb[1]))
-            masks.append(np.unpackbits(np.frombuffer(mb, np.uint8), count=shape[0] * shape[1]).astype(bool).reshape(shape))
+            masks.append(
+                np.unpackbits(np.frombuffer(mb, np.uint8), count=shape[0] * shape[1])
+                .astype(bool)
+                .reshape(shape)
+            )
             keys.append((r, c, int(i)))
         prio.extend(g["_prio"].to_numpy(np.int64).tolist())
         bbox.append(b)
-    return Candidates(np.asarray(keys, np.int64).reshape(-1, 3), np.asarray(prio, np.int64),
-                      np.concatenate(bbox) if bbox else np.zeros((0, 4), np.int64), masks)
+    return Candidates(
+        np.asarray(keys, np.int64).reshape(-1, 3),
+        np.asarray(prio, np.int64),
+        np.concatenate(bbox) if bbox else np.zeros((0, 4), np.int64),
+        masks,
+    )
 
 
-def remeasure(ctx: EngineContext, row: Any, mask: np.ndarray, bbox: np.ndarray, block: tuple[int, int]) -> dict[str, Any]:
+def remeasure(
+    ctx: EngineContext, row: Any, mask: np.ndarray, bbox: np.ndarray, block: tuple[int, int]
+) -> dict[str, Any]:
     """New position, id, outline and measurements of a trimmed nucleus (class fields kept)."""
     from ..models.base import InstanceResult
 
@@ -43,14 +53,28 @@ def remeasure(ctx: EngineContext, row: Any, mask: np.ndarray, bbox: np.ndarray, 
     labels = np.array([1], np.int64)
     geo = _instance_geometry(inst, labels, x0, y0)
     probs = row[[c for c in row.index if c.startswith("prob_")]].to_numpy(np.float32).reshape(1, -1)
-    res = InstanceResult(inst, labels.astype(np.int32), np.array([row["class_id"]], np.int8),
-                         np.array([row["class_prob"]], np.float32), probs)
+    res = InstanceResult(
+        inst,
+        labels.astype(np.int32),
+        np.array([row["class_id"]], np.int8),
+        np.array([row["class_prob"]], np.float32),
+        probs,
+    )
     cols = nucleus_columns(ctx, inst, labels, (x0, y0), geo, np.array([0]), res, block)
-    cols.update({"_by0": [y0 + 1], "_bx0": [x0 + 1], "_by1": [y0 + 1 + mask.shape[0]], "_bx1": [x0 + 1 + mask.shape[1]]})
+    cols.update(
+        {
+            "_by0": [y0 + 1],
+            "_bx0": [x0 + 1],
+            "_by1": [y0 + 1 + mask.shape[0]],
+            "_bx1": [x0 + 1 + mask.shape[1]],
+        }
+    )
     return {k: (v[0] if len(v) else None) for k, v in cols.items()}
 
 
-def apply_resolution(ctx: EngineContext, block: tuple[int, int], frame: Any, decisions: dict[int, tuple[int, Any]]) -> tuple[Any, int]:
+def apply_resolution(
+    ctx: EngineContext, block: tuple[int, int], frame: Any, decisions: dict[int, tuple[int, Any]]
+) -> tuple[Any, int]:
     """The final nuclei of one block: its exclusive ones and the candidates kept or trimmed.
 
     ``decisions`` maps a candidate's ``_idx`` to ``(status, pieces or None)``; each remaining
@@ -86,7 +110,9 @@ def apply_resolution(ctx: EngineContext, block: tuple[int, int], frame: Any, dec
         rows.append(pd.DataFrame(extra, columns=frame.columns).astype(frame.dtypes.to_dict()))
     out = pd.concat(rows, ignore_index=True) if len(rows) > 1 else rows[0]
     # the block's nuclei in a fixed order (centroid y, then x): deterministic output
-    out = out.iloc[np.lexsort((out["centroid_x"].to_numpy(), out["centroid_y"].to_numpy()))].reset_index(drop=True)
+    out = out.iloc[
+        np.lexsort((out["centroid_x"].to_numpy(), out["centroid_y"].to_numpy()))
+    ].reset_index(drop=True)
     if not ctx.all_masks:
         out = out.drop(columns=list(INTERNAL_COLUMNS))
     return pd.DataFrame(out), len(trimmed)

@@ -48,7 +48,9 @@ class MapBlender:
         if self.row is None:
             self.row = r
         elif r < self.row:
-            raise ValueError(f"patch row {r} after row {self.row}: patches must come in row-major order")
+            raise ValueError(
+                f"patch row {r} after row {self.row}: patches must come in row-major order"
+            )
         while self.row < r:
             self._finalize_row()
         pg = self.pg
@@ -59,7 +61,9 @@ class MapBlender:
         w = self.w2[:, a0 - px0 : a1 - px0]
         acc = self.acc
         term = self._term[:, :, : a1 - a0]
-        np.multiply(maps[:, :, a0 - px0 : a1 - px0], w, out=term)  # float16 -> float32 exactly, then * w
+        np.multiply(
+            maps[:, :, a0 - px0 : a1 - px0], w, out=term
+        )  # float16 -> float32 exactly, then * w
         acc[: self.c, :, a0:a1] += term
         acc[self.c, :, a0:a1] += w
 
@@ -114,7 +118,9 @@ class MapBlender:
             a, b = max(y0, cy0, 0), min(y1, cy1, H)
             if a >= b or ca >= cb:
                 continue
-            out[:, a - y0 : b - y0, ca - x0 : cb - x0] = ch[:, a - cy0 : b - cy0, ca - self.x0 : cb - self.x0]
+            out[:, a - y0 : b - y0, ca - x0 : cb - x0] = ch[
+                :, a - cy0 : b - cy0, ca - self.x0 : cb - self.x0
+            ]
         return out
 
     def drop_before(self, y: int) -> None:

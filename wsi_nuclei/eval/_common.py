@@ -48,4 +48,3 @@ def nanmean(values: Iterable[float]) -> float:
     arr = np.asarray([float(v) for v in values], np.float64)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else math.nan
-

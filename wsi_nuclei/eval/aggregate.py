@@ -145,7 +145,9 @@ def evaluate_predictions(
             row.pop("has_pred_class")
             n_true_total += n_pts
             n_pred_total += n_p
-            for lst, v in zip((paired_allowed, paired_class, unpaired_allowed, unpaired_class), pairs_out):
+            for lst, v in zip(
+                (paired_allowed, paired_class, unpaired_allowed, unpaired_class), pairs_out
+            ):
                 lst.append(v)
             per_image.append(row)
             continue
@@ -280,9 +282,7 @@ def evaluate_predictions(
             "excluded_classes": [CLASS_NAMES[c] for c in agg["excluded_classes"]],
             "mpq": agg["mpq"],
             "n_images_scored": agg["n_images_scored"],
-            "per_class": {
-                CLASS_NAMES[c]: {"id": c, **v} for c, v in agg["per_class"].items()
-            },
+            "per_class": {CLASS_NAMES[c]: {"id": c, **v} for c, v in agg["per_class"].items()},
         }
     return json_ready(results)
 
@@ -295,9 +295,15 @@ def _point_record(
     name = str(rec.get("name", "image"))
     pts = np.asarray(rec["true_points"], np.float64).reshape(-1, 2)
     allowed = rec.get("true_allowed")
-    allowed = np.full(len(pts), UNKNOWN_ALLOWED, np.int64) if allowed is None else np.asarray(allowed, np.int64)
+    allowed = (
+        np.full(len(pts), UNKNOWN_ALLOWED, np.int64)
+        if allowed is None
+        else np.asarray(allowed, np.int64)
+    )
     if allowed.shape != (len(pts),):
-        raise ValueError(f"{name}: true_allowed needs one entry per point ({len(pts)}), got {allowed.shape}")
+        raise ValueError(
+            f"{name}: true_allowed needs one entry per point ({len(pts)}), got {allowed.shape}"
+        )
     radius = radius_px
     if radius_um is not None:
         mpp = rec.get("mpp")
@@ -311,15 +317,27 @@ def _point_record(
     else:
         table = np.asarray(table, np.int64)
         if len(p_labels) and table.size <= int(p_labels.max()):
-            raise ValueError(f"{name}: pred_class has {table.size} entries, max id {int(p_labels.max())}")
+            raise ValueError(
+                f"{name}: pred_class has {table.size} entries, max id {int(p_labels.max())}"
+            )
         p_cls = table[p_labels]
     pairs, ut, up = match_centroids(pts[:, ::-1], p_xy, radius)  # both (row, col)
     k = len(pairs)
     row = {
-        "name": name, "mpp": rec.get("mpp"), "n_true": len(pts), "n_pred": len(p_labels), "labels": "points",
-        "pq": math.nan, "dq": math.nan, "sq": math.nan, "aji": math.nan, "dice": math.nan, "mpq": math.nan,
+        "name": name,
+        "mpp": rec.get("mpp"),
+        "n_true": len(pts),
+        "n_pred": len(p_labels),
+        "labels": "points",
+        "pq": math.nan,
+        "dq": math.nan,
+        "sq": math.nan,
+        "aji": math.nan,
+        "dice": math.nan,
+        "mpq": math.nan,
         "det_f1": 2 * k / (2 * k + len(ut) + len(up)) if (k + len(ut) + len(up)) else math.nan,
-        "has_pred_class": table is not None, "any_pred_class": bool(np.any(p_cls > 0)),
+        "has_pred_class": table is not None,
+        "any_pred_class": bool(np.any(p_cls > 0)),
     }
     out = (allowed[pairs[:, 0]], p_cls[pairs[:, 1]], allowed[ut], p_cls[up])
     return row, out, len(pts), len(p_labels)

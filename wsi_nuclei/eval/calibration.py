@@ -10,7 +10,9 @@ import numpy.typing as npt
 __all__ = ["expected_calibration_error"]
 
 
-def expected_calibration_error(confidence: npt.ArrayLike, correct: npt.ArrayLike, n_bins: int = 15) -> float:
+def expected_calibration_error(
+    confidence: npt.ArrayLike, correct: npt.ArrayLike, n_bins: int = 15
+) -> float:
     """Expected calibration error of a classifier's confidences (Guo et al. 2017).
 
     The confidences are put in ``n_bins`` equal-width bins over [0, 1]; ECE is the mean over

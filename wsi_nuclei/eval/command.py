@@ -23,8 +23,14 @@ from ..datasets import read_dataset
 from ..errors import DatasetError
 
 
-def evaluate_model(model: Any, dataset: str | Path, *, names: list[str] | None = None, radius_um: float = 3.0,
-                   progress: bool = True) -> dict[str, Any]:
+def evaluate_model(
+    model: Any,
+    dataset: str | Path,
+    *,
+    names: list[str] | None = None,
+    radius_um: float = 3.0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate ``model`` on one dataset (optionally only the images ``names``)."""
     from tqdm import tqdm
 
@@ -34,12 +40,21 @@ def evaluate_model(model: Any, dataset: str | Path, *, names: list[str] | None =
     samples = read_dataset(dataset, target_mpp=model.spec.mpp, names=names)
     t0 = time.perf_counter()
     records = []
-    for s in tqdm(samples, desc=Path(dataset).name, unit="img", disable=not progress, file=sys.stderr):
+    for s in tqdm(
+        samples, desc=Path(dataset).name, unit="img", disable=not progress, file=sys.stderr
+    ):
         res = predict_instances(model, s.image)
         pred_class = np.zeros(int(res.inst.max()) + 1, np.int64)
         pred_class[res.labels] = res.class_id
-        rec = {"name": s.name, "true_inst": s.inst, "true_classes": s.classes, "true_allowed": s.allowed,
-               "pred_inst": res.inst, "pred_class": pred_class if model.spec.class_names else None, "mpp": s.mpp}
+        rec = {
+            "name": s.name,
+            "true_inst": s.inst,
+            "true_classes": s.classes,
+            "true_allowed": s.allowed,
+            "pred_inst": res.inst,
+            "pred_class": pred_class if model.spec.class_names else None,
+            "mpp": s.mpp,
+        }
         if s.inst is None:  # point labels (e.g. CRCHisto): detection and classes only
             rec.update(true_points=s.points, true_classes=None)
         records.append(rec)
@@ -71,13 +86,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.split = str(find_config(args.split))
     model_name = args.model or default_model_name()
     model = load_model(model_name, weights=args.weights, device=args.device, tta=args.tta)
-    results: dict[str, Any] = {"model": model_name, "weights": args.weights, "tta": args.tta, "datasets": {}}
+    results: dict[str, Any] = {
+        "model": model_name,
+        "weights": args.weights,
+        "tta": args.tta,
+        "datasets": {},
+    }
     for d in args.datasets:
         path = Path(d)
         if not path.exists():
             raise DatasetError(f"{path}: no such dataset folder")
         names = _split_names(args.split, path)
-        res = evaluate_model(model, path, names=names, radius_um=args.radius_um, progress=not args.quiet)
+        res = evaluate_model(
+            model, path, names=names, radius_um=args.radius_um, progress=not args.quiet
+        )
         results["datasets"][path.name] = res
         print(f"\n== {path.name} ({res['n_images']} images, model {model_name})")
         print(format_table(res))
@@ -90,13 +112,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``wsi-nuclei evaluate``."""
-    p.add_argument("datasets", nargs="+", help="dataset folders (shared format with meta.json, or an official PanNuke fold)")
+    p.add_argument(
+        "datasets",
+        nargs="+",
+        help="dataset folders (shared format with meta.json, or an official PanNuke fold)",
+    )
     p.add_argument("--model", "-m", help="model name (default: the bundled trained model)")
     p.add_argument("--weights", help="weights file for the model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (as 'wsi-nuclei run --tta')")
-    p.add_argument("--split", help="JSON {dataset: [image names]}: evaluate only these images (e.g. configs/val_split.json)")
-    p.add_argument("--radius-um", type=float, default=3.0, help="centroid pairing radius in um for detection/classification F1 "
-                                                                "(default: 3.0 = 12 px at 0.25 um/px)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)"
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="flip test-time augmentation (as 'wsi-nuclei run --tta')"
+    )
+    p.add_argument(
+        "--split",
+        help="JSON {dataset: [image names]}: evaluate only these images (e.g. configs/val_split.json)",
+    )
+    p.add_argument(
+        "--radius-um",
+        type=float,
+        default=3.0,
+        help="centroid pairing radius in um for detection/classification F1 "
+        "(default: 3.0 = 12 px at 0.25 um/px)",
+    )
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

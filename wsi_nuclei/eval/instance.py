@@ -212,9 +212,7 @@ def pq_from_overlap(ov: InstanceOverlap, iou_threshold: float = 0.5) -> dict[str
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
     _, _, iou = _match(ov, iou_threshold)
     tp = int(iou.size)
-    return pq_from_counts(
-        tp, ov.pred_labels.size - tp, ov.true_labels.size - tp, float(iou.sum())
-    )
+    return pq_from_counts(tp, ov.pred_labels.size - tp, ov.true_labels.size - tp, float(iou.sum()))
 
 
 def panoptic_quality(

@@ -31,9 +31,9 @@ column is part of the column table, :data:`wsi_nuclei.schema.MEASUREMENTS`.
 
 from wsi_nuclei.export._geometry import NUCLEUS_NAMESPACE, clean_frame, clean_polygon, nucleus_uuid
 from wsi_nuclei.export.annotations import (
-                                         region_annotation_ids,
-                                         region_parents,
-                                         write_regions_geojson,
+    region_annotation_ids,
+    region_parents,
+    write_regions_geojson,
 )
 from wsi_nuclei.export.geojson import write_nuclei_geojson
 from wsi_nuclei.export.parquet import write_nuclei_parquet

@@ -183,15 +183,17 @@ def _coordinates_text(polys: np.ndarray) -> tuple[bytes, np.ndarray]:
     tail_mask = np.ones((n_pts, 2), dtype=bool)
     tail_mask[~last_pt, 1] = False
     xy = _round_coords(coords)
-    buf, pt_off = _rows_text([
-        (head, head_mask),
-        _const("[", n_pts),
-        _number_chars(xy[:, 0], _DECIMALS),
-        _const(",", n_pts),
-        _number_chars(xy[:, 1], _DECIMALS),
-        _const("]", n_pts),
-        (tail, tail_mask),
-    ])
+    buf, pt_off = _rows_text(
+        [
+            (head, head_mask),
+            _const("[", n_pts),
+            _number_chars(xy[:, 0], _DECIMALS),
+            _const(",", n_pts),
+            _number_chars(xy[:, 1], _DECIMALS),
+            _const("]", n_pts),
+            (tail, tail_mask),
+        ]
+    )
     return buf, pt_off[ring_off[poly_off]]
 
 
@@ -240,12 +242,21 @@ def _feature_chunk(frame: pd.DataFrame, classes: Mapping[int, bytes]) -> list[by
     props = b'},"properties":{"objectType":"detection","classification":'
     meas = b',"measurements":'
     return [
-        b"".join((start, ids[i], geom, geo_buf[geo_off[i] : geo_off[i + 1]], props,
-                  classes.get(class_ids[i], unknown), meas,
-                  mea_buf[mea_off[i] : mea_off[i + 1]], b"}}"))
+        b"".join(
+            (
+                start,
+                ids[i],
+                geom,
+                geo_buf[geo_off[i] : geo_off[i + 1]],
+                props,
+                classes.get(class_ids[i], unknown),
+                meas,
+                mea_buf[mea_off[i] : mea_off[i + 1]],
+                b"}}",
+            )
+        )
         for i in range(n)
     ]
-
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -255,9 +266,9 @@ def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
         raise ValueError(f"{what}: nucleus table lacks column(s) {', '.join(missing)}")
 
 
-
-def _detection_batches(frames: Iterable[pd.DataFrame] | pd.DataFrame, what: str,
-                       counts: dict[str, int]) -> Iterator[tuple[pd.DataFrame, list[bytes]]]:
+def _detection_batches(
+    frames: Iterable[pd.DataFrame] | pd.DataFrame, what: str, counts: dict[str, int]
+) -> Iterator[tuple[pd.DataFrame, list[bytes]]]:
     """Nucleus tables as (frame, feature texts) batches with cleaned geometries: dropped
     geometries leave their rows out; ``counts["repaired"]``/``counts["dropped"]`` accumulate."""
     classes = _classification_texts()
@@ -271,7 +282,6 @@ def _detection_batches(frames: Iterable[pd.DataFrame] | pd.DataFrame, what: str,
             cleaned = cleaned[keep]
         if len(frame):
             yield frame, _feature_chunk(frame.assign(geometry=cleaned), classes)
-
 
 
 def _iter_frames(frames: Iterable[pd.DataFrame] | pd.DataFrame) -> Iterator[pd.DataFrame]:

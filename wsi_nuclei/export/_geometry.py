@@ -75,12 +75,7 @@ def _round_coords(coords: np.ndarray) -> np.ndarray:
 
 def _is_good(poly: BaseGeometry | None) -> bool:
     """True for a non-empty, valid Polygon of positive area."""
-    return (
-        isinstance(poly, Polygon)
-        and not poly.is_empty
-        and poly.is_valid
-        and poly.area > 0.0
-    )
+    return isinstance(poly, Polygon) and not poly.is_empty and poly.is_valid and poly.area > 0.0
 
 
 def _largest_polygon(geom: BaseGeometry | None) -> Polygon | None:

@@ -76,7 +76,7 @@ class _JsonStream:
                 raise
             if end == len(self._buf) and not self._eof:
                 # a number may continue in the next chunk: decode again with more input
-                if self._buf[end - 1] not in "}]\"el" and self._fill():
+                if self._buf[end - 1] not in '}]"el' and self._fill():
                     continue
             self._pos = end
             return obj

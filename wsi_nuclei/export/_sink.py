@@ -35,9 +35,10 @@ def _open_sink(raw: BinaryIO, gzip: bool, compresslevel: int) -> BinaryIO:
         return raw
     # filename="" and mtime=0: the gzip header holds neither the (temporary) name nor a time,
     # so the same input always gives the same bytes.
-    return cast(BinaryIO, _gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
-    ))
+    return cast(
+        BinaryIO,
+        _gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0),
+    )
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ _REGION_NAMESPACE: Final[uuid.UUID] = uuid.uuid5(uuid.NAMESPACE_URL, "wsi-nuclei
 _TISSUE_CLASS: Final[str] = "Tissue"
 _TISSUE_COLOR: Final[tuple[int, int, int]] = (200, 200, 200)
 
+
 class _RegionLike(Protocol):
     """What the region writers and summaries need from a region (see ``wsi_nuclei.regions``)."""
 
@@ -243,8 +244,11 @@ def _qupath_color(value: Any) -> bool:
         return False
     if isinstance(value, int):
         return -(2**31) <= value < 2**32
-    return (isinstance(value, list) and len(value) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) for c in value))
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    )
 
 
 def _measurement_items(meas: Any) -> dict[str, Any]:
@@ -266,8 +270,9 @@ def _measurement_items(meas: Any) -> dict[str, Any]:
     return out
 
 
-def _region_feature(region: Any, summary: Mapping[str, Any] | None, annotation_id: str
-                    ) -> dict[str, Any] | None:
+def _region_feature(
+    region: Any, summary: Mapping[str, Any] | None, annotation_id: str
+) -> dict[str, Any] | None:
     """The annotation Feature of one region (None when its geometry is degenerate).
 
     Regions without input properties (detected tissue, the whole slide) get a name, the
@@ -322,8 +327,11 @@ def _region_feature(region: Any, summary: Mapping[str, Any] | None, annotation_i
         meta_in = given.get("metadata")
         meta = {}
         if isinstance(meta_in, Mapping):
-            meta = {str(k): v for k, v in meta_in.items()
-                    if isinstance(v, (str, bool, int, float)) and _strict(v)}
+            meta = {
+                str(k): v
+                for k, v in meta_in.items()
+                if isinstance(v, (str, bool, int, float)) and _strict(v)
+            }
         meta.update(ours)
         props["metadata"] = meta
     return {"type": "Feature", "id": annotation_id, "geometry": geometry, "properties": props}
@@ -432,8 +440,10 @@ def region_parents(regions: Sequence[_RegionLike]) -> list[int]:
     for a, b in zip(inner.tolist(), outer.tolist()):
         if a == b or rank[b] > rank[a] or areas[a] <= 0:
             continue
-        if not (geoms[b].covers(geoms[a])
-                or geoms[a].difference(geoms[b]).area <= _NEST_SLACK * areas[a]):
+        if not (
+            geoms[b].covers(geoms[a])
+            or geoms[a].difference(geoms[b]).area <= _NEST_SLACK * areas[a]
+        ):
             continue
         if best[a] < 0 or rank[b] > rank[best[a]]:
             best[a] = b

@@ -130,8 +130,12 @@ def write_nuclei_parquet(
                     continue
                 frame = frame.loc[keep].assign(geometry=cleaned[keep])
                 b = shapely.total_bounds(cleaned[keep])
-                bbox = [min(bbox[0], b[0]), min(bbox[1], b[1]), max(bbox[2], b[2]),
-                        max(bbox[3], b[3])]
+                bbox = [
+                    min(bbox[0], b[0]),
+                    min(bbox[1], b[1]),
+                    max(bbox[2], b[2]),
+                    max(bbox[3], b[3]),
+                ]
                 pending.append(_frame_to_table(frame, arrow_schema))
                 n_pending += len(frame)
                 n_features += len(frame)

@@ -34,8 +34,10 @@ def _raise_disk_error(exc: OSError, folder: Path, name: str) -> None:
     from wsi_nuclei.errors import OutputError
 
     if exc.errno in _DISK_ERRNOS:
-        raise OutputError(f"{folder}: cannot write the temporary file of {name} "
-                          f"({exc.strerror or exc}); free space and rerun to resume") from None
+        raise OutputError(
+            f"{folder}: cannot write the temporary file of {name} "
+            f"({exc.strerror or exc}); free space and rerun to resume"
+        ) from None
 
 
 class _Spill:
@@ -185,7 +187,9 @@ def write_qupath_geojson(
             if "region_id" in frame.columns:
                 rid = frame["region_id"].to_numpy(np.int64)
                 uniq, inverse = np.unique(rid, return_inverse=True)
-                group = np.array([index_of.get(int(u), -1) for u in uniq.tolist()], np.int64)[inverse]
+                group = np.array([index_of.get(int(u), -1) for u in uniq.tolist()], np.int64)[
+                    inverse
+                ]
             else:
                 group = np.full(len(frame), -1, np.int64)
             for g in np.unique(group).tolist():  # ascending: deterministic piece order

@@ -37,8 +37,10 @@ def _check_classification(cls: Any, where: str, out: list[str]) -> None:
     """Rules for ``properties.classification``."""
     if isinstance(cls, str):
         if ":" in cls:
-            out.append(f"{where}: classification {cls!r} contains ':' (QuPath splits it into "
-                       "derived classes)")
+            out.append(
+                f"{where}: classification {cls!r} contains ':' (QuPath splits it into "
+                "derived classes)"
+            )
         return
     if not isinstance(cls, Mapping):
         out.append(f"{where}: classification must be a string or an object with name and color")
@@ -48,13 +50,16 @@ def _check_classification(cls: Any, where: str, out: list[str]) -> None:
     if name is None and isinstance(names, list) and names:
         # QuPath's own form for a derived class ("Tumor: Positive" -> ["Tumor", "Positive"])
         if not all(isinstance(n, str) and n and ":" not in n for n in names):
-            out.append(f"{where}: classification 'names' must be non-empty strings without ':', "
-                       f"got {names!r}")
+            out.append(
+                f"{where}: classification 'names' must be non-empty strings without ':', "
+                f"got {names!r}"
+            )
     elif not isinstance(name, str) or not name:
         out.append(f"{where}: classification object has no string 'name'")
     elif ":" in name:
-        out.append(f"{where}: class name {name!r} contains ':' (QuPath splits it into derived "
-                   "classes)")
+        out.append(
+            f"{where}: class name {name!r} contains ':' (QuPath splits it into derived classes)"
+        )
     if "color" not in cls:
         out.append(f"{where}: classification object has no 'color' (QuPath's import fails)")
         return
@@ -75,8 +80,9 @@ def _check_measurement_value(name: Any, value: Any, where: str, out: list[str]) 
         out.append(f"{where}: measurement name {name!r} is not a string")
     if _is_number(value) or (isinstance(value, str) and value in _NAN_STRINGS):
         return
-    out.append(f"{where}: measurement {name!r} = {value!r} is not a number (or 'NaN', 'inf', "
-               "'-inf')")
+    out.append(
+        f"{where}: measurement {name!r} = {value!r} is not a number (or 'NaN', 'inf', '-inf')"
+    )
 
 
 def _check_measurements(meas: Any, where: str, out: list[str]) -> None:
@@ -87,8 +93,7 @@ def _check_measurements(meas: Any, where: str, out: list[str]) -> None:
     elif isinstance(meas, list):
         for item in meas:
             if not isinstance(item, Mapping) or "name" not in item or "value" not in item:
-                out.append(f"{where}: measurements list items must be {{'name', 'value'}} "
-                           "objects")
+                out.append(f"{where}: measurements list items must be {{'name', 'value'}} objects")
                 return
             _check_measurement_value(item["name"], item["value"], where, out)
     else:
@@ -190,12 +195,15 @@ def _check_feature(feat: Any, where: str, out: list[str]) -> None:
     otype = props.get("objectType")
     if otype is None:
         if "object_type" in props:
-            out.append(f"{where}: properties.object_type (snake_case) makes QuPath log a "
-                       "warning; write objectType")
+            out.append(
+                f"{where}: properties.object_type (snake_case) makes QuPath log a "
+                "warning; write objectType"
+            )
             otype = props["object_type"]
         else:
-            out.append(f"{where}: properties.objectType missing (QuPath imports it as an "
-                       "annotation)")
+            out.append(
+                f"{where}: properties.objectType missing (QuPath imports it as an annotation)"
+            )
     if otype is not None and otype not in _OBJECT_TYPES:
         out.append(f"{where}: objectType {otype!r} is not one of {sorted(_OBJECT_TYPES)}")
     if "classification" in props and props["classification"] is not None:
@@ -209,13 +217,17 @@ def _check_feature(feat: Any, where: str, out: list[str]) -> None:
     if "color" in props:
         color = props["color"]
         if isinstance(color, str) or isinstance(color, (bool, float)) or color is None:
-            out.append(f"{where}: object color {color!r} is not an integer or [r, g, b] "
-                       "(QuPath's import fails or ignores it)")
+            out.append(
+                f"{where}: object color {color!r} is not an integer or [r, g, b] "
+                "(QuPath's import fails or ignores it)"
+            )
         elif isinstance(color, list) and (
-            len(color) != 3 or not all(isinstance(c, int) and not isinstance(c, bool)
-                                       for c in color)):
-            out.append(f"{where}: object color {color!r} must be 3 integers (QuPath ignores "
-                       "other arrays)")
+            len(color) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in color)
+        ):
+            out.append(
+                f"{where}: object color {color!r} must be 3 integers (QuPath ignores other arrays)"
+            )
     kids = props.get("childObjects", props.get("children"))
     if kids is not None and not isinstance(kids, list):
         out.append(f"{where}: childObjects must be an array of Features")
@@ -257,14 +269,17 @@ def _check_extension(path: Path) -> tuple[str | None, str | None]:
         inner = name[: -len(".gz")]
         if inner.endswith((".geojson", ".json")):
             return None, "gzip"
-        return (f"{path.name}: a .gz file must be named .geojson.gz or .json.gz (QuPath strips "
-                ".gz and requires the inner extension)"), "gzip"
+        return (
+            f"{path.name}: a .gz file must be named .geojson.gz or .json.gz (QuPath strips "
+            ".gz and requires the inner extension)"
+        ), "gzip"
     if name.endswith((".geojson", ".json")):
         return None, "plain"
     if name.endswith(".zip"):
         return None, "zip"
-    return (f"{path.name}: extension not read by QuPath (use .geojson, .json, .geojson.gz or "
-            ".zip)"), None
+    return (
+        f"{path.name}: extension not read by QuPath (use .geojson, .json, .geojson.gz or .zip)"
+    ), None
 
 
 class _Problems(list):
@@ -282,9 +297,7 @@ class _Problems(list):
             self.dropped += 1
 
 
-def _walk_container(
-    stream: _JsonStream, require_feature_collection: bool, out: _Problems
-) -> int:
+def _walk_container(stream: _JsonStream, require_feature_collection: bool, out: _Problems) -> int:
     """Validate the top level and every feature; returns the number of features seen."""
     first = stream.peek()
     if first == "[":
@@ -327,8 +340,7 @@ def _walk_container(
 
 
 def _check_stream(
-    binary: IO[bytes] | _gzip.GzipFile, label: str, require_feature_collection: bool,
-    out: _Problems
+    binary: IO[bytes] | _gzip.GzipFile, label: str, require_feature_collection: bool, out: _Problems
 ) -> None:
     """Parse one (decompressed) JSON stream strictly and apply every rule."""
     text = io.TextIOWrapper(binary, encoding="utf-8", errors="strict")
@@ -396,8 +408,7 @@ def check_qupath_geojson(
     if kind == "zip":
         try:
             with zipfile.ZipFile(path) as zf:
-                members = [m for m in zf.namelist()
-                           if m.lower().endswith((".geojson", ".json"))]
+                members = [m for m in zf.namelist() if m.lower().endswith((".geojson", ".json"))]
                 if not members:
                     out.append(f"{path.name}: zip holds no .geojson/.json file")
                 for member in members:

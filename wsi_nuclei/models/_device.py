@@ -30,8 +30,14 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
-        raise DeviceError(f"--device cuda: no CUDA GPU is usable here ({build}); use --device cpu or auto")
+        build = (
+            "a CPU-only build of torch"
+            if torch.version.cuda is None
+            else f"torch built for CUDA {torch.version.cuda}"
+        )
+        raise DeviceError(
+            f"--device cuda: no CUDA GPU is usable here ({build}); use --device cpu or auto"
+        )
     if device not in ("cpu", "cuda"):
         raise ModelError(f"unknown device {device!r} (auto, cpu or cuda)")
     return device

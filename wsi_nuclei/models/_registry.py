@@ -45,7 +45,9 @@ class ModelSpec:
     sha256: str | None = None
     bundled: bool = False
     url: str | None = None
-    class_colors: dict[int, tuple[int, int, int]] = field(default_factory=lambda: dict(CLASS_COLORS))
+    class_colors: dict[int, tuple[int, int, int]] = field(
+        default_factory=lambda: dict(CLASS_COLORS)
+    )
     tta: bool = False  # supports flip test-time augmentation (network models)
     #: post-processing thresholds tuned for this model (fields of postprocess.HVParams)
     postprocess: dict[str, Any] = field(default_factory=dict)
@@ -98,27 +100,39 @@ class ModelSpec:
     @property
     def unsupported_class_ids(self) -> tuple[int, ...]:
         """Class ids the model has no training labels for (``class_support`` "none")."""
-        return tuple(sorted(c for c, name in self.class_names.items() if self.class_support.get(name) == "none"))
+        return tuple(
+            sorted(
+                c for c, name in self.class_names.items() if self.class_support.get(name) == "none"
+            )
+        )
 
     def reliability_note(self) -> str:
         """What the model's classes can be trusted for, in plain words (empty when unknown)."""
         if not self.class_support or not self.class_names:
             return ""
-        by = {lvl: [n for n in self.class_names.values() if self.class_support.get(n) == lvl]
-              for lvl in ("trained", "weak", "none")}
+        by = {
+            lvl: [n for n in self.class_names.values() if self.class_support.get(n) == lvl]
+            for lvl in ("trained", "weak", "none")
+        }
         parts = []
         if by["trained"]:
             parts.append(f"trained with many exact labels for {', '.join(by['trained'])}")
         if by["weak"]:
-            parts.append(f"{'only ' if by['trained'] else ''}weakly for {', '.join(by['weak'])} (few exact labels: "
-                         "treat these counts as rough)")
+            parts.append(
+                f"{'only ' if by['trained'] else ''}weakly for {', '.join(by['weak'])} (few exact labels: "
+                "treat these counts as rough)"
+            )
         if by["none"]:
-            parts.append(f"never for {', '.join(by['none'])}, which it does not output (reported as not measured, "
-                         "not as 0)")
+            parts.append(
+                f"never for {', '.join(by['none'])}, which it does not output (reported as not measured, "
+                "not as 0)"
+            )
         note = f"{self.name}: " + "; ".join(parts) + "."
         if self.min_class_prob > 0:
-            note += (f" Nuclei whose class probability is below {self.min_class_prob:g} are written without a class "
-                     "(\"Nucleus\").")
+            note += (
+                f" Nuclei whose class probability is below {self.min_class_prob:g} are written without a class "
+                '("Nucleus").'
+            )
         if self.trained_on:
             note += f" Classes were validated on {self.trained_on}; on other tissues (e.g. skin) they are unvalidated."
         return note
@@ -174,7 +188,9 @@ def get_spec(name: str) -> ModelSpec:
     """The spec of model ``name``; :class:`ModelError` if unknown."""
     _ensure_builtin_models()
     if name not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(s.name for s in _ordered())}")
+        raise ModelError(
+            f"unknown model {name!r}; available: {', '.join(s.name for s in _ordered())}"
+        )
     return _REGISTRY[name]
 
 
@@ -209,10 +225,14 @@ def weights_status(spec: ModelSpec) -> str:
 def require_tta(spec: ModelSpec) -> None:
     """Raise :class:`ModelError` unless model ``spec`` supports flip test-time augmentation."""
     if not spec.tta:
-        raise ModelError(f"model {spec.name!r} has no test-time augmentation (only network models do)")
+        raise ModelError(
+            f"model {spec.name!r} has no test-time augmentation (only network models do)"
+        )
 
 
-def load_model(name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False) -> Any:
+def load_model(
+    name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False
+) -> Any:
     """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``.
 
     ``tta`` turns on flip test-time augmentation (network models only).
@@ -220,12 +240,18 @@ def load_model(name: str, *, weights: str | Path | None = None, device: str = "a
     spec = get_spec(name)
     path = find_weights(spec, weights)
     if spec.needs_weights and path is None:
-        hint = f"pass --weights PATH or run 'wsi-nuclei models fetch {name}'" if spec.url else "pass --weights PATH"
+        hint = (
+            f"pass --weights PATH or run 'wsi-nuclei models fetch {name}'"
+            if spec.url
+            else "pass --weights PATH"
+        )
         raise ModelError(f"weights for model {name!r} ({spec.weights_file}) not found: {hint}")
     if path is not None and spec.sha256 and weights is None:
         digest = sha256_file(path)
         if digest != spec.sha256:
-            raise ModelError(f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)")
+            raise ModelError(
+                f"{path}: sha256 {digest[:12]}... does not match the registry ({spec.sha256[:12]}...)"
+            )
     if tta:
         require_tta(spec)
     model = spec.builder(spec, path, resolve_device(device))

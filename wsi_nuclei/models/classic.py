@@ -29,7 +29,9 @@ from .base import InstanceResult
 class ClassicParams:
     """Parameters of the classical segmentation (pixel sizes at 0.25 µm/px)."""
 
-    h_threshold: float = 0.04  # haematoxylin optical density (tuned on the MoNuSeg/CoNSeP validation split)
+    h_threshold: float = (
+        0.04  # haematoxylin optical density (tuned on the MoNuSeg/CoNSeP validation split)
+    )
     min_area_px: int = 40
     max_area_px: int = 6000
     min_distance_px: int = 8
@@ -68,8 +70,18 @@ def classic_instances(rgb: np.ndarray, params: ClassicParams = ClassicParams()) 
     lab, n = ndi.label(fg)
     if n == 0:
         z = np.zeros(0)
-        return InstanceResult(np.zeros(rgb.shape[:2], np.int32), z.astype(np.int32), z.astype(np.int8), z.astype(np.float32))
-    peaks = peak_local_max(ndi.gaussian_filter(dist, 1.0), min_distance=params.min_distance_px, labels=lab, exclude_border=False)
+        return InstanceResult(
+            np.zeros(rgb.shape[:2], np.int32),
+            z.astype(np.int32),
+            z.astype(np.int8),
+            z.astype(np.float32),
+        )
+    peaks = peak_local_max(
+        ndi.gaussian_filter(dist, 1.0),
+        min_distance=params.min_distance_px,
+        labels=lab,
+        exclude_border=False,
+    )
     markers = np.zeros(lab.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # components without a peak keep one marker at their maximum
@@ -133,7 +145,9 @@ class NullModel:
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         return [{} for _ in batch]
 
-    def postprocess(self, raw: Any, origin: tuple[int, int] | None = None, shape: tuple[int, int] | None = None) -> InstanceResult:
+    def postprocess(
+        self, raw: Any, origin: tuple[int, int] | None = None, shape: tuple[int, int] | None = None
+    ) -> InstanceResult:
         """Discs centred at canvas positions ``(k + 0.5) * spacing`` that fall in the window."""
         ox, oy = origin if origin is not None else (0, 0)
         if shape is None:
@@ -163,7 +177,9 @@ class NullModel:
         lut[present] = np.arange(1, len(present) + 1)
         inst = lut[inst]
         m = len(present)
-        return InstanceResult(inst, np.arange(1, m + 1, dtype=np.int32), np.zeros(m, np.int8), np.ones(m, np.float32))
+        return InstanceResult(
+            inst, np.arange(1, m + 1, dtype=np.int32), np.zeros(m, np.int8), np.ones(m, np.float32)
+        )
 
 
 def _build_classic(spec: ModelSpec, weights: Path | None, device: str) -> ClassicModel:
@@ -174,18 +190,28 @@ def _build_null(spec: ModelSpec, weights: Path | None, device: str) -> NullModel
     return NullModel(spec)
 
 
-register_model(ModelSpec(
-    name="classic",
-    description="Classical baseline, no weights: haematoxylin deconvolution, fixed threshold, distance-transform watershed; no classes",
-    licence="Apache-2.0 (code only)",
-    mpp=0.25, input_size=256, output_size=256, class_names={},
-    builder=_build_classic,
-))
+register_model(
+    ModelSpec(
+        name="classic",
+        description="Classical baseline, no weights: haematoxylin deconvolution, fixed threshold, distance-transform watershed; no classes",
+        licence="Apache-2.0 (code only)",
+        mpp=0.25,
+        input_size=256,
+        output_size=256,
+        class_names={},
+        builder=_build_classic,
+    )
+)
 
-register_model(ModelSpec(
-    name="null",
-    description="No network: a fixed pattern of disc nuclei per tile; measures the engine (read, tile, own, measure, write) without model cost",
-    licence="Apache-2.0 (code only)",
-    mpp=0.25, input_size=256, output_size=256, class_names={},
-    builder=_build_null,
-))
+register_model(
+    ModelSpec(
+        name="null",
+        description="No network: a fixed pattern of disc nuclei per tile; measures the engine (read, tile, own, measure, write) without model cost",
+        licence="Apache-2.0 (code only)",
+        mpp=0.25,
+        input_size=256,
+        output_size=256,
+        class_names={},
+        builder=_build_null,
+    )
+)

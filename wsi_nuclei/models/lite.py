@@ -34,35 +34,68 @@ def _build(spec: ModelSpec, weights: Path | None, device: str) -> Any:
 
     net = EffUNet(n_types=len(spec.class_names) + 1)  # background + the spec's classes
     try:
-        with warnings.catch_warnings():  # torch's notes on odd pickles would add lines to the one-line error
+        with (
+            warnings.catch_warnings()
+        ):  # torch's notes on odd pickles would add lines to the one-line error
             warnings.simplefilter("ignore")
             sd = torch.load(weights, map_location="cpu", weights_only=True)  # type: ignore[arg-type]
         sd = sd.get("model", sd)
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    except (RuntimeError, KeyError, AttributeError, EOFError, IndexError, ValueError, pickle.UnpicklingError) as exc:
+    except (
+        RuntimeError,
+        KeyError,
+        AttributeError,
+        EOFError,
+        IndexError,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
     return MapModel(spec, net, device)
 
 
-SPEC = register_model(ModelSpec(
-    name="wsi-nuclei-lite0",
-    description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, CRCHisto points, "
-                "MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
-    licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
-    mpp=0.25, input_size=256, output_size=256, class_names=dict(CLASS_NAMES),
-    builder=_build, weights_file=DEFAULT_WEIGHTS_FILE, sha256=DEFAULT_WEIGHTS_SHA256, bundled=True, tta=True,
-    # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
-    postprocess={"np_threshold": 0.45, "edge_threshold": 0.35, "sobel_ksize": 15, "min_marker_px": 40, "min_nucleus_px": 40,
-                 "grad_offset": 0.3, "class_temperature": 1.1},
-    output_border=32,
-    class_support={"Neoplastic": "weak", "Inflammatory": "trained", "Connective": "trained", "Dead": "none",
-                   "Epithelial": "weak"},
-    class_evidence=("exact training labels: Inflammatory 4,507 CoNSeP + 6,970 CRCHisto points; Connective 6,668 CoNSeP "
-                    "spindle + 5,712 CRCHisto fibroblast points; Neoplastic only 454 (NuCLS tumour, PanNuke-25); "
-                    "Epithelial none exact (CoNSeP and CRCHisto epithelium is 'Neoplastic or Epithelial', 14,330 nuclei); "
-                    "Dead none"),
-    trained_on="colorectal (CoNSeP, CRCHisto), breast (NuCLS) and multi-organ (MoNuSeg, PanNuke) H&E",
-    min_class_prob=0.0,
-    hv_tanh=True,  # trained through a tanh (wsi_nuclei.train)
-))
+SPEC = register_model(
+    ModelSpec(
+        name="wsi-nuclei-lite0",
+        description="Default. HoVer-Net-style EfficientNet-Lite0 U-Net (3.6M params) trained here on CoNSeP, CRCHisto points, "
+        "MoNuSeg, MICCAI15, NuCLS, PanNuke-25 (see docs/model-card.md)",
+        licence="CC BY-NC-SA 4.0 (weights: non-commercial research; trained on CC BY-NC-SA / research-only data)",
+        mpp=0.25,
+        input_size=256,
+        output_size=256,
+        class_names=dict(CLASS_NAMES),
+        builder=_build,
+        weights_file=DEFAULT_WEIGHTS_FILE,
+        sha256=DEFAULT_WEIGHTS_SHA256,
+        bundled=True,
+        tta=True,
+        # thresholds tuned on the validation split by scripts/tune_postprocess.py (docs/model-card.md)
+        postprocess={
+            "np_threshold": 0.45,
+            "edge_threshold": 0.35,
+            "sobel_ksize": 15,
+            "min_marker_px": 40,
+            "min_nucleus_px": 40,
+            "grad_offset": 0.3,
+            "class_temperature": 1.1,
+        },
+        output_border=32,
+        class_support={
+            "Neoplastic": "weak",
+            "Inflammatory": "trained",
+            "Connective": "trained",
+            "Dead": "none",
+            "Epithelial": "weak",
+        },
+        class_evidence=(
+            "exact training labels: Inflammatory 4,507 CoNSeP + 6,970 CRCHisto points; Connective 6,668 CoNSeP "
+            "spindle + 5,712 CRCHisto fibroblast points; Neoplastic only 454 (NuCLS tumour, PanNuke-25); "
+            "Epithelial none exact (CoNSeP and CRCHisto epithelium is 'Neoplastic or Epithelial', 14,330 nuclei); "
+            "Dead none"
+        ),
+        trained_on="colorectal (CoNSeP, CRCHisto), breast (NuCLS) and multi-organ (MoNuSeg, PanNuke) H&E",
+        min_class_prob=0.0,
+        hv_tanh=True,  # trained through a tanh (wsi_nuclei.train)
+    )
+)

@@ -53,8 +53,16 @@ class MapModel:
     window of the network (``spec.output_size`` for ``spec.input_size`` tiles).
     """
 
-    def __init__(self, spec: Any, net: torch.nn.Module, device: str = "cpu", *, params: Any = None,
-                 tta: bool = False, postprocess_backend: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        net: torch.nn.Module,
+        device: str = "cpu",
+        *,
+        params: Any = None,
+        tta: bool = False,
+        postprocess_backend: str | None = None,
+    ) -> None:
         from ..postprocess_torch import postprocess_backend as _backend
 
         self.spec = spec
@@ -70,7 +78,9 @@ class MapModel:
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net  # type: ignore[call-overload]
 
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        x = x.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
         with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=self.fp16):
             out = self.net(x)
@@ -86,7 +96,9 @@ class MapModel:
             maps = self._maps(x.flip(dims) if dims else x)
             npp, hv, tp = (m.flip(dims) if dims and m is not None else m for m in maps)
             assert npp is not None and hv is not None
-            sign = torch.tensor([-1.0 if -1 in dims else 1.0, -1.0 if -2 in dims else 1.0], device=hv.device)
+            sign = torch.tensor(
+                [-1.0 if -1 in dims else 1.0, -1.0 if -2 in dims else 1.0], device=hv.device
+            )
             hv = hv * sign.view(1, 2, 1, 1)
             for i, m in enumerate((npp, hv, tp)):
                 if m is not None:
@@ -108,7 +120,9 @@ class MapModel:
         """
         arr = np.asarray(batch)
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-            raise ValueError(f"expected an (N, H, W, 3) uint8 batch, got shape {arr.shape} dtype {arr.dtype}")
+            raise ValueError(
+                f"expected an (N, H, W, 3) uint8 batch, got shape {arr.shape} dtype {arr.dtype}"
+            )
         if len(arr) == 0:
             return []
         arr = np.ascontiguousarray(arr)
@@ -123,14 +137,18 @@ class MapModel:
             for i in range(len(arr))
         ]
 
-    def postprocess(self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> InstanceResult:
+    def postprocess(
+        self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None
+    ) -> InstanceResult:
         """Instances from (blended) maps; ``origin`` (the window's canvas position) is unused:
         the result depends on the maps only. Runs on the model's device with the torch
         implementation when ``postprocess_backend`` is ``torch``."""
         if self.postprocess_backend == "torch":
             from ..postprocess_torch import hv_to_instances_torch
 
-            return hv_to_instances_torch(raw["np"], raw["hv"], raw.get("tp"), self.params, device=self.device)
+            return hv_to_instances_torch(
+                raw["np"], raw["hv"], raw.get("tp"), self.params, device=self.device
+            )
         from ..postprocess import hv_to_instances
 
         return hv_to_instances(raw["np"], raw["hv"], raw.get("tp"), self.params)

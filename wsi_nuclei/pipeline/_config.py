@@ -56,7 +56,9 @@ class RunConfig:
     strict_ownership: bool = False
     quiet: bool = False
     keep_work: bool = False
-    min_class_prob: float | None = None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    min_class_prob: float | None = (
+        None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    )
     report: bool = True  # write report.html (visual QC) after the other outputs
     anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
     client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
@@ -67,6 +69,7 @@ class RunResult:
     """What :func:`~wsi_nuclei.pipeline.run` returns: the output folder and files, the nucleus count and
     counts per class, the patches planned and run, the seconds per stage and the run manifest
     (``run.json``)."""
+
     out_dir: Path
     files: dict[str, Path]
     n_nuclei: int

@@ -21,7 +21,9 @@ def _prepare_out(out: Path, names: list[str], overwrite: bool) -> None:
     # run.json, written last, is not) are not results: rerunning the same command replaces them
     interrupted = (out / _WORK).is_dir() and not (out / "run.json").exists()
     if existing and not overwrite and not interrupted:
-        raise OutputError(f"{out}: results already exist ({', '.join(existing)}); use --overwrite to replace them")
+        raise OutputError(
+            f"{out}: results already exist ({', '.join(existing)}); use --overwrite to replace them"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -60,7 +62,9 @@ def _lock(out: Path) -> _Lock:
         fh.seek(0)
         who = fh.read().strip() or "another process"
         fh.close()
-        raise OutputError(f"{out}: another wsi-nuclei run ({who}) is writing into this folder; wait for it or use another --out") from None
+        raise OutputError(
+            f"{out}: another wsi-nuclei run ({who}) is writing into this folder; wait for it or use another --out"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()}")

@@ -31,7 +31,9 @@ def save_part(frame: pd.DataFrame, stats: dict[str, Any], path: Path) -> None:
     f = frame.copy()
     f["geometry"] = shapely.to_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
     table = pa.Table.from_pandas(f, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _STATS_KEY: json.dumps(stats).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), _STATS_KEY: json.dumps(stats).encode()}
+    )
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -44,7 +46,9 @@ def load_part(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     table = pq.read_table(path)
     stats = json.loads((table.schema.metadata or {}).get(_STATS_KEY, b"{}"))
     f = table.to_pandas()
-    f["geometry"] = shapely.from_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
+    f["geometry"] = (
+        shapely.from_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
+    )
     return f, stats
 
 

@@ -44,10 +44,16 @@ def run(cfg: RunConfig) -> RunResult:
     user_regions = load_regions(cfg.regions) if cfg.regions else None
 
     slide, source = _open(cfg)
-    slide_name = Path(str(cfg.slide)).name if isinstance(cfg.slide, (str, Path)) else getattr(slide, "name", "synthetic")
+    slide_name = (
+        Path(str(cfg.slide)).name
+        if isinstance(cfg.slide, (str, Path))
+        else getattr(slide, "name", "synthetic")
+    )
     out = Path(cfg.out) if cfg.out else default_out_dir(slide_name)
     geojson_name = "nuclei.geojson" if cfg.geojson_plain else "nuclei.geojson.gz"
-    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)] + (["nuclei.h5ad"] if cfg.anndata else [])
+    names = [geojson_name, *OUTPUT_NAMES, qupath_name(cfg)] + (
+        ["nuclei.h5ad"] if cfg.anndata else []
+    )
     created = not out.exists()
     _prepare_out(out, names, cfg.overwrite)
     lock = _lock(out)
@@ -56,7 +62,9 @@ def run(cfg: RunConfig) -> RunResult:
     try:
         doing = "detecting tissue on a thumbnail" if cfg.tissue == "auto" else "planning the tiles"
         with progress.stage("tissue", doing) as stage:
-            plan, setup = make_plan(cfg, spec, slide, source, slide_name, weights_path, device, user_regions)
+            plan, setup = make_plan(
+                cfg, spec, slide, source, slide_name, weights_path, device, user_regions
+            )
             stage.done(_plan_line(cfg, plan, setup))
         return _execute_and_write(cfg, plan, setup, out, names, t0, progress=progress)
     except BaseException:
@@ -65,7 +73,12 @@ def run(cfg: RunConfig) -> RunResult:
         parts = out / _WORK / "blocks"
         finished = list(parts.glob("*.parquet")) if parts.is_dir() else []
         lock.close()
-        if created and out.is_dir() and not finished and not any(p for p in out.iterdir() if p.name not in (_WORK, _LOCK)):
+        if (
+            created
+            and out.is_dir()
+            and not finished
+            and not any(p for p in out.iterdir() if p.name not in (_WORK, _LOCK))
+        ):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
@@ -78,15 +91,28 @@ def run(cfg: RunConfig) -> RunResult:
 
 def _plan_line(cfg: RunConfig, plan: RunPlan, setup: _Setup) -> str:
     """The tissue stage's progress line: regions, area and the work planned."""
-    source = "--regions" if setup.user_regions else ("tissue detection" if cfg.tissue == "auto" else "whole slide")
+    source = (
+        "--regions"
+        if setup.user_regions
+        else ("tissue detection" if cfg.tissue == "auto" else "whole slide")
+    )
     n = len(setup.regions)
-    area = setup.area_model_px * plan.model_mpp ** 2 / 1e6
-    return (f"{n} region{'' if n == 1 else 's'} ({source}), {area:.3f} mm2; "
-            f"{plan.n_patches} patches, {len(plan.active)} blocks planned")
+    area = setup.area_model_px * plan.model_mpp**2 / 1e6
+    return (
+        f"{n} region{'' if n == 1 else 's'} ({source}), {area:.3f} mm2; "
+        f"{plan.n_patches} patches, {len(plan.active)} blocks planned"
+    )
 
 
-def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, names: list[str], t0: float,
-                       progress: Progress | None = None) -> RunResult:
+def _execute_and_write(
+    cfg: RunConfig,
+    plan: RunPlan,
+    setup: _Setup,
+    out: Path,
+    names: list[str],
+    t0: float,
+    progress: Progress | None = None,
+) -> RunResult:
     """Execute (resuming from finished parts when the run key matches), stitch and write a planned
     run; the work folder is removed after the outputs are written (unless ``keep_work``)."""
     progress = progress if progress is not None else Progress(enabled=False)
@@ -103,7 +129,9 @@ def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, 
     with atomic_path(key_file) as tmp:
         tmp.write_text(key)
     if stale and not cfg.quiet:
-        print(f"wsi-nuclei: discarded the unfinished work folder in {out}: {stale}", file=sys.stderr)
+        print(
+            f"wsi-nuclei: discarded the unfinished work folder in {out}: {stale}", file=sys.stderr
+        )
     done = _finished_parts(parts, plan)
     todo = set(plan.active) - done
     ctx = _context(plan, setup, cfg)
@@ -123,7 +151,20 @@ def _execute_and_write(cfg: RunConfig, plan: RunPlan, setup: _Setup, out: Path, 
     seconds["stitch"] = time.perf_counter() - t
 
     # write
-    written = _write(cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done, progress=progress)
+    written = _write(
+        cfg,
+        plan,
+        setup,
+        final_dir,
+        out,
+        names,
+        st,
+        engine_stats,
+        seconds,
+        t0,
+        done,
+        progress=progress,
+    )
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return written

@@ -37,31 +37,62 @@ def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
         try:
             return Client(scheduler, timeout=20)
         except (OSError, TimeoutError) as exc:
-            raise WsiNucleiError(f"cannot connect to the Dask scheduler {scheduler} ({exc})") from None
+            raise WsiNucleiError(
+                f"cannot connect to the Dask scheduler {scheduler} ({exc})"
+            ) from None
     # dashboard_address=None still binds the HTTP server to :8787 and warns when it is taken
     # (another run, a notebook cluster): a random port and no dashboard instead
     if workers > 1:  # worker processes log on their own (inherited stderr): quiet there too
         import dask
 
-        dask.config.set({"logging": {"distributed": "critical", "distributed.worker": "critical",
-                                     "distributed.nanny": "critical", "distributed.worker.state_machine": "critical"}})
-    return Client(processes=workers > 1, n_workers=max(1, workers), threads_per_worker=max(1, threads),
-                  dashboard_address=":0", scheduler_kwargs={"dashboard": False})
+        dask.config.set(
+            {
+                "logging": {
+                    "distributed": "critical",
+                    "distributed.worker": "critical",
+                    "distributed.nanny": "critical",
+                    "distributed.worker.state_machine": "critical",
+                }
+            }
+        )
+    return Client(
+        processes=workers > 1,
+        n_workers=max(1, workers),
+        threads_per_worker=max(1, threads),
+        dashboard_address=":0",
+        scheduler_kwargs={"dashboard": False},
+    )
 
 
-def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int, int]], cfg: RunConfig,
-             progress: Progress | None = None) -> dict[str, float]:
+def _execute(
+    ctx: EngineContext,
+    plan: RunPlan,
+    parts: Path,
+    todo: set[tuple[int, int]],
+    cfg: RunConfig,
+    progress: Progress | None = None,
+) -> dict[str, float]:
     """Run the engine over the strips that hold unfinished blocks (``todo``), one part file per
     finished block; the engine's totals (seconds per task kind, patches, peak band memory, OOM
     splits, retries)."""
     from ..engine import DaskExecutor, patches_for_window, run_strip
 
     progress = progress if progress is not None else Progress(enabled=False)
-    totals = {"t_read": 0.0, "t_infer": 0.0, "t_post": 0.0, "n_patches": 0, "peak_band_bytes": 0, "blocks": 0,
-              "oom_batch_splits": 0, "post_retries": 0}
+    totals = {
+        "t_read": 0.0,
+        "t_infer": 0.0,
+        "t_post": 0.0,
+        "n_patches": 0,
+        "peak_band_bytes": 0,
+        "blocks": 0,
+        "oom_batch_splits": 0,
+        "post_retries": 0,
+    }
     if not todo:
         with progress.stage("patches") as stage:
-            stage.done(f"nothing to run: all {len(plan.active)} blocks resumed from the work folder")
+            stage.done(
+                f"nothing to run: all {len(plan.active)} blocks resumed from the work folder"
+            )
         return totals
     # patches this session will infer (for the progress bar)
     n_todo = 0
@@ -83,28 +114,58 @@ def _execute(ctx: EngineContext, plan: RunPlan, parts: Path, todo: set[tuple[int
 
     try:
         with progress.stage("patches", total=n_todo, unit="patch", eta=True) as stage:
-            client = cfg.client if cfg.client is not None else _client(cfg.scheduler, cfg.workers, cfg.threads)
+            client = (
+                cfg.client
+                if cfg.client is not None
+                else _client(cfg.scheduler, cfg.workers, cfg.threads)
+            )
             ex = DaskExecutor(client)
             for st in plan.strips:
-                s = run_strip(ctx, st, ex, todo=todo, on_block=on_block, on_batch=lambda n, _: stage.update(n),
-                              max_in_flight=cfg.max_in_flight, max_post=max(2, cfg.workers * 2))
-                for k in ("t_read", "t_infer", "t_post", "n_patches", "oom_batch_splits", "post_retries"):
+                s = run_strip(
+                    ctx,
+                    st,
+                    ex,
+                    todo=todo,
+                    on_block=on_block,
+                    on_batch=lambda n, _: stage.update(n),
+                    max_in_flight=cfg.max_in_flight,
+                    max_post=max(2, cfg.workers * 2),
+                )
+                for k in (
+                    "t_read",
+                    "t_infer",
+                    "t_post",
+                    "n_patches",
+                    "oom_batch_splits",
+                    "post_retries",
+                ):
                     totals[k] += s[k]
                 totals["peak_band_bytes"] = max(totals["peak_band_bytes"], s["peak_band_bytes"])
             rate = stage.estimator.overall_rate() if stage.estimator is not None else None
-            stage.done(f"{int(totals['n_patches'])} patches" + (f", {rate:.1f} patch/s" if rate else "")
-                       + (f"; {resumed} of {len(plan.active)} blocks resumed" if resumed else ""))
+            stage.done(
+                f"{int(totals['n_patches'])} patches"
+                + (f", {rate:.1f} patch/s" if rate else "")
+                + (f"; {resumed} of {len(plan.active)} blocks resumed" if resumed else "")
+            )
     finally:
         try:
-            if cfg.client is None and client is not None:  # a client handed in (a cohort run) serves the next slide too
+            if (
+                cfg.client is None and client is not None
+            ):  # a client handed in (a cohort run) serves the next slide too
                 client.close(timeout=30)
         except Exception:  # closing after an error: the error is what the user must see
             pass
     return totals
 
 
-def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path,
-            progress: Progress | None = None) -> dict[str, Any]:
+def _stitch(
+    ctx: EngineContext,
+    plan: RunPlan,
+    setup: _Setup,
+    parts: Path,
+    final_dir: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Resolve seams, assign regions, and write one final part per block (in block order)."""
     progress = progress if progress is not None else Progress(enabled=False)
     n_blocks = len(plan.active)
@@ -112,12 +173,16 @@ def _stitch(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final
     # bar step per part read
     with progress.stage("stitching", total=3 * n_blocks, unit="part") as stage:
         stats = _stitch_blocks(ctx, plan, setup, parts, final_dir, stage)
-        stage.done(f"{n_blocks} block{'' if n_blocks == 1 else 's'}, {stats['seam_candidates']} seam candidates: "
-                   f"{stats['seam_duplicates_removed']} duplicates removed, {stats['seam_trimmed']} trimmed")
+        stage.done(
+            f"{n_blocks} block{'' if n_blocks == 1 else 's'}, {stats['seam_candidates']} seam candidates: "
+            f"{stats['seam_duplicates_removed']} duplicates removed, {stats['seam_trimmed']} trimmed"
+        )
     return stats
 
 
-def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path, stage: Any) -> dict[str, Any]:
+def _stitch_blocks(
+    ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path, final_dir: Path, stage: Any
+) -> dict[str, Any]:
     """Resolve the seam candidates of all blocks, apply the decisions to each part, clean the
     geometries, assign regions and write the final parts to ``final_dir``; the stitch statistics."""
     from ..engine import apply_resolution, collect_candidates
@@ -154,8 +219,12 @@ def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path
             f, _ = clean_frame(f)
         member: tuple[list[int], list[int]] = ([], [])
         if len(f):
-            m = region_membership(f["centroid_x"].to_numpy(), f["centroid_y"].to_numpy(), setup.regions,
-                                  tolerance=setup.tolerance_px)
+            m = region_membership(
+                f["centroid_x"].to_numpy(),
+                f["centroid_y"].to_numpy(),
+                setup.regions,
+                tolerance=setup.tolerance_px,
+            )
             f["region_id"] = m.primary
             inside = m.primary >= 0
             n_outside += int((~inside).sum())
@@ -166,8 +235,18 @@ def _stitch_blocks(ctx: EngineContext, plan: RunPlan, setup: _Setup, parts: Path
             sel = inside[m.rows]
             member = (remap[m.rows[sel]].tolist(), m.region_ids[sel].tolist())
             f = f.loc[inside].reset_index(drop=True)
-        save_part(f, {"member_rows": member[0], "member_ids": member[1]}, final_dir / f"b{i:06d}.parquet")
-    stats.update({"seam_candidates": len(cands), "seam_kept": res.n_kept, "seam_trimmed": res.n_trimmed,
-                  "seam_duplicates_removed": res.n_dropped, "nuclei_outside_regions_removed": n_outside,
-                  "nuclei_near_region_edge_assigned": n_tolerated, "n_final_parts": len(plan.active)})
+        save_part(
+            f, {"member_rows": member[0], "member_ids": member[1]}, final_dir / f"b{i:06d}.parquet"
+        )
+    stats.update(
+        {
+            "seam_candidates": len(cands),
+            "seam_kept": res.n_kept,
+            "seam_trimmed": res.n_trimmed,
+            "seam_duplicates_removed": res.n_dropped,
+            "nuclei_outside_regions_removed": n_outside,
+            "nuclei_near_region_edge_assigned": n_tolerated,
+            "n_final_parts": len(plan.active),
+        }
+    )
     return stats

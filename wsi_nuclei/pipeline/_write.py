@@ -59,6 +59,7 @@ def _write_report(out: Path, slide: Any, warn: Any = None) -> Path | None:
     from ..report import write_report
 
     if warn is None:
+
         def warn(line: str) -> None:
             print(line, file=sys.stderr)
 
@@ -66,24 +67,52 @@ def _write_report(out: Path, slide: Any, warn: Any = None) -> Path | None:
         return write_report(out, slide=slide)
     except Exception as exc:  # noqa: BLE001 - the results are complete; the page is an extra
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warn(f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
-             f"the results are complete; retry with 'wsi-nuclei report {out}'")
+        warn(
+            f"wsi-nuclei: warning: report.html not written ({type(exc).__name__}: {text}); "
+            f"the results are complete; retry with 'wsi-nuclei report {out}'"
+        )
         return None
 
 
-def _write(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
-           engine_stats: dict, seconds: dict[str, float], t0: float, done: set, progress: Progress | None = None) -> RunResult:
+def _write(
+    cfg: RunConfig,
+    plan: RunPlan,
+    setup: _Setup,
+    final_dir: Path,
+    out: Path,
+    names: list[str],
+    st: dict,
+    engine_stats: dict,
+    seconds: dict[str, float],
+    t0: float,
+    done: set,
+    progress: Progress | None = None,
+) -> RunResult:
     """The write stage: every output file, one progress step each (summary.csv and .json are one)."""
     progress = progress if progress is not None else Progress(enabled=False)
     n_steps = 5 + int(cfg.anndata) + int(cfg.qupath_hierarchy) + int(cfg.report)
     with progress.stage("writing", total=n_steps, unit="file") as stage:
-        result = _write_outputs(cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done, stage)
+        result = _write_outputs(
+            cfg, plan, setup, final_dir, out, names, st, engine_stats, seconds, t0, done, stage
+        )
         stage.done(f"{len(result.files)} files in {out}/")
     return result
 
 
-def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path, out: Path, names: list[str], st: dict,
-                   engine_stats: dict, seconds: dict[str, float], t0: float, done: set, stage: Any) -> RunResult:
+def _write_outputs(
+    cfg: RunConfig,
+    plan: RunPlan,
+    setup: _Setup,
+    final_dir: Path,
+    out: Path,
+    names: list[str],
+    st: dict,
+    engine_stats: dict,
+    seconds: dict[str, float],
+    t0: float,
+    done: set,
+    stage: Any,
+) -> RunResult:
     """Stream the final parts into every output (GeoJSON, QuPath hierarchy, GeoParquet, AnnData,
     region annotations, summaries, run.json last), each atomic; the :class:`RunResult`."""
     from dataclasses import replace
@@ -118,10 +147,16 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
 
     slide = setup.slide
     t = time.perf_counter()
-    meta = {"slide": plan.slide_name, "fingerprint": plan.fingerprint, "model": plan.model,
-            "frame": "level-0 px, OpenSlide bounds subtracted (QuPath frame)"}
+    meta = {
+        "slide": plan.slide_name,
+        "fingerprint": plan.fingerprint,
+        "model": plan.model,
+        "frame": "level-0 px, OpenSlide bounds subtracted (QuPath frame)",
+    }
     stage.begin_step(geojson_name)
-    gstats = write_nuclei_geojson(frames(), out / geojson_name, gzip=not cfg.geojson_plain, metadata=meta)
+    gstats = write_nuclei_geojson(
+        frames(), out / geojson_name, gzip=not cfg.geojson_plain, metadata=meta
+    )
     seconds["write_geojson"] = time.perf_counter() - t
     stage.begin_step("nuclei.parquet")
     t = time.perf_counter()
@@ -135,22 +170,49 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
         # the categories are the classes the model can output (not those it has no labels for);
         # "Nucleus" (unclassified, e.g. below --min-class-prob) is added when present
         spec = setup.spec
-        classes = [n for c, n in spec.class_names.items() if c not in spec.unsupported_class_ids] if spec.class_names else [UNCLASSIFIED]
-        write_anndata(out / "nuclei.parquet", out / "nuclei.h5ad", regions=regions, classes=classes,
-                      uns={"slide_name": plan.slide_name, "fingerprint": plan.fingerprint, "mpp": plan.slide_mpp,
-                           "model": plan.model, "model_sha256": plan.model_sha, "min_class_prob": min_prob,
-                           "reliability_note": reliability_note(spec, min_prob), "wsi_nuclei_version": __version__})
+        classes = (
+            [n for c, n in spec.class_names.items() if c not in spec.unsupported_class_ids]
+            if spec.class_names
+            else [UNCLASSIFIED]
+        )
+        write_anndata(
+            out / "nuclei.parquet",
+            out / "nuclei.h5ad",
+            regions=regions,
+            classes=classes,
+            uns={
+                "slide_name": plan.slide_name,
+                "fingerprint": plan.fingerprint,
+                "mpp": plan.slide_mpp,
+                "model": plan.model,
+                "model_sha256": plan.model_sha,
+                "min_class_prob": min_prob,
+                "reliability_note": reliability_note(spec, min_prob),
+                "wsi_nuclei_version": __version__,
+            },
+        )
         seconds["write_anndata"] = time.perf_counter() - t
     stage.begin_step("summary.csv, summary.json")
     t = time.perf_counter()
     class_names = dict(CLASS_NAMES) if setup.spec.class_names else {0: "Nucleus"}
     not_measured = [CLASS_NAMES[c] for c in setup.spec.unsupported_class_ids if c in CLASS_NAMES]
-    summ = RegionSummarizer(regions, class_names=class_names, mpp=plan.slide_mpp, slide_name=plan.slide_name,
-                            not_measured=not_measured)
+    summ = RegionSummarizer(
+        regions,
+        class_names=class_names,
+        mpp=plan.slide_mpp,
+        slide_name=plan.slide_name,
+        not_measured=not_measured,
+    )
     counts: dict[str, int] = {}
     n_total = 0
     for f, meta_i in final_parts():
-        summ.add(f, (np.asarray(meta_i["member_rows"], np.int64), np.asarray(meta_i["member_ids"], np.int64)))
+        summ.add(
+            f,
+            (
+                np.asarray(meta_i["member_rows"], np.int64),
+                np.asarray(meta_i["member_ids"], np.int64),
+            ),
+        )
         n_total += len(f)
         for k, v in f["class_name"].value_counts().items():
             counts[k] = counts.get(k, 0) + int(v)
@@ -159,14 +221,27 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
     pg, bg = plan.patches, plan.blocks
     passes = passes_per_pixel(plan.n_patches, pg.input_size, setup.area_model_px)
     qc = {
-        "patches_total": len(pg), "patches_planned": plan.n_patches, "patches_run": int(engine_stats["n_patches"]),
-        "passes_per_pixel": round(passes, 4), "tissue_area_mm2": round(setup.area_model_px * plan.model_mpp**2 / 1e6, 4),
-        "blocks_total": len(bg), "blocks_processed": len(plan.active), "blocks_resumed": len(done),
-        "mpp": plan.slide_mpp, "mpp_source": getattr(slide, "mpp_source", "synthetic"), "level": setup.sinfo.get("level", 0),
-        "scale_factor": setup.sinfo.get("scale_factor", plan.scale), "model": plan.model, "model_sha256": plan.model_sha,
-        "device": plan.device, "wsi_nuclei_version": __version__, "nuclei_found_in_blocks": st["n_found"],
-        "nuclei_cut_at_window_border": st["n_cut_owned"], "seam_candidates": st["seam_candidates"],
-        "seam_kept": st["seam_kept"], "seam_trimmed": st["seam_trimmed"],
+        "patches_total": len(pg),
+        "patches_planned": plan.n_patches,
+        "patches_run": int(engine_stats["n_patches"]),
+        "passes_per_pixel": round(passes, 4),
+        "tissue_area_mm2": round(setup.area_model_px * plan.model_mpp**2 / 1e6, 4),
+        "blocks_total": len(bg),
+        "blocks_processed": len(plan.active),
+        "blocks_resumed": len(done),
+        "mpp": plan.slide_mpp,
+        "mpp_source": getattr(slide, "mpp_source", "synthetic"),
+        "level": setup.sinfo.get("level", 0),
+        "scale_factor": setup.sinfo.get("scale_factor", plan.scale),
+        "model": plan.model,
+        "model_sha256": plan.model_sha,
+        "device": plan.device,
+        "wsi_nuclei_version": __version__,
+        "nuclei_found_in_blocks": st["n_found"],
+        "nuclei_cut_at_window_border": st["n_cut_owned"],
+        "seam_candidates": st["seam_candidates"],
+        "seam_kept": st["seam_kept"],
+        "seam_trimmed": st["seam_trimmed"],
         "seam_duplicates_removed": st["seam_duplicates_removed"],
         "nuclei_outside_regions_removed": st["nuclei_outside_regions_removed"],
         "nuclei_near_region_edge_assigned": st["nuclei_near_region_edge_assigned"],
@@ -175,57 +250,119 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
         "oom_batch_splits": int(engine_stats.get("oom_batch_splits", 0)),
         "blocks_resubmitted_after_worker_loss": int(engine_stats.get("post_retries", 0)),
         **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()},
-        **{f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3) for k in ("read", "infer", "post")},
+        **{
+            f"seconds_{k}_task_sum": round(engine_stats[f"t_{k}"], 3)
+            for k in ("read", "infer", "post")
+        },
     }
     qc["min_class_prob"] = min_prob
     # nuclei of a model with classes have class 0 ("Nucleus") only by the threshold
-    qc["nuclei_unclassified_low_prob"] = counts.get(UNCLASSIFIED, 0) if setup.spec.class_names else 0
+    qc["nuclei_unclassified_low_prob"] = (
+        counts.get(UNCLASSIFIED, 0) if setup.spec.class_names else 0
+    )
     warnings = []
     if setup.overlaps:
-        warnings.append(f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide")
+        warnings.append(
+            f"{len(setup.overlaps)} pair(s) of regions overlap; nuclei in the overlap count in each region, once for the slide"
+        )
     summary = summ.finalize(qc)
     write_summary(summary, out)
     stage.begin_step("tissue.geojson")
-    write_regions_geojson(regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint)
+    write_regions_geojson(
+        regions, summary, out / "tissue.geojson", slide_fingerprint=plan.fingerprint
+    )
     qstats = None
     qname = qupath_name(cfg)
     stage.end_step()
     if cfg.qupath_hierarchy:
         stage.begin_step(qname)
         t = time.perf_counter()
-        qstats = write_qupath_geojson(frames(), regions, summary, out / qname, slide_fingerprint=plan.fingerprint,
-                                      gzip=not cfg.geojson_plain, metadata=meta, spill_dir=final_dir)
+        qstats = write_qupath_geojson(
+            frames(),
+            regions,
+            summary,
+            out / qname,
+            slide_fingerprint=plan.fingerprint,
+            gzip=not cfg.geojson_plain,
+            metadata=meta,
+            spill_dir=final_dir,
+        )
         seconds["write_qupath"] = time.perf_counter() - t
     else:  # a hierarchy file of an earlier run (replaced with --overwrite) would no longer match
         (out / qname).unlink(missing_ok=True)
 
     spec = setup.spec
     manifest = {
-        "wsi_nuclei_version": __version__, "slide": str(cfg.slide), "slide_name": plan.slide_name,
-        "slide_path": setup.source[1] if isinstance(setup.source, tuple) and setup.source[0] == "path" else None,
-        "backend": getattr(slide, "backend", "object"), "fingerprint": plan.fingerprint,
-        "dimensions": list(slide.dimensions), "offset_bounds": list(getattr(slide, "offset", (0, 0))),
+        "wsi_nuclei_version": __version__,
+        "slide": str(cfg.slide),
+        "slide_name": plan.slide_name,
+        "slide_path": setup.source[1]
+        if isinstance(setup.source, tuple) and setup.source[0] == "path"
+        else None,
+        "backend": getattr(slide, "backend", "object"),
+        "fingerprint": plan.fingerprint,
+        "dimensions": list(slide.dimensions),
+        "offset_bounds": list(getattr(slide, "offset", (0, 0))),
         "coordinate_frame": "level-0 pixels; OpenSlide bounds-x/y subtracted (the frame QuPath uses)",
-        "resolution": {**setup.sinfo, "mpp": plan.slide_mpp, "mpp_source": getattr(slide, "mpp_source", None),
-                       "scale_level0_to_model": plan.scale},
-        "model": {"name": plan.model, "sha256": plan.model_sha, "weights": plan.weights, "tta": plan.tta,
-                  "licence": spec.licence, "mpp": spec.mpp, "input_size": spec.input_size, "output_size": spec.output_size,
-                  "precision": plan.precision,
-                  "postprocess_backend": "torch" if plan.postprocess.endswith(" backend=torch") else "numpy"},
-        "tiling": {"patch_stride": pg.stride, "patch_border": pg.border, "patch_context": pg.context,
-                   "patches_x": pg.n_cols, "patches_y": pg.n_rows, "patches_planned": plan.n_patches,
-                   "passes_per_pixel": round(passes, 4),
-                   "block_size": bg.core, "halo": bg.halo, "blocks_x": bg.n_cols, "blocks_y": bg.n_rows,
-                   "strips": len(plan.strips), "batch_size": plan.batch_size, "infer_chunk": plan.infer_chunk or plan.batch_size,
-                   "blending": "smoothstep cross-fade over the patch overlap, patches in fixed order",
-                   "ownership": "exclusive core nuclei final; seam candidates resolved by priority "
-                                "(whole > cut, context, centroid owner, block order); no pixel twice"},
-        "regions": {"source": "user (--regions)" if setup.user_regions else ("tissue detection" if cfg.tissue == "auto" else "whole slide"),
-                    "count": len(setup.regions), "tolerance_level0_px": setup.tolerance_px},
-        "device": plan.device, "scheduler": cfg.scheduler or "local in-process (dask.distributed, threads)",
-        "qc": qc, "warnings": warnings, "n_nuclei": n_total, "counts": counts, "geojson": gstats,
-        "classes": {"support": dict(spec.class_support), "not_measured": not_measured, "min_class_prob": min_prob,
-                    "evidence": spec.class_evidence},
+        "resolution": {
+            **setup.sinfo,
+            "mpp": plan.slide_mpp,
+            "mpp_source": getattr(slide, "mpp_source", None),
+            "scale_level0_to_model": plan.scale,
+        },
+        "model": {
+            "name": plan.model,
+            "sha256": plan.model_sha,
+            "weights": plan.weights,
+            "tta": plan.tta,
+            "licence": spec.licence,
+            "mpp": spec.mpp,
+            "input_size": spec.input_size,
+            "output_size": spec.output_size,
+            "precision": plan.precision,
+            "postprocess_backend": "torch"
+            if plan.postprocess.endswith(" backend=torch")
+            else "numpy",
+        },
+        "tiling": {
+            "patch_stride": pg.stride,
+            "patch_border": pg.border,
+            "patch_context": pg.context,
+            "patches_x": pg.n_cols,
+            "patches_y": pg.n_rows,
+            "patches_planned": plan.n_patches,
+            "passes_per_pixel": round(passes, 4),
+            "block_size": bg.core,
+            "halo": bg.halo,
+            "blocks_x": bg.n_cols,
+            "blocks_y": bg.n_rows,
+            "strips": len(plan.strips),
+            "batch_size": plan.batch_size,
+            "infer_chunk": plan.infer_chunk or plan.batch_size,
+            "blending": "smoothstep cross-fade over the patch overlap, patches in fixed order",
+            "ownership": "exclusive core nuclei final; seam candidates resolved by priority "
+            "(whole > cut, context, centroid owner, block order); no pixel twice",
+        },
+        "regions": {
+            "source": "user (--regions)"
+            if setup.user_regions
+            else ("tissue detection" if cfg.tissue == "auto" else "whole slide"),
+            "count": len(setup.regions),
+            "tolerance_level0_px": setup.tolerance_px,
+        },
+        "device": plan.device,
+        "scheduler": cfg.scheduler or "local in-process (dask.distributed, threads)",
+        "qc": qc,
+        "warnings": warnings,
+        "n_nuclei": n_total,
+        "counts": counts,
+        "geojson": gstats,
+        "classes": {
+            "support": dict(spec.class_support),
+            "not_measured": not_measured,
+            "min_class_prob": min_prob,
+            "evidence": spec.class_evidence,
+        },
         "reliability_note": reliability_note(spec, min_prob),
         "qupath_hierarchy": qstats,
     }
@@ -240,4 +377,6 @@ def _write_outputs(cfg: RunConfig, plan: RunPlan, setup: _Setup, final_dir: Path
         stage.end_step("" if report is not None else "not written")
         if report is not None:
             files[report.name] = report
-    return RunResult(out, files, n_total, counts, len(pg), int(engine_stats["n_patches"]), seconds, manifest)
+    return RunResult(
+        out, files, n_total, counts, len(pg), int(engine_stats["n_patches"]), seconds, manifest
+    )

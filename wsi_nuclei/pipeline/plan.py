@@ -61,7 +61,9 @@ class RunPlan:
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
-        ident = {k: v for k, v in asdict(self).items() if k not in ("slide_name", "strips", "active")}
+        ident = {
+            k: v for k, v in asdict(self).items() if k not in ("slide_name", "strips", "active")
+        }
         ident["active"] = hashlib.sha256(json.dumps(self.active).encode()).hexdigest()
         ident["version"] = __version__
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -101,8 +103,16 @@ class _Setup:
     area_model_px: float  # tissue (or region, or canvas) area in model px²
 
 
-def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: str, weights_path: Path | None,
-              device: str, user_regions: list | None) -> tuple[RunPlan, _Setup]:
+def make_plan(
+    cfg: RunConfig,
+    spec: Any,
+    slide: Any,
+    source: Any,
+    slide_name: str,
+    weights_path: Path | None,
+    device: str,
+    user_regions: list | None,
+) -> tuple[RunPlan, _Setup]:
     """The plan stage (see the module docstring)."""
     import shapely
 
@@ -137,7 +147,9 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         tolerance = TISSUE_TOLERANCE_THUMB_PX * max(tmap.downsample_xy)
     if user_regions is not None:
         if tmap is not None:
-            restricted = tmap.mask & rasterize_regions(user_regions, tmap.mask.shape, tmap.downsample_xy)
+            restricted = tmap.mask & rasterize_regions(
+                user_regions, tmap.mask.shape, tmap.downsample_xy
+            )
             tmap = TissueMap(restricted, tmap.downsample, tuple(user_regions), tmap.downsample_xy)
             if not restricted.any():
                 raise NoTissueError("no tissue inside the regions given with --regions")
@@ -149,20 +161,30 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     margin = TISSUE_MARGIN_PX
     s = scale
 
-    def boxes(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> tuple[np.ndarray, ...]:
+    def boxes(
+        x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
         return (x0 - margin) / s, (y0 - margin) / s, (x1 + margin) / s, (y1 + margin) / s
 
     patch_ok = None
     block_ok = None
     if tmap is not None:
+
         def patch_ok(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             x0 = pg.output_start(cols)
             y0 = pg.output_start(rows)
-            return np.asarray(tmap.fraction_in_box(*boxes(x0, y0, x0 + pg.output_size, y0 + pg.output_size))) > 1e-9
+            return (
+                np.asarray(
+                    tmap.fraction_in_box(*boxes(x0, y0, x0 + pg.output_size, y0 + pg.output_size))
+                )
+                > 1e-9
+            )
 
         def block_ok(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             x0, y0 = cols * bg.core, rows * bg.core
-            return np.asarray(tmap.fraction_in_box(*boxes(x0, y0, x0 + bg.core, y0 + bg.core))) > 1e-9  # (summed-area noise)
+            return (
+                np.asarray(tmap.fraction_in_box(*boxes(x0, y0, x0 + bg.core, y0 + bg.core))) > 1e-9
+            )  # (summed-area noise)
     elif user_regions is not None:  # --tissue none --regions: exact polygon tests
         tree = shapely.STRtree([r.geometry for r in user_regions])
 
@@ -184,20 +206,53 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
     if block_ok is not None:
         all_blocks = all_blocks[block_ok(all_blocks[:, 0], all_blocks[:, 1])]
     active = tuple((int(r), int(c)) for r, c in all_blocks)
-    strips = tuple(plan_strips(pg, bg, active, patch_ok=patch_ok, strip_blocks=cfg.strip_blocks, batch_size=cfg.batch_size))
+    strips = tuple(
+        plan_strips(
+            pg,
+            bg,
+            active,
+            patch_ok=patch_ok,
+            strip_blocks=cfg.strip_blocks,
+            batch_size=cfg.batch_size,
+        )
+    )
     if not active or not any(st.batches for st in strips):
         raise NoTissueError("no tissue to process")
 
-    model_sha = spec.sha256 if (spec.sha256 and cfg.weights is None) else (sha256_file(weights_path) if weights_path else None)
+    model_sha = (
+        spec.sha256
+        if (spec.sha256 and cfg.weights is None)
+        else (sha256_file(weights_path) if weights_path else None)
+    )
     regions_hash = hashlib.sha256(b"".join(r.geometry.wkb for r in regions)).hexdigest()[:16]
     plan = RunPlan(
-        slide_name=slide_name, fingerprint=slide.fingerprint, model=spec.name, model_sha=model_sha,
-        weights=str(weights_path) if weights_path else None, device=device,
-        precision="fp16-autocast" if device == "cuda" and spec.fp16 else "fp32", tta=bool(cfg.tta), patches=pg, blocks=bg,
-        scale=scale, slide_mpp=slide_mpp, read_mpp=spec.mpp, model_mpp=spec.mpp, active=active, strips=strips,
-        batch_size=int(cfg.batch_size), strip_blocks=int(cfg.strip_blocks), tissue=cfg.tissue,
-        regions_hash=regions_hash, strict=bool(cfg.strict_ownership), source_stat=_source_stat(source),
-        postprocess=(json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str) if spec.postprocess or spec.class_support else "")
+        slide_name=slide_name,
+        fingerprint=slide.fingerprint,
+        model=spec.name,
+        model_sha=model_sha,
+        weights=str(weights_path) if weights_path else None,
+        device=device,
+        precision="fp16-autocast" if device == "cuda" and spec.fp16 else "fp32",
+        tta=bool(cfg.tta),
+        patches=pg,
+        blocks=bg,
+        scale=scale,
+        slide_mpp=slide_mpp,
+        read_mpp=spec.mpp,
+        model_mpp=spec.mpp,
+        active=active,
+        strips=strips,
+        batch_size=int(cfg.batch_size),
+        strip_blocks=int(cfg.strip_blocks),
+        tissue=cfg.tissue,
+        regions_hash=regions_hash,
+        strict=bool(cfg.strict_ownership),
+        source_stat=_source_stat(source),
+        postprocess=(
+            json.dumps(asdict(spec.hv_params()), sort_keys=True, default=str)
+            if spec.postprocess or spec.class_support
+            else ""
+        )
         + ("" if postprocess_backend(device) == "numpy" else " backend=torch"),
         infer_chunk=resolve_infer_chunk(cfg.infer_chunk, device, cfg.batch_size),
     )
@@ -207,9 +262,20 @@ def make_plan(cfg: RunConfig, spec: Any, slide: Any, source: Any, slide_name: st
         area0 = float(shapely.union_all([r.geometry for r in user_regions]).area)
     else:
         area0 = float(w0 * h0)
-    setup = _Setup(slide, source, spec, weights_path, regions, user_regions is not None, tmap, sinfo, tolerance,
-                   overlapping_regions(regions) if user_regions is not None else [], time.perf_counter() - t,
-                   area0 * scale * scale)
+    setup = _Setup(
+        slide,
+        source,
+        spec,
+        weights_path,
+        regions,
+        user_regions is not None,
+        tmap,
+        sinfo,
+        tolerance,
+        overlapping_regions(regions) if user_regions is not None else [],
+        time.perf_counter() - t,
+        area0 * scale * scale,
+    )
     return plan, setup
 
 
@@ -261,8 +327,16 @@ def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
     """The engine's context of a planned run (what every task needs, picklable)."""
     return EngineContext(
-        setup.source, (plan.model, plan.weights, plan.device, plan.tta), plan.patches, plan.blocks, plan.scale,
-        plan.read_mpp, plan.slide_mpp, plan.model_mpp, plan.fingerprint, plan.strict,
+        setup.source,
+        (plan.model, plan.weights, plan.device, plan.tta),
+        plan.patches,
+        plan.blocks,
+        plan.scale,
+        plan.read_mpp,
+        plan.slide_mpp,
+        plan.model_mpp,
+        plan.fingerprint,
+        plan.strict,
         torch_threads=cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0,
         infer_chunk=plan.infer_chunk,
     )

@@ -25,7 +25,11 @@ _MAP_CELLS: Final[int] = 64
 
 #: Colour stops of the density map (low -> high), RGB.
 _MAP_STOPS: Final[tuple[tuple[int, int, int], ...]] = (
-    (252, 251, 196), (250, 204, 92), (243, 130, 45), (205, 40, 40), (110, 8, 50),
+    (252, 251, 196),
+    (250, 204, 92),
+    (243, 130, 45),
+    (205, 40, 40),
+    (110, 8, 50),
 )
 
 
@@ -81,8 +85,12 @@ def _heat_image(thumb: np.ndarray, dm: _DensityMap, run: _Run) -> np.ndarray:
     th, tw = thumb.shape[:2]
     w, h = run.dimensions
     cell_px = dm.cell_um / run.mpp
-    cols = np.minimum(((np.arange(tw) + 0.5) * (w / tw) / cell_px).astype(int), dm.counts.shape[1] - 1)
-    rows = np.minimum(((np.arange(th) + 0.5) * (h / th) / cell_px).astype(int), dm.counts.shape[0] - 1)
+    cols = np.minimum(
+        ((np.arange(tw) + 0.5) * (w / tw) / cell_px).astype(int), dm.counts.shape[1] - 1
+    )
+    rows = np.minimum(
+        ((np.arange(th) + 0.5) * (h / th) / cell_px).astype(int), dm.counts.shape[0] - 1
+    )
     dens = dm.density[rows[:, None], cols[None, :]]
     grey = thumb.astype(float).mean(axis=2, keepdims=True)
     base = np.repeat(255 - (255 - grey) * 0.35, 3, axis=2)
@@ -92,20 +100,26 @@ def _heat_image(thumb: np.ndarray, dm: _DensityMap, run: _Run) -> np.ndarray:
 
 
 def _colorbar_svg(vmax: float, cell_um: float) -> str:
-    stops = "".join(f'<stop offset="{i / (len(_MAP_STOPS) - 1):.3f}" stop-color="{_hex(c)}"/>'
-                    for i, c in enumerate(_MAP_STOPS))
+    stops = "".join(
+        f'<stop offset="{i / (len(_MAP_STOPS) - 1):.3f}" stop-color="{_hex(c)}"/>'
+        for i, c in enumerate(_MAP_STOPS)
+    )
     ticks = []
     for i in range(5):
         v = vmax * i / 4
         x = 24 + 300 * i / 4
-        ticks.append(f'<line x1="{x:.1f}" y1="32" x2="{x:.1f}" y2="37" stroke="#333"/>'
-                     f'<text x="{x:.1f}" y="50" text-anchor="middle">{v:,.0f}</text>')
-    return (f'<svg class="colorbar" width="350" height="76" viewBox="0 0 350 76" role="img" '
-            f'aria-label="colour bar: nuclei per mm²">'
-            f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>'
-            f'<rect x="24" y="12" width="300" height="20" fill="url(#cbar)" stroke="#333" stroke-width="0.5"/>'
-            f'{"".join(ticks)}<text x="174" y="70" text-anchor="middle">nuclei per mm² '
-            f'(grid cells of {cell_um:g} x {cell_um:g} µm)</text></svg>')
+        ticks.append(
+            f'<line x1="{x:.1f}" y1="32" x2="{x:.1f}" y2="37" stroke="#333"/>'
+            f'<text x="{x:.1f}" y="50" text-anchor="middle">{v:,.0f}</text>'
+        )
+    return (
+        f'<svg class="colorbar" width="350" height="76" viewBox="0 0 350 76" role="img" '
+        f'aria-label="colour bar: nuclei per mm²">'
+        f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>'
+        f'<rect x="24" y="12" width="300" height="20" fill="url(#cbar)" stroke="#333" stroke-width="0.5"/>'
+        f'{"".join(ticks)}<text x="174" y="70" text-anchor="middle">nuclei per mm² '
+        f"(grid cells of {cell_um:g} x {cell_um:g} µm)</text></svg>"
+    )
 
 
 def _svg_path(geom: Any, scale_x: float, scale_y: float) -> str:
@@ -121,23 +135,31 @@ def _svg_path(geom: Any, scale_x: float, scale_y: float) -> str:
     return " ".join(parts)
 
 
-def _image_with_overlay(uri: str, tw: int, th: int, run: _Run, regions: list, crops: list, label: str) -> str:
+def _image_with_overlay(
+    uri: str, tw: int, th: int, run: _Run, regions: list, crops: list, label: str
+) -> str:
     """An inline SVG: the image, region outlines and crop boxes (vector, in thumbnail px)."""
     w, h = run.dimensions
     sx, sy = tw / w, th / h
     shapes = []
     for name, geom, color in regions:
         simple = geom.simplify(0.75 / max(sx, sy), preserve_topology=True)
-        shapes.append(f'<path d="{_svg_path(simple, sx, sy)}" fill="none" stroke="{color}" stroke-width="1.6" '
-                      f'fill-rule="evenodd"><title>{_esc(name)}</title></path>')
+        shapes.append(
+            f'<path d="{_svg_path(simple, sx, sy)}" fill="none" stroke="{color}" stroke-width="1.6" '
+            f'fill-rule="evenodd"><title>{_esc(name)}</title></path>'
+        )
     for c in crops:
         x0, y0 = c["x"] * sx, c["y"] * sy
         cw, ch = max(3.0, c["w"] * sx), max(3.0, c["h"] * sy)
-        shapes.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{cw:.1f}" height="{ch:.1f}" fill="none" '
-                      f'stroke="#000" stroke-width="1.5"/><text x="{x0 + cw + 2:.1f}" y="{y0 + 10:.1f}" '
-                      f'class="lbl">{_esc(c["label"])}</text>')
-    return (f'<svg class="thumb" width="{tw}" height="{th}" viewBox="0 0 {tw} {th}" role="img" aria-label="{_esc(label)}">'
-            f'<image href="{uri}" x="0" y="0" width="{tw}" height="{th}"/>{"".join(shapes)}</svg>')
+        shapes.append(
+            f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{cw:.1f}" height="{ch:.1f}" fill="none" '
+            f'stroke="#000" stroke-width="1.5"/><text x="{x0 + cw + 2:.1f}" y="{y0 + 10:.1f}" '
+            f'class="lbl">{_esc(c["label"])}</text>'
+        )
+    return (
+        f'<svg class="thumb" width="{tw}" height="{th}" viewBox="0 0 {tw} {th}" role="img" aria-label="{_esc(label)}">'
+        f'<image href="{uri}" x="0" y="0" width="{tw}" height="{th}"/>{"".join(shapes)}</svg>'
+    )
 
 
 def _class_table(summary: dict[str, Any]) -> list[tuple[int, str, tuple[int, int, int]]]:
@@ -153,8 +175,10 @@ def _class_table(summary: dict[str, Any]) -> list[tuple[int, str, tuple[int, int
 
 
 def _legend(classes: list) -> str:
-    items = "".join(f'<span class="sw" style="background:{_hex(col)}"></span>{_esc(name)}&emsp;'
-                    for _, name, col in classes)
+    items = "".join(
+        f'<span class="sw" style="background:{_hex(col)}"></span>{_esc(name)}&emsp;'
+        for _, name, col in classes
+    )
     return f'<p class="legend">{items}</p>'
 
 
@@ -164,14 +188,18 @@ def _bar_chart(title: str, rows: list[tuple[str, float | None, str, str]], unit:
     vmax = max(vals) if vals and max(vals) > 0 else 1.0
     bar_w, lab_w, row_h = 150, 92, 18
     height = 24 + row_h * len(rows)
-    out = [f'<svg class="chart" width="{lab_w + bar_w + 80}" height="{height}" role="img" aria-label="{_esc(title)}">'
-           f'<text x="0" y="13" class="ct">{_esc(title)}{(" (" + _esc(unit) + ")") if unit else ""}</text>']
+    out = [
+        f'<svg class="chart" width="{lab_w + bar_w + 80}" height="{height}" role="img" aria-label="{_esc(title)}">'
+        f'<text x="0" y="13" class="ct">{_esc(title)}{(" (" + _esc(unit) + ")") if unit else ""}</text>'
+    ]
     for i, (label, v, color, text) in enumerate(rows):
         y = 20 + i * row_h
         bw = 0.0 if v is None else bar_w * v / vmax
-        out.append(f'<text x="{lab_w - 4}" y="{y + 12}" text-anchor="end">{_esc(label)}</text>'
-                   f'<rect x="{lab_w}" y="{y + 2}" width="{bw:.1f}" height="{row_h - 5}" fill="{color}" stroke="#555" '
-                   f'stroke-width="0.4"/><text x="{lab_w + bw + 4:.1f}" y="{y + 12}">{_esc(text)}</text>')
+        out.append(
+            f'<text x="{lab_w - 4}" y="{y + 12}" text-anchor="end">{_esc(label)}</text>'
+            f'<rect x="{lab_w}" y="{y + 2}" width="{bw:.1f}" height="{row_h - 5}" fill="{color}" stroke="#555" '
+            f'stroke-width="0.4"/><text x="{lab_w + bw + 4:.1f}" y="{y + 12}">{_esc(text)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -196,24 +224,34 @@ def _size_chart(areas: np.ndarray, cls_names: np.ndarray, classes: list) -> str:
     ymax = _nice_ceiling(peak)
     px = lambda v: L + (W - L - 10) * v / hi  # noqa: E731
     py = lambda v: H - B - (H - B - 10) * v / ymax  # noqa: E731
-    out = [f'<svg class="chart" width="{W}" height="{H + 22 * len(curves)}" role="img" aria-label="nucleus area distributions">',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - 10}" y2="{H - B}" stroke="#333"/>'
-           f'<line x1="{L}" y1="10" x2="{L}" y2="{H - B}" stroke="#333"/>']
+    out = [
+        f'<svg class="chart" width="{W}" height="{H + 22 * len(curves)}" role="img" aria-label="nucleus area distributions">',
+        f'<line x1="{L}" y1="{H - B}" x2="{W - 10}" y2="{H - B}" stroke="#333"/>'
+        f'<line x1="{L}" y1="10" x2="{L}" y2="{H - B}" stroke="#333"/>',
+    ]
     for i in range(5):
         xv, yv = hi * i / 4, ymax * i / 4
-        out.append(f'<text x="{px(xv):.1f}" y="{H - B + 15}" text-anchor="middle">{xv:g}</text>'
-                   f'<text x="{L - 4}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>')
-    out.append(f'<text x="{(L + W) / 2:.0f}" y="{H - 8}" text-anchor="middle">nucleus area (µm²; last bin holds larger)</text>'
-               f'<text x="12" y="{(H - B) / 2:.0f}" transform="rotate(-90 12 {(H - B) / 2:.0f})" '
-               f'text-anchor="middle">% of the class</text>')
+        out.append(
+            f'<text x="{px(xv):.1f}" y="{H - B + 15}" text-anchor="middle">{xv:g}</text>'
+            f'<text x="{L - 4}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>'
+        )
+    out.append(
+        f'<text x="{(L + W) / 2:.0f}" y="{H - 8}" text-anchor="middle">nucleus area (µm²; last bin holds larger)</text>'
+        f'<text x="12" y="{(H - B) / 2:.0f}" transform="rotate(-90 12 {(H - B) / 2:.0f})" '
+        f'text-anchor="middle">% of the class</text>'
+    )
     for k, (name, col, hist, n) in enumerate(curves):
         pts = [f"{px(edges[0]):.1f},{py(0):.1f}"]
         for i, v in enumerate(hist):
             pts.append(f"{px(edges[i]):.1f},{py(v):.1f} {px(edges[i + 1]):.1f},{py(v):.1f}")
         pts.append(f"{px(edges[-1]):.1f},{py(0):.1f}")
-        out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{_hex(col)}" stroke-width="1.8"/>')
+        out.append(
+            f'<polyline points="{" ".join(pts)}" fill="none" stroke="{_hex(col)}" stroke-width="1.8"/>'
+        )
         y = H + 22 * k + 8
-        out.append(f'<rect x="{L}" y="{y}" width="14" height="10" fill="{_hex(col)}"/>'
-                   f'<text x="{L + 20}" y="{y + 9}">{_esc(name)} ({n:,d} nuclei)</text>')
+        out.append(
+            f'<rect x="{L}" y="{y}" width="14" height="10" fill="{_hex(col)}"/>'
+            f'<text x="{L + 20}" y="{y + 9}">{_esc(name)} ({n:,d} nuclei)</text>'
+        )
     out.append("</svg>")
     return "".join(out)

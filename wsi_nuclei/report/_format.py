@@ -56,8 +56,10 @@ def _esc(text: Any) -> str:
 
 def _num(summary_path: str, value: Any, kind: str, tag: str = "td") -> str:
     """An element showing one summary.json number, marked with its path and exact value."""
-    return (f'<{tag} class="n" data-key="{_esc(summary_path)}" data-kind="{kind}" '
-            f'data-value="{_esc(json.dumps(value))}">{_esc(format_value(value, kind))}</{tag}>')
+    return (
+        f'<{tag} class="n" data-key="{_esc(summary_path)}" data-kind="{kind}" '
+        f'data-value="{_esc(json.dumps(value))}">{_esc(format_value(value, kind))}</{tag}>'
+    )
 
 
 def _hex(rgb: tuple[int, int, int] | list[int]) -> str:
@@ -68,5 +70,7 @@ def _png_uri(rgb: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(
+        buf, format="PNG", optimize=True
+    )
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -36,7 +36,9 @@ class _Run:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         where = "no such folder" if not path.parent.exists() else f"no {path.name}"
-        raise InputNotFoundError(f"{path.parent}: {where} ({what}; is it a finished wsi-nuclei run folder?)")
+        raise InputNotFoundError(
+            f"{path.parent}: {where} ({what}; is it a finished wsi-nuclei run folder?)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -56,9 +58,13 @@ def _load_run(run_dir: str | Path) -> _Run:
         if key not in manifest:
             raise WsiNucleiError(f"{folder / 'run.json'}: no {key!r}; not a run.json of wsi-nuclei")
     if not isinstance(summary.get("slide"), dict):
-        raise WsiNucleiError(f"{folder / 'summary.json'}: no 'slide' summary; not a summary.json of wsi-nuclei")
+        raise WsiNucleiError(
+            f"{folder / 'summary.json'}: no 'slide' summary; not a summary.json of wsi-nuclei"
+        )
     if not (folder / "nuclei.parquet").is_file():
-        raise InputNotFoundError(f"{folder}: no nuclei.parquet (is it a finished wsi-nuclei run folder?)")
+        raise InputNotFoundError(
+            f"{folder}: no nuclei.parquet (is it a finished wsi-nuclei run folder?)"
+        )
     return _Run(folder, manifest, summary)
 
 
@@ -70,7 +76,7 @@ def _slide_location(run: _Run) -> Path | None:
         if not text:
             continue
         p = Path(str(text))
-        for cand in ([p] if p.is_absolute() else [p, run.folder / p]):
+        for cand in [p] if p.is_absolute() else [p, run.folder / p]:
             if cand.is_file():
                 return cand
     return None
@@ -113,30 +119,42 @@ def _open_slide(run: _Run, slide_path: str | Path | None) -> Any:
         located = _slide_location(run)
         if located is None:
             recorded = run.manifest.get("slide_path") or run.manifest.get("slide") or "nothing"
-            raise InputNotFoundError(f"the slide of this run is not found (run.json records {recorded}); pass --slide PATH")
+            raise InputNotFoundError(
+                f"the slide of this run is not found (run.json records {recorded}); pass --slide PATH"
+            )
         path = located
     backend = str(run.manifest.get("backend") or "auto")
-    slide = open_slide(path, backend=backend if backend in BACKENDS else "auto",
-                       require_mpp=False)
+    slide = open_slide(path, backend=backend if backend in BACKENDS else "auto", require_mpp=False)
     want = run.manifest.get("fingerprint")
     if want and slide.fingerprint != want:
         slide.close()
-        raise WsiNucleiError(f"{path}: not the slide of this run (fingerprint {slide.fingerprint[:12]}, run.json has {str(want)[:12]})")
+        raise WsiNucleiError(
+            f"{path}: not the slide of this run (fingerprint {slide.fingerprint[:12]}, run.json has {str(want)[:12]})"
+        )
     return slide
 
 
-def _read_nuclei(folder: Path, columns: list[str], box: tuple[float, float, float, float] | None = None) -> Any:
+def _read_nuclei(
+    folder: Path, columns: list[str], box: tuple[float, float, float, float] | None = None
+) -> Any:
     """Columns of nuclei.parquet (pyarrow Table), optionally only centroids within ``box``."""
     import pyarrow.parquet as pq
 
     filters = None
     if box is not None:
         x0, y0, x1, y1 = box
-        filters = [("centroid_x", ">=", x0), ("centroid_x", "<", x1), ("centroid_y", ">=", y0), ("centroid_y", "<", y1)]
+        filters = [
+            ("centroid_x", ">=", x0),
+            ("centroid_x", "<", x1),
+            ("centroid_y", ">=", y0),
+            ("centroid_y", "<", y1),
+        ]
     try:
         return pq.read_table(folder / "nuclei.parquet", columns=columns, filters=filters)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise WsiNucleiError(f"{folder / 'nuclei.parquet'}: not readable ({str(exc).splitlines()[0]})") from None
+        raise WsiNucleiError(
+            f"{folder / 'nuclei.parquet'}: not readable ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _regions(folder: Path) -> list[tuple[str, Any, str]]:
@@ -152,21 +170,31 @@ def _regions(folder: Path) -> list[tuple[str, Any, str]]:
         for f in feats:
             props = f.get("properties") or {}
             color = (props.get("classification") or {}).get("color")
-            out.append((str(props.get("name", "")), shapely.geometry.shape(f["geometry"]),
-                        _hex(color) if color else _REGION_COLOR))
+            out.append(
+                (
+                    str(props.get("name", "")),
+                    shapely.geometry.shape(f["geometry"]),
+                    _hex(color) if color else _REGION_COLOR,
+                )
+            )
         return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
-def _nuclei_in(folder: Path, box: tuple[float, float, float, float], margin: float) -> tuple[np.ndarray, np.ndarray, int]:
+def _nuclei_in(
+    folder: Path, box: tuple[float, float, float, float], margin: float
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Geometries and class ids of the nuclei that may cross ``box``, and how many have their
     centroid inside it."""
     import shapely
 
     x0, y0, x1, y1 = box
-    t = _read_nuclei(folder, ["centroid_x", "centroid_y", "class_id", "geometry"],
-                     (x0 - margin, y0 - margin, x1 + margin, y1 + margin))
+    t = _read_nuclei(
+        folder,
+        ["centroid_x", "centroid_y", "class_id", "geometry"],
+        (x0 - margin, y0 - margin, x1 + margin, y1 + margin),
+    )
     if t.num_rows == 0:
         return np.zeros(0, object), np.zeros(0, np.int64), 0
     geoms = shapely.from_wkb(t.column("geometry").to_numpy(zero_copy_only=False))

@@ -30,13 +30,16 @@ def _segment_pixels(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = xy[:-1], xy[1:]
     steps = np.maximum(1, np.ceil(np.abs(b - a).max(axis=1)).astype(np.int64))
     seg = np.repeat(np.arange(len(a)), steps)
-    t = (np.arange(int(steps.sum())) - np.repeat(np.cumsum(steps) - steps, steps)) / np.repeat(steps, steps)
+    t = (np.arange(int(steps.sum())) - np.repeat(np.cumsum(steps) - steps, steps)) / np.repeat(
+        steps, steps
+    )
     pts = a[seg] + (b[seg] - a[seg]) * t[:, None]
     return np.round(pts[:, 1]).astype(np.int64), np.round(pts[:, 0]).astype(np.int64)
 
 
-def _draw_outlines(rgb: np.ndarray, geoms: np.ndarray, class_ids: np.ndarray, x0: float, y0: float,
-                   line_width: int) -> None:
+def _draw_outlines(
+    rgb: np.ndarray, geoms: np.ndarray, class_ids: np.ndarray, x0: float, y0: float, line_width: int
+) -> None:
     """Draw polygon exteriors (level-0 px) into ``rgb`` whose top-left pixel is ``(x0, y0)``,
     in the class colours (:data:`wsi_nuclei.schema.CLASS_COLORS`)."""
     from scipy import ndimage as ndi
@@ -63,8 +66,12 @@ def _draw_outlines(rgb: np.ndarray, geoms: np.ndarray, class_ids: np.ndarray, x0
     rgb[on] = lut[np.clip(canvas[on], 0, len(lut) - 1)]
 
 
-def _overlay(run: _Run, slide: Any, x: int, y: int, w: int, h: int, line_width: int) -> tuple[np.ndarray, int]:
-    rgb = np.array(slide.read_region((int(x), int(y)), 0, (int(w), int(h))), dtype=np.uint8, copy=True)
+def _overlay(
+    run: _Run, slide: Any, x: int, y: int, w: int, h: int, line_width: int
+) -> tuple[np.ndarray, int]:
+    rgb = np.array(
+        slide.read_region((int(x), int(y)), 0, (int(w), int(h))), dtype=np.uint8, copy=True
+    )
     margin = 200.0 / run.mpp  # larger than any nucleus (µm -> px)
     geoms, cls, n_in = _nuclei_in(run.folder, (x, y, x + w, y + h), margin)
     _draw_outlines(rgb, geoms, cls, x, y, line_width)
@@ -76,13 +83,26 @@ def _check_box(run: _Run, x: int, y: int, w: int, h: int) -> None:
     if w <= 0 or h <= 0:
         raise WsiNucleiError(f"overlay size must be positive, got {w} x {h}")
     if w * h > MAX_OVERLAY_PIXELS:
-        raise WsiNucleiError(f"overlay of {w} x {h} px is too large (at most {MAX_OVERLAY_PIXELS:,} pixels)")
+        raise WsiNucleiError(
+            f"overlay of {w} x {h} px is too large (at most {MAX_OVERLAY_PIXELS:,} pixels)"
+        )
     if x < 0 or y < 0 or x + w > sw or y + h > sh:
-        raise WsiNucleiError(f"region x={x}..{x + w}, y={y}..{y + h} is outside the slide (level 0 is {sw} x {sh} px)")
+        raise WsiNucleiError(
+            f"region x={x}..{x + w}, y={y}..{y + h} is outside the slide (level 0 is {sw} x {sh} px)"
+        )
 
 
-def render_overlay(run_dir: str | Path, x: int, y: int, width: int, height: int | None = None, *,
-                   slide: Any = None, slide_path: str | Path | None = None, line_width: int = 2) -> np.ndarray:
+def render_overlay(
+    run_dir: str | Path,
+    x: int,
+    y: int,
+    width: int,
+    height: int | None = None,
+    *,
+    slide: Any = None,
+    slide_path: str | Path | None = None,
+    line_width: int = 2,
+) -> np.ndarray:
     """A level-0 rectangle of the run's slide with the run's nuclei outlined in class colours.
 
     Parameters
@@ -120,15 +140,24 @@ def render_overlay(run_dir: str | Path, x: int, y: int, width: int, height: int 
     if own:
         slide = _open_slide(run, slide_path)
     try:
-        rgb, _ = _overlay(run, slide, int(x), int(y), int(width), int(height), max(1, int(line_width)))
+        rgb, _ = _overlay(
+            run, slide, int(x), int(y), int(width), int(height), max(1, int(line_width))
+        )
     finally:
         if own:
             slide.close()
     return rgb
 
 
-def write_overlay(run_dir: str | Path, x: int, y: int, width: int, height: int | None = None,
-                  out: str | Path | None = None, **kwargs: Any) -> Path:
+def write_overlay(
+    run_dir: str | Path,
+    x: int,
+    y: int,
+    width: int,
+    height: int | None = None,
+    out: str | Path | None = None,
+    **kwargs: Any,
+) -> Path:
     """Write :func:`render_overlay` as a PNG (atomically); returns its path.
 
     ``out`` defaults to ``<run_dir>/overlay_x<X>_y<Y>_<W>x<H>.png``; other keyword arguments
@@ -138,7 +167,9 @@ def write_overlay(run_dir: str | Path, x: int, y: int, width: int, height: int |
 
     height = width if height is None else height
     rgb = render_overlay(run_dir, x, y, width, height, **kwargs)
-    path = Path(out) if out is not None else Path(run_dir) / f"overlay_x{x}_y{y}_{width}x{height}.png"
+    path = (
+        Path(out) if out is not None else Path(run_dir) / f"overlay_x{x}_y{y}_{width}x{height}.png"
+    )
     if path.suffix.lower() != ".png":
         raise OutputError(f"{path}: the overlay is written as PNG; give a name ending in .png")
     try:

@@ -1,5 +1,4 @@
-"""``report.html``: one self-contained page per run (see :mod:`wsi_nuclei.report`).
-"""
+"""``report.html``: one self-contained page per run (see :mod:`wsi_nuclei.report`)."""
 
 from __future__ import annotations
 
@@ -50,7 +49,9 @@ def _crop_px(run: _Run) -> int:
     return int(min(max(lo, round(_CROP_UM / run.mpp)), hi, w, h))
 
 
-def _choose_crops(run: _Run, cx: np.ndarray, cy: np.ndarray, regions: list, n_random: int, seed: int) -> list[dict]:
+def _choose_crops(
+    run: _Run, cx: np.ndarray, cy: np.ndarray, regions: list, n_random: int, seed: int
+) -> list[dict]:
     """The densest crop (most centroids in a crop-sized window, on a quarter-crop grid) and up to
     ``n_random`` seeded random places inside the regions, not overlapping each other."""
     import shapely
@@ -66,7 +67,14 @@ def _choose_crops(run: _Run, cx: np.ndarray, cy: np.ndarray, regions: list, n_ra
         step = max(1, size // 4)
         nx, ny = math.ceil(w / step), math.ceil(h / step)
         grid = np.zeros((ny + 4, nx + 4), np.int64)
-        np.add.at(grid, (np.minimum(cy // step, ny - 1).astype(int), np.minimum(cx // step, nx - 1).astype(int)), 1)
+        np.add.at(
+            grid,
+            (
+                np.minimum(cy // step, ny - 1).astype(int),
+                np.minimum(cx // step, nx - 1).astype(int),
+            ),
+            1,
+        )
         s = np.pad(grid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         win = s[4:, 4:] - s[:-4, 4:] - s[4:, :-4] + s[:-4, :-4]  # 4 x 4 bins from each bin
         r, c = np.unravel_index(int(np.argmax(win)), win.shape)
@@ -83,7 +91,16 @@ def _choose_crops(run: _Run, cx: np.ndarray, cy: np.ndarray, regions: list, n_ra
             break
         x, y = clamp(px - size / 2, py - size / 2)
         if all(abs(x - c["x"]) >= size or abs(y - c["y"]) >= size for c in crops):
-            crops.append({"label": chr(ord("A") + len(crops)), "kind": "random", "x": x, "y": y, "w": size, "h": size})
+            crops.append(
+                {
+                    "label": chr(ord("A") + len(crops)),
+                    "kind": "random",
+                    "x": x,
+                    "y": y,
+                    "w": size,
+                    "h": size,
+                }
+            )
     return crops
 
 
@@ -92,33 +109,67 @@ def _region_block(path: str, region: dict[str, Any], classes: list) -> str:
     counts, fracs = region.get("counts") or {}, region.get("fractions") or {}
     dens, areas = region.get("density_per_mm2") or {}, region.get("area_um2") or {}
     name = region.get("region_name")
-    title = "Whole slide (union of the regions)" if path == "slide" else f"Region {region.get('region_id')}: {name}"
-    charts = "".join([
-        _bar_chart("Count", [(n, counts.get(n), _hex(c), format_value(counts.get(n), "count")) for _, n, c in classes], ""),
-        _bar_chart("Fraction", [(n, fracs.get(n), _hex(c), format_value(fracs.get(n), "fraction")) for _, n, c in classes], ""),
-        _bar_chart("Density", [(n, dens.get(n), _hex(c), format_value(dens.get(n), "density")) for _, n, c in classes],
-                   "per mm²"),
-    ])
-    head = (f'<p>Nuclei {_num(f"{path}.n_nuclei", region.get("n_nuclei"), "count", "span")} in '
-            f'{_num(f"{path}.area_mm2", region.get("area_mm2"), "area_mm2", "span")} mm²: '
-            f'{_num(f"{path}.density_per_mm2.total", dens.get("total"), "density", "span")} per mm²; '
-            f'median nucleus area {_num(f"{path}.area_um2.all.median", (areas.get("all") or {}).get("median"), "area_um2", "span")} µm²')
+    title = (
+        "Whole slide (union of the regions)"
+        if path == "slide"
+        else f"Region {region.get('region_id')}: {name}"
+    )
+    charts = "".join(
+        [
+            _bar_chart(
+                "Count",
+                [
+                    (n, counts.get(n), _hex(c), format_value(counts.get(n), "count"))
+                    for _, n, c in classes
+                ],
+                "",
+            ),
+            _bar_chart(
+                "Fraction",
+                [
+                    (n, fracs.get(n), _hex(c), format_value(fracs.get(n), "fraction"))
+                    for _, n, c in classes
+                ],
+                "",
+            ),
+            _bar_chart(
+                "Density",
+                [
+                    (n, dens.get(n), _hex(c), format_value(dens.get(n), "density"))
+                    for _, n, c in classes
+                ],
+                "per mm²",
+            ),
+        ]
+    )
+    head = (
+        f"<p>Nuclei {_num(f'{path}.n_nuclei', region.get('n_nuclei'), 'count', 'span')} in "
+        f"{_num(f'{path}.area_mm2', region.get('area_mm2'), 'area_mm2', 'span')} mm²: "
+        f"{_num(f'{path}.density_per_mm2.total', dens.get('total'), 'density', 'span')} per mm²; "
+        f"median nucleus area {_num(f'{path}.area_um2.all.median', (areas.get('all') or {}).get('median'), 'area_um2', 'span')} µm²"
+    )
     if "n_nuclei_outside_regions" in region:
-        head += (f'; nuclei outside every region (not counted): '
-                 f'{_num(f"{path}.n_nuclei_outside_regions", region.get("n_nuclei_outside_regions"), "count", "span")}')
+        head += (
+            f"; nuclei outside every region (not counted): "
+            f"{_num(f'{path}.n_nuclei_outside_regions', region.get('n_nuclei_outside_regions'), 'count', 'span')}"
+        )
     head += "</p>"
     rows = []
     for _, n, c in classes:
         a = areas.get(n) or {}
-        rows.append(f'<tr><th><span class="sw" style="background:{_hex(c)}"></span>{_esc(n)}</th>'
-                    f'{_num(f"{path}.counts.{n}", counts.get(n), "count")}'
-                    f'{_num(f"{path}.fractions.{n}", fracs.get(n), "fraction")}'
-                    f'{_num(f"{path}.density_per_mm2.{n}", dens.get(n), "density")}'
-                    f'{_num(f"{path}.area_um2.{n}.median", a.get("median"), "area_um2")}'
-                    f'{_num(f"{path}.area_um2.{n}.q25", a.get("q25"), "area_um2")}'
-                    f'{_num(f"{path}.area_um2.{n}.q75", a.get("q75"), "area_um2")}</tr>')
-    table = ('<table class="cls"><tr><th>class</th><th>count</th><th>fraction</th><th>per mm²</th>'
-             '<th>area µm² median</th><th>q25</th><th>q75</th></tr>' + "".join(rows) + "</table>")
+        rows.append(
+            f'<tr><th><span class="sw" style="background:{_hex(c)}"></span>{_esc(n)}</th>'
+            f"{_num(f'{path}.counts.{n}', counts.get(n), 'count')}"
+            f"{_num(f'{path}.fractions.{n}', fracs.get(n), 'fraction')}"
+            f"{_num(f'{path}.density_per_mm2.{n}', dens.get(n), 'density')}"
+            f"{_num(f'{path}.area_um2.{n}.median', a.get('median'), 'area_um2')}"
+            f"{_num(f'{path}.area_um2.{n}.q25', a.get('q25'), 'area_um2')}"
+            f"{_num(f'{path}.area_um2.{n}.q75', a.get('q75'), 'area_um2')}</tr>"
+        )
+    table = (
+        '<table class="cls"><tr><th>class</th><th>count</th><th>fraction</th><th>per mm²</th>'
+        "<th>area µm² median</th><th>q25</th><th>q75</th></tr>" + "".join(rows) + "</table>"
+    )
     return f'<div class="region"><h3>{_esc(title)}</h3>{head}<div class="charts">{charts}</div>{table}</div>'
 
 
@@ -143,13 +194,38 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f2f2f2;fo
 #: QC keys by panel group (keys not listed go to "other").
 _QC_GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("Resolution", ("mpp", "mpp_source", "level", "scale_factor")),
-    ("Tiles and patches", ("patches_total", "patches_planned", "patches_run", "passes_per_pixel", "tissue_area_mm2",
-                           "blocks_total", "blocks_processed", "blocks_resumed")),
-    ("Seams and regions", ("nuclei_found_in_blocks", "nuclei_cut_at_window_border", "seam_candidates", "seam_kept",
-                           "seam_trimmed", "seam_duplicates_removed", "nuclei_outside_regions_removed",
-                           "nuclei_near_region_edge_assigned", "regions_overlapping")),
+    (
+        "Tiles and patches",
+        (
+            "patches_total",
+            "patches_planned",
+            "patches_run",
+            "passes_per_pixel",
+            "tissue_area_mm2",
+            "blocks_total",
+            "blocks_processed",
+            "blocks_resumed",
+        ),
+    ),
+    (
+        "Seams and regions",
+        (
+            "nuclei_found_in_blocks",
+            "nuclei_cut_at_window_border",
+            "seam_candidates",
+            "seam_kept",
+            "seam_trimmed",
+            "seam_duplicates_removed",
+            "nuclei_outside_regions_removed",
+            "nuclei_near_region_edge_assigned",
+            "regions_overlapping",
+        ),
+    ),
     ("Model", ("model", "model_sha256", "device", "wsi_nuclei_version")),
-    ("Memory and retries", ("peak_band_mb", "oom_batch_splits", "blocks_resubmitted_after_worker_loss")),
+    (
+        "Memory and retries",
+        ("peak_band_mb", "oom_batch_splits", "blocks_resubmitted_after_worker_loss"),
+    ),
 )
 
 
@@ -173,22 +249,27 @@ def _page(run: _Run, pictures: str, crops_html: str, sizes: str, note: str | Non
     qc = s.get("qc") or {}
     model = m.get("model") or {}
     classes = _class_table(s)
-    warnings = [str(w) for w in (m.get("warnings") or [])] + [str(w) for w in (s.get("warnings") or [])]
+    warnings = [str(w) for w in (m.get("warnings") or [])] + [
+        str(w) for w in (s.get("warnings") or [])
+    ]
     reliability = m.get("reliability_note")
     out = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>wsi-nuclei report: {_esc(m.get('slide_name', s.get('slide_name', '')))}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_esc(m.get('slide_name', s.get('slide_name', '')))}</h1>",
         f'<p class="sub">wsi-nuclei {_esc(m.get("wsi_nuclei_version", ""))} &middot; model '
-        f'<b>{_esc(model.get("name", qc.get("model", "")))}</b> on {_esc(m.get("device", ""))} &middot; '
-        f'{_num("slide.n_nuclei", s["slide"].get("n_nuclei"), "count", "span")} nuclei &middot; level 0 '
-        f'{run.dimensions[0]:,d} x {run.dimensions[1]:,d} px at {run.mpp:.4g} µm/px &middot; '
-        f'coordinates: {_esc(m.get("coordinate_frame", "level-0 px (QuPath frame)"))}</p>',
+        f"<b>{_esc(model.get('name', qc.get('model', '')))}</b> on {_esc(m.get('device', ''))} &middot; "
+        f"{_num('slide.n_nuclei', s['slide'].get('n_nuclei'), 'count', 'span')} nuclei &middot; level 0 "
+        f"{run.dimensions[0]:,d} x {run.dimensions[1]:,d} px at {run.mpp:.4g} µm/px &middot; "
+        f"coordinates: {_esc(m.get('coordinate_frame', 'level-0 px (QuPath frame)'))}</p>",
     ]
     if isinstance(reliability, str) and reliability.strip():
-        out.append(f'<div class="note" id="reliability"><b>Reliability of the classes:</b> {_esc(reliability)}</div>')
+        out.append(
+            f'<div class="note" id="reliability"><b>Reliability of the classes:</b> {_esc(reliability)}</div>'
+        )
     if warnings:
         out.append("".join(f'<div class="warn"><b>Warning:</b> {_esc(w)}</div>' for w in warnings))
     else:
@@ -202,21 +283,35 @@ def _page(run: _Run, pictures: str, crops_html: str, sizes: str, note: str | Non
     shown.sort(key=lambda ir: ir[0])
     out.append("<h2>Regions</h2>")
     if len(regions) > len(shown):
-        out.append(f"<p>{len(regions)} regions; the {len(shown)} with most nuclei are shown, every region is in summary.csv.</p>")
+        out.append(
+            f"<p>{len(regions)} regions; the {len(shown)} with most nuclei are shown, every region is in summary.csv.</p>"
+        )
     out.append(_region_block("slide", s["slide"], classes))
     out.extend(_region_block(f"regions.{i}", r, classes) for i, r in shown)
     out.append(f"<h2>Nucleus sizes</h2>{sizes}")
     out.append("<h2>Quality control</h2>" + _qc_panel(qc))
     res = m.get("resolution") or {}
     tiling = m.get("tiling") or {}
-    facts = [("slide", m.get("slide")), ("fingerprint", m.get("fingerprint")), ("reader", m.get("backend")),
-             ("µm/px source", res.get("mpp_source")), ("level read", res.get("level")),
-             ("scale level 0 -> model", res.get("scale_level0_to_model")),
-             ("model sha256", model.get("sha256")), ("model licence", model.get("licence")),
-             ("precision", model.get("precision")), ("test-time augmentation", model.get("tta")),
-             ("blending", tiling.get("blending")), ("ownership", tiling.get("ownership")),
-             ("regions", json.dumps(m.get("regions")) if m.get("regions") else None)]
-    rows = "".join(f'<tr><th>{_esc(k)}</th><td class="mono">{_esc(v)}</td></tr>' for k, v in facts if v is not None)
+    facts = [
+        ("slide", m.get("slide")),
+        ("fingerprint", m.get("fingerprint")),
+        ("reader", m.get("backend")),
+        ("µm/px source", res.get("mpp_source")),
+        ("level read", res.get("level")),
+        ("scale level 0 -> model", res.get("scale_level0_to_model")),
+        ("model sha256", model.get("sha256")),
+        ("model licence", model.get("licence")),
+        ("precision", model.get("precision")),
+        ("test-time augmentation", model.get("tta")),
+        ("blending", tiling.get("blending")),
+        ("ownership", tiling.get("ownership")),
+        ("regions", json.dumps(m.get("regions")) if m.get("regions") else None),
+    ]
+    rows = "".join(
+        f'<tr><th>{_esc(k)}</th><td class="mono">{_esc(v)}</td></tr>'
+        for k, v in facts
+        if v is not None
+    )
     out.append(f"<h3>Run</h3><table>{rows}</table>")
     out.append("</body></html>\n")
     return "\n".join(out)
@@ -235,33 +330,50 @@ def _pictures(run: _Run, slide: Any, n_random: int, seed: int) -> tuple[str, str
     dm = _density_map(run, cx, cy)
     crops = _choose_crops(run, cx, cy, regions, n_random, seed)
     if slide is None:
-        return ("<p>Slide pixels not available: thumbnail, density map and overlays are omitted.</p>",
-                "<p>Slide pixels not available.</p>", sizes)
+        return (
+            "<p>Slide pixels not available: thumbnail, density map and overlays are omitted.</p>",
+            "<p>Slide pixels not available.</p>",
+            sizes,
+        )
     thumb = _thumbnail(slide)
     th, tw = thumb.shape[:2]
-    left = _image_with_overlay(_png_uri(thumb), tw, th, run, regions, crops, "slide thumbnail with regions")
-    right = _image_with_overlay(_png_uri(_heat_image(thumb, dm, run)), tw, th, run, regions, [], "nucleus density map")
+    left = _image_with_overlay(
+        _png_uri(thumb), tw, th, run, regions, crops, "slide thumbnail with regions"
+    )
+    right = _image_with_overlay(
+        _png_uri(_heat_image(thumb, dm, run)), tw, th, run, regions, [], "nucleus density map"
+    )
     n_regions = len(regions)
-    pictures = (f'<div class="row"><figure>{left}<figcaption>Thumbnail ({tw} x {th} px) with the {n_regions} analysed '
-                f'region(s) outlined and the overlay crops (A = densest).</figcaption></figure>'
-                f'<figure>{right}<figcaption>Nucleus density from the centroids in nuclei.parquet, binned on a '
-                f'{dm.cell_um:g} µm grid (maximum {dm.density.max():,.0f} per mm²); uncoloured cells hold no '
-                f'nuclei.</figcaption>{_colorbar_svg(dm.vmax, dm.cell_um)}</figure></div>')
+    pictures = (
+        f'<div class="row"><figure>{left}<figcaption>Thumbnail ({tw} x {th} px) with the {n_regions} analysed '
+        f"region(s) outlined and the overlay crops (A = densest).</figcaption></figure>"
+        f"<figure>{right}<figcaption>Nucleus density from the centroids in nuclei.parquet, binned on a "
+        f"{dm.cell_um:g} µm grid (maximum {dm.density.max():,.0f} per mm²); uncoloured cells hold no "
+        f"nuclei.</figcaption>{_colorbar_svg(dm.vmax, dm.cell_um)}</figure></div>"
+    )
     figs = []
     for c in crops:
         rgb, n_in = _overlay(run, slide, c["x"], c["y"], c["w"], c["h"], line_width=2)
         what = "densest place" if c["kind"] == "densest" else "random place in the regions"
-        figs.append(f'<figure><img class="crop" src="{_png_uri(rgb)}" width="{c["w"]}" height="{c["h"]}" '
-                    f'alt="crop {c["label"]}"><figcaption><b>{c["label"]}</b>: {what}; x={c["x"]}, y={c["y"]}, '
-                    f'{c["w"]} x {c["h"]} px ({c["w"] * run.mpp:.0f} µm), {n_in:,d} nuclei (centroids inside).<br>'
-                    f'<span class="mono">wsi-nuclei overlay RUN_DIR --x {c["x"]} --y {c["y"]} --size {c["w"]}</span>'
-                    f'</figcaption></figure>')
+        figs.append(
+            f'<figure><img class="crop" src="{_png_uri(rgb)}" width="{c["w"]}" height="{c["h"]}" '
+            f'alt="crop {c["label"]}"><figcaption><b>{c["label"]}</b>: {what}; x={c["x"]}, y={c["y"]}, '
+            f"{c['w']} x {c['h']} px ({c['w'] * run.mpp:.0f} µm), {n_in:,d} nuclei (centroids inside).<br>"
+            f'<span class="mono">wsi-nuclei overlay RUN_DIR --x {c["x"]} --y {c["y"]} --size {c["w"]}</span>'
+            f"</figcaption></figure>"
+        )
     crops_html = f'<div class="row">{"".join(figs)}</div>' if figs else "<p>No place to show.</p>"
     return pictures, crops_html, sizes
 
 
-def write_report(out_dir: str | Path, *, slide: Any = None, slide_path: str | Path | None = None,
-                 n_random: int = 3, seed: int = 0) -> Path:
+def write_report(
+    out_dir: str | Path,
+    *,
+    slide: Any = None,
+    slide_path: str | Path | None = None,
+    n_random: int = 3,
+    seed: int = 0,
+) -> Path:
     """Render ``report.html`` into a finished run folder (atomically).
 
     Parameters
@@ -302,7 +414,10 @@ def write_report(out_dir: str | Path, *, slide: Any = None, slide_path: str | Pa
         except (InputNotFoundError, UnsupportedSlideError) as exc:
             if slide_path is not None:
                 raise
-            slide, note = None, f"{exc}: the pictures are omitted (rerun 'wsi-nuclei report' with --slide)."
+            slide, note = (
+                None,
+                f"{exc}: the pictures are omitted (rerun 'wsi-nuclei report' with --slide).",
+            )
     try:
         pictures, crops_html, sizes = _pictures(run, slide, max(0, int(n_random)), int(seed))
     finally:

@@ -31,7 +31,7 @@ Layout
 
 from __future__ import annotations
 
-# Backends register themselves on import; the import order is their priority.
+# Backends register themselves on import, each with its priority (BACKENDS order).
 from . import _dicom, _image, _openslide, _tiffslide  # noqa: F401, I001
 from ._base import BaseSlide, scale_info
 from ._integrity import pixel_files

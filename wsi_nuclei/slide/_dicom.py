@@ -364,4 +364,6 @@ class _DicomReader(Reader):
         self._decode_cached.cache_clear()
 
 
-register_backend("dicom", _DicomReader, containers=("dicom",), extensions=(".dcm", ".dicom"))
+register_backend(
+    "dicom", _DicomReader, containers=("dicom",), extensions=(".dcm", ".dicom"), priority=30
+)

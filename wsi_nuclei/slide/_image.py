@@ -86,4 +86,10 @@ def _tiff_array_to_yxs(data: np.ndarray, axes: str) -> np.ndarray:
     return data
 
 
-register_backend("image", _ImageReader, containers=("tiff", "png", "jpeg", "image"), extensions=(".png", ".jpg", ".jpeg"))
+register_backend(
+    "image",
+    _ImageReader,
+    containers=("tiff", "png", "jpeg", "image"),
+    extensions=(".png", ".jpg", ".jpeg"),
+    priority=40,
+)

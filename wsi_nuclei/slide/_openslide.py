@@ -66,5 +66,21 @@ class _OpenSlideReader(Reader):
 
 
 # the formats OpenSlide reads (a .ome.tif(f) ends in .tif(f))
-register_backend("openslide", _OpenSlideReader, containers=("tiff", "dicom"),
-                 extensions=(".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"))
+register_backend(
+    "openslide",
+    _OpenSlideReader,
+    containers=("tiff", "dicom"),
+    extensions=(
+        ".svs",
+        ".tif",
+        ".tiff",
+        ".ndpi",
+        ".vms",
+        ".vmu",
+        ".scn",
+        ".mrxs",
+        ".svslide",
+        ".bif",
+    ),
+    priority=10,
+)

@@ -1,14 +1,14 @@
 """The slide backend registry: backend name -> reader opener, and which backends to try for a file.
 
 A leaf module (imports nothing of the package at run time). Each backend module calls
-:func:`register_backend` once at import; :mod:`wsi_nuclei.slide` imports the backend modules in
-priority order, so the registration order is the order of :data:`wsi_nuclei.slide.BACKENDS`,
+:func:`register_backend` once at import, with its ``priority``: the priority order (not the
+import order, which a formatter may change) is the order of :data:`wsi_nuclei.slide.BACKENDS`,
 of the CLI's ``--backend`` choices and of the automatic fallback. A new backend is one module
 with one ``register_backend`` call, plus its import in ``wsi_nuclei/slide/__init__.py``.
 
 The container of a file is sniffed from its magic bytes (:func:`sniff`); ``"auto"`` tries, in
 registration order, the backends that declared that container, and every backend when none did
-(an unknown file).
+(an unknown file); both in priority order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._base import Reader
 
-__all__ = ["CONTAINERS", "auto_order", "backend_names", "get_opener", "register_backend", "slide_extensions", "sniff"]
+__all__ = [
+    "CONTAINERS",
+    "auto_order",
+    "backend_names",
+    "get_opener",
+    "register_backend",
+    "slide_extensions",
+    "sniff",
+]
 
 #: Container kinds :func:`sniff` returns (``"other"``: not recognised).
 CONTAINERS: tuple[str, ...] = ("tiff", "dicom", "png", "jpeg", "image", "other")
@@ -33,13 +41,19 @@ class _Backend:
     opener: Callable[[Path], Reader]
     containers: tuple[str, ...]
     extensions: tuple[str, ...]
+    priority: int
 
 
 _BACKENDS: dict[str, _Backend] = {}
 
 
 def register_backend(
-    name: str, opener: Callable[[Path], Reader], containers: Iterable[str], extensions: Iterable[str] = ()
+    name: str,
+    opener: Callable[[Path], Reader],
+    containers: Iterable[str],
+    extensions: Iterable[str] = (),
+    *,
+    priority: int,
 ) -> None:
     """Register a slide backend.
 
@@ -55,22 +69,31 @@ def register_backend(
     extensions : iterable of str
         File endings (lower case, with the dot) of the slides the backend reads: a folder or glob
         given to a cohort run takes the files with any registered ending as slides.
+    priority : int
+        Lower first: where the backend comes in :data:`~wsi_nuclei.slide.BACKENDS` and in the
+        automatic fallback.
     """
     kinds = tuple(containers)
     unknown = [k for k in kinds if k not in CONTAINERS]
     if name == "auto" or name in _BACKENDS or unknown:
         raise ValueError(f"cannot register slide backend {name!r} (containers {kinds})")
-    _BACKENDS[name] = _Backend(name, opener, kinds, tuple(e.lower() for e in extensions))
+    _BACKENDS[name] = _Backend(
+        name, opener, kinds, tuple(e.lower() for e in extensions), int(priority)
+    )
+
+
+def _ordered() -> list[_Backend]:
+    return sorted(_BACKENDS.values(), key=lambda b: (b.priority, b.name))
 
 
 def backend_names() -> tuple[str, ...]:
-    """Registered backend names in priority (registration) order."""
-    return tuple(_BACKENDS)
+    """Registered backend names in priority order."""
+    return tuple(b.name for b in _ordered())
 
 
 def slide_extensions() -> tuple[str, ...]:
     """File endings of all registered backends, each once, in priority order."""
-    return tuple(dict.fromkeys(e for b in _BACKENDS.values() for e in b.extensions))
+    return tuple(dict.fromkeys(e for b in _ordered() for e in b.extensions))
 
 
 def get_opener(name: str) -> Callable[[Path], Reader]:
@@ -80,7 +103,7 @@ def get_opener(name: str) -> Callable[[Path], Reader]:
 
 def auto_order(kind: str) -> list[str]:
     """Backends to try, in order, for a file of container ``kind`` (all when none claims it)."""
-    return [b.name for b in _BACKENDS.values() if kind in b.containers] or list(_BACKENDS)
+    return [b.name for b in _ordered() if kind in b.containers] or list(backend_names())
 
 
 def sniff(path: Path) -> str:

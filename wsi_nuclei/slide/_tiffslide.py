@@ -56,4 +56,10 @@ class _TiffSlideReader(Reader):
         self._ts.close()
 
 
-register_backend("tiffslide", _TiffSlideReader, containers=("tiff",), extensions=(".svs", ".tif", ".tiff", ".qptiff"))
+register_backend(
+    "tiffslide",
+    _TiffSlideReader,
+    containers=("tiff",),
+    extensions=(".svs", ".tif", ".tiff", ".qptiff"),
+    priority=20,
+)

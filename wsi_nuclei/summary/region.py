@@ -114,8 +114,10 @@ class RegionSummarizer:
             pos = np.clip(pos, 0, max(len(self._sorted_ids) - 1, 0))
             if len(self._sorted_ids) == 0 or np.any(self._sorted_ids[pos] != rid):
                 unknown = sorted(set(rid.tolist()) - set(self._ids.tolist()))
-                raise ValueError(f"nucleus table has region ids {unknown[:10]} that are not "
-                                 "among the summarizer's regions")
+                raise ValueError(
+                    f"nucleus table has region ids {unknown[:10]} that are not "
+                    "among the summarizer's regions"
+                )
             out[inside] = self._id_order[pos]
         return out
 
@@ -127,7 +129,9 @@ class RegionSummarizer:
         mapped = np.array([lookup.get(int(u), other) for u in uniq], dtype=np.int64)
         return mapped[inverse.reshape(-1)]
 
-    def add(self, frame: pd.DataFrame, membership: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def add(
+        self, frame: pd.DataFrame, membership: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
         """Accumulate one nucleus table (needs ``region_id``, ``class_id`` and ``area_um2``).
 
         Parameters
@@ -173,9 +177,7 @@ class RegionSummarizer:
         cidx = all_cidx[rows]
         areas = all_areas[rows]
         key = ridx * n_cls + cidx
-        self._counts += np.bincount(key, minlength=self._counts.size).reshape(
-            self._counts.shape
-        )
+        self._counts += np.bincount(key, minlength=self._counts.size).reshape(self._counts.shape)
         order = np.argsort(key, kind="stable")
         skey = key[order]
         starts = np.flatnonzero(np.r_[True, skey[1:] != skey[:-1]])
@@ -204,8 +206,10 @@ class RegionSummarizer:
         if rows is None:
             counts = self._slide_counts
         else:
-            counts = self._counts[list(rows)].sum(axis=0) if rows else np.zeros(
-                self._counts.shape[1], dtype=np.int64
+            counts = (
+                self._counts[list(rows)].sum(axis=0)
+                if rows
+                else np.zeros(self._counts.shape[1], dtype=np.int64)
             )
         total = int(counts.sum())
 
@@ -224,8 +228,7 @@ class RegionSummarizer:
             name: density(int(counts[k])) for k, name in enumerate(self._class_names)
         }
         out["area_um2"] = {"all": _area_stats(self._areas_of(rows, None))} | {
-            name: _area_stats(self._areas_of(rows, k))
-            for k, name in enumerate(self._class_names)
+            name: _area_stats(self._areas_of(rows, k)) for k, name in enumerate(self._class_names)
         }
         # nuclei without a class (class 0, or below the class-probability threshold)
         out["n_nuclei_unclassified"] = int(counts[-1])
@@ -262,10 +265,13 @@ class RegionSummarizer:
         for i, region in enumerate(self._regions):
             area = float(region.geometry.area) * mm2_per_px2
             areas.append(area)
-            head = {"region_id": int(region.id), "region_name": str(region.name),
-                    "source": str(region.source),
-                    "region_class": getattr(region, "classification", None),
-                    "annotation_id": getattr(region, "annotation_id", None)}
+            head = {
+                "region_id": int(region.id),
+                "region_name": str(region.name),
+                "source": str(region.source),
+                "region_class": getattr(region, "classification", None),
+                "annotation_id": getattr(region, "annotation_id", None),
+            }
             regions.append(self._summarize([i], area, head))
         if slide_area_mm2 is None:
             import shapely
@@ -274,18 +280,25 @@ class RegionSummarizer:
             slide_area = float(shapely.union_all(geoms).area) * mm2_per_px2 if geoms else 0.0
         else:
             slide_area = float(slide_area_mm2)
-        slide_head = {"region_id": SLIDE_KEY, "region_name": SLIDE_KEY,
-                      "source": "union of regions", "region_class": None, "annotation_id": None}
+        slide_head = {
+            "region_id": SLIDE_KEY,
+            "region_name": SLIDE_KEY,
+            "source": "union of regions",
+            "region_class": None,
+            "annotation_id": None,
+        }
         slide = self._summarize(None, slide_area, slide_head)
         slide["n_nuclei_outside_regions"] = self._n_outside
-        return json_ready({
-            "summary_version": SUMMARY_VERSION,
-            "wsi_nuclei_version": __version__,
-            "slide_name": self._slide_name,
-            "mpp": self._mpp,
-            "class_names": list(self._class_names),
-            "classes_not_measured": list(self._not_measured),
-            "regions": regions,
-            "slide": slide,
-            "qc": dict(qc or {}),
-        })
+        return json_ready(
+            {
+                "summary_version": SUMMARY_VERSION,
+                "wsi_nuclei_version": __version__,
+                "slide_name": self._slide_name,
+                "mpp": self._mpp,
+                "class_names": list(self._class_names),
+                "classes_not_measured": list(self._not_measured),
+                "regions": regions,
+                "slide": slide,
+                "qc": dict(qc or {}),
+            }
+        )

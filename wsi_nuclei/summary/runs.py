@@ -79,8 +79,12 @@ def summarize_runs(run_dirs: Sequence[str | Path], out_csv: str | Path) -> pd.Da
         name = _slide_name(summary, run_dir)
         for row in _summary_rows(summary):
             rows.append({"slide_name": name, "run_dir": str(run_dir)} | row)
-    columns: dict[str, None] = {"slide_name": None, "run_dir": None, "region_id": None,
-                                "region_name": None}
+    columns: dict[str, None] = {
+        "slide_name": None,
+        "run_dir": None,
+        "region_id": None,
+        "region_name": None,
+    }
     for row in rows:
         columns.update(dict.fromkeys(row))
     table = pd.DataFrame(rows, columns=list(columns))
@@ -132,8 +136,10 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
         while stack:
             folder = stack.pop()
             try:
-                entries = sorted((e for e in folder.iterdir() if e.is_dir() and not e.name.startswith(".")),
-                                 key=lambda e: e.name)
+                entries = sorted(
+                    (e for e in folder.iterdir() if e.is_dir() and not e.name.startswith(".")),
+                    key=lambda e: e.name,
+                )
             except OSError:
                 continue
             for e in entries:
@@ -142,8 +148,10 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
                 else:
                     stack.append(e)
         if not below:
-            raise InputNotFoundError(f"no wsi-nuclei run in {path} (looked for folders with "
-                                     "run.json and summary.csv at any depth)")
+            raise InputNotFoundError(
+                f"no wsi-nuclei run in {path} (looked for folders with "
+                "run.json and summary.csv at any depth)"
+            )
         found += sorted(below, key=lambda p: p.parts)
     unique: list[Path] = []
     seen: set[Path] = set()
@@ -176,19 +184,31 @@ def duplicate_slides(run_dirs: Sequence[str | Path]) -> list[str]:
     groups: dict[tuple[str, str], list[tuple[Path, str]]] = {}
     for run_dir in map(Path, run_dirs):
         try:
-            fingerprint = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("fingerprint")
+            fingerprint = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get(
+                "fingerprint"
+            )
             summary = json.loads((run_dir / _SUMMARY_JSON).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue
         if not isinstance(fingerprint, str) or not fingerprint:
             continue
-        regions = json.dumps([[r.get("region_id"), r.get("region_name")] for r in summary.get("regions", [])
-                              if isinstance(r, dict)], default=str)
-        groups.setdefault((fingerprint, regions), []).append((run_dir, _slide_name(summary, run_dir)))
+        regions = json.dumps(
+            [
+                [r.get("region_id"), r.get("region_name")]
+                for r in summary.get("regions", [])
+                if isinstance(r, dict)
+            ],
+            default=str,
+        )
+        groups.setdefault((fingerprint, regions), []).append(
+            (run_dir, _slide_name(summary, run_dir))
+        )
     out = []
     for (fingerprint, _), runs in groups.items():
         if len(runs) > 1:
             names = sorted({n for _, n in runs})
-            out.append(f"slide {' = '.join(names)} appears in {len(runs)} runs (same fingerprint {fingerprint[:12]}, "
-                       f"same regions): {', '.join(str(d) for d, _ in runs)}; its rows are in the table {len(runs)} times")
+            out.append(
+                f"slide {' = '.join(names)} appears in {len(runs)} runs (same fingerprint {fingerprint[:12]}, "
+                f"same regions): {', '.join(str(d) for d, _ in runs)}; its rows are in the table {len(runs)} times"
+            )
     return out

@@ -181,5 +181,7 @@ def write_summary(summary: Mapping[str, Any], out_dir: str | Path) -> tuple[Path
             tmp.write_text(text + "\n", encoding="utf-8")
         _write_csv(rows, csv_path)
     except OSError as exc:
-        raise OutputError(f"cannot write the summary into {out_dir}: {exc.strerror or exc}") from None
+        raise OutputError(
+            f"cannot write the summary into {out_dir}: {exc.strerror or exc}"
+        ) from None
     return json_path, csv_path

@@ -20,8 +20,19 @@ _TRAIN_CONFIG_KEYS = {"datasets", "val_split", "target_mpp", "stages"}
 
 #: options a config stage may set (they replace the command-line values for that stage);
 #: "datasets" replaces the config's dataset list for that stage
-_STAGE_KEYS = {"name", "epochs", "steps_per_epoch", "batch", "crop", "lr", "class_weight", "stain_jitter", "init",
-               "datasets", "shift_consistency"}
+_STAGE_KEYS = {
+    "name",
+    "epochs",
+    "steps_per_epoch",
+    "batch",
+    "crop",
+    "lr",
+    "class_weight",
+    "stain_jitter",
+    "init",
+    "datasets",
+    "shift_consistency",
+}
 
 _DATASET_KEYS = {"name", "weight", "hv", "sparse", "point_radius_um"}
 
@@ -52,7 +63,9 @@ class DatasetEntry:
     point_radius_um: float = 1.5
 
 
-def point_label_map(shape: tuple[int, int], points: np.ndarray, allowed: np.ndarray, radius_px: float) -> np.ndarray:
+def point_label_map(
+    shape: tuple[int, int], points: np.ndarray, allowed: np.ndarray, radius_px: float
+) -> np.ndarray:
     """Allowed bitmask per pixel on a disk of ``radius_px`` around each (x, y) point, 0 elsewhere.
 
     Where two disks overlap the later point wins. Points are pixel-centre coordinates.
@@ -64,7 +77,9 @@ def point_label_map(shape: tuple[int, int], points: np.ndarray, allowed: np.ndar
     disk = dy * dy + dx * dx <= r * r + 1e-9
     offs = np.stack([dy[disk], dx[disk]], 1)
     h, w = shape
-    for (x, y), a in zip(np.rint(np.asarray(points, np.float64)).astype(np.int64), np.asarray(allowed, np.uint8)):
+    for (x, y), a in zip(
+        np.rint(np.asarray(points, np.float64)).astype(np.int64), np.asarray(allowed, np.uint8)
+    ):
         rr, cc = offs[:, 0] + y, offs[:, 1] + x
         ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
         out[rr[ok], cc[ok]] = a
@@ -90,8 +105,13 @@ def _hed_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.0
     return np.clip(out * 255, 0, 255).astype(np.uint8)
 
 
-def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.random.Generator,
-             stain_jitter: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _augment(
+    img: np.ndarray,
+    inst: np.ndarray,
+    allowed: np.ndarray,
+    rng: np.random.Generator,
+    stain_jitter: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k = int(rng.integers(4))
     if k:
         img, inst, allowed = np.rot90(img, k), np.rot90(inst, k), np.rot90(allowed, k)
@@ -113,7 +133,9 @@ def _augment(img: np.ndarray, inst: np.ndarray, allowed: np.ndarray, rng: np.ran
     return img, np.ascontiguousarray(inst), np.ascontiguousarray(allowed)
 
 
-def _random_crop(item: _Item, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _random_crop(
+    item: _Item, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random crop of ``size`` (with a random scale in [0.85, 1.15] 30% of the time)."""
     import cv2
 
@@ -129,10 +151,16 @@ def _random_crop(item: _Item, size: int, rng: np.random.Generator) -> tuple[np.n
         h, w = inst.shape
     y = int(rng.integers(0, h - src + 1))
     x = int(rng.integers(0, w - src + 1))
-    img, inst, allowed = img[y : y + src, x : x + src], inst[y : y + src, x : x + src], allowed[y : y + src, x : x + src]
+    img, inst, allowed = (
+        img[y : y + src, x : x + src],
+        inst[y : y + src, x : x + src],
+        allowed[y : y + src, x : x + src],
+    )
     if src != size:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-        inst = cv2.resize(inst.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        inst = cv2.resize(
+            inst.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST
+        ).astype(np.int32)
         allowed = cv2.resize(allowed, (size, size), interpolation=cv2.INTER_NEAREST)
     return img, inst, allowed
 
@@ -148,13 +176,26 @@ def _views(it: _Item, size: int, rng: np.random.Generator, stain_jitter: float, 
         return [_augment(*_random_crop(it, size, rng), rng, stain_jitter)], (0, 0)
     img, inst, allowed = _augment(*_random_crop(it, size + SHIFT_MAX, rng), rng, stain_jitter)
     dy, dx = (int(v) for v in rng.integers(1, SHIFT_MAX + 1, 2))
-    views = [(img[:size, :size], inst[:size, :size], allowed[:size, :size]),
-             (img[dy : dy + size, dx : dx + size], inst[dy : dy + size, dx : dx + size], allowed[dy : dy + size, dx : dx + size])]
+    views = [
+        (img[:size, :size], inst[:size, :size], allowed[:size, :size]),
+        (
+            img[dy : dy + size, dx : dx + size],
+            inst[dy : dy + size, dx : dx + size],
+            allowed[dy : dy + size, dx : dx + size],
+        ),
+    ]
     return [tuple(np.ascontiguousarray(a) for a in v) for v in views], (dy, dx)
 
 
-def make_batch(items: list[_Item], weights: np.ndarray, batch: int, size: int, rng: np.random.Generator,
-               stain_jitter: float = 0.05, shift_pairs: bool = False):
+def make_batch(
+    items: list[_Item],
+    weights: np.ndarray,
+    batch: int,
+    size: int,
+    rng: np.random.Generator,
+    stain_jitter: float = 0.05,
+    shift_pairs: bool = False,
+):
     """Sample, crop, augment and build the target tensors of one training batch.
 
     ``stain_jitter`` is the HED jitter strength (optical densities scaled by 1 ± it). With
@@ -208,17 +249,21 @@ def _read_config(path: str | Path) -> dict:
         raise DatasetError(f"{path}: cannot read training config ({exc})") from None
 
 
-def load_train_config(path: str | Path, data_root: str | Path) -> tuple[list[DatasetEntry], dict[str, list[str]], float]:
+def load_train_config(
+    path: str | Path, data_root: str | Path
+) -> tuple[list[DatasetEntry], dict[str, list[str]], float]:
     """Read a training config (datasets with weights, validation split, resolution)."""
     path = Path(path)
     cfg = _read_config(path)
     unknown = {k for k in cfg if not k.startswith("_")} - _TRAIN_CONFIG_KEYS
     if unknown:
-        raise DatasetError(f"{path}: unknown training config keys {sorted(unknown)} (known: {sorted(_TRAIN_CONFIG_KEYS)})")
+        raise DatasetError(
+            f"{path}: unknown training config keys {sorted(unknown)} (known: {sorted(_TRAIN_CONFIG_KEYS)})"
+        )
     entries = _dataset_entries(cfg.get("datasets", []), Path(data_root), path)
     split: dict[str, list[str]] = {}
     if cfg.get("val_split"):
-        sp = (path.parent / cfg["val_split"])
+        sp = path.parent / cfg["val_split"]
         split = {k: v for k, v in json.loads(sp.read_text()).items() if not k.startswith("_")}
     return entries, split, float(cfg.get("target_mpp", 0.25))
 
@@ -228,9 +273,18 @@ def _dataset_entries(items: list, root: Path, path: Path | str) -> list[DatasetE
     out = []
     for d in items:
         if not isinstance(d, dict) or "name" not in d or set(d) - _DATASET_KEYS:
-            raise DatasetError(f"{path}: each dataset needs a name and may only set {sorted(_DATASET_KEYS)} (got {d!r})")
-        out.append(DatasetEntry(root / d["name"], float(d.get("weight", 1.0)), bool(d.get("hv", True)),
-                                bool(d.get("sparse", False)), float(d.get("point_radius_um", 1.5))))
+            raise DatasetError(
+                f"{path}: each dataset needs a name and may only set {sorted(_DATASET_KEYS)} (got {d!r})"
+            )
+        out.append(
+            DatasetEntry(
+                root / d["name"],
+                float(d.get("weight", 1.0)),
+                bool(d.get("hv", True)),
+                bool(d.get("sparse", False)),
+                float(d.get("point_radius_um", 1.5)),
+            )
+        )
     return out
 
 
@@ -261,12 +315,18 @@ def _config_stages(path: str | Path) -> list[dict]:
     for i, st in enumerate(stages):
         bad = set(st) - _STAGE_KEYS
         if bad or "name" not in st:
-            raise DatasetError(f"{path}: stage {i + 1} needs a name and may only set {sorted(_STAGE_KEYS)} (got {sorted(st)})")
+            raise DatasetError(
+                f"{path}: stage {i + 1} needs a name and may only set {sorted(_STAGE_KEYS)} (got {sorted(st)})"
+            )
         init = st.get("init")
         if not isinstance(init, (str, type(None))) or (init == "previous" and i == 0):
-            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' (not on the first stage) or a weights file")
+            raise DatasetError(
+                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' (not on the first stage) or a weights file"
+            )
         if init not in (None, "imagenet", "previous") and not _init_path(init, path).is_file():
-            raise DatasetError(f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' or an existing weights file (not {init!r})")
+            raise DatasetError(
+                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' or an existing weights file (not {init!r})"
+            )
         if "datasets" in st:
             _dataset_entries(st["datasets"], Path("."), path)
         names.append(st["name"])

@@ -49,8 +49,14 @@ def validate(model: torch.nn.Module, val: list[Sample], device: str = "cpu") -> 
         res = predict_instances(wrapped, s.image)
         pred_class = np.zeros(int(res.inst.max()) + 1, np.int64)
         pred_class[res.labels] = res.class_id
-        rec = {"name": s.name, "true_inst": s.inst, "true_allowed": s.allowed, "pred_inst": res.inst,
-               "pred_class": pred_class, "mpp": s.mpp}
+        rec = {
+            "name": s.name,
+            "true_inst": s.inst,
+            "true_allowed": s.allowed,
+            "pred_inst": res.inst,
+            "pred_class": pred_class,
+            "mpp": s.mpp,
+        }
         rec.update({"true_classes": s.classes} if s.inst is not None else {"true_points": s.points})
         per.setdefault(s.name.split("/")[0], []).append(rec)
     out: dict[str, float] = {}
@@ -106,7 +112,9 @@ def train(args: argparse.Namespace) -> Path:
     only = list(getattr(args, "stages", None) or [])
     unknown = set(only) - {st["name"] for st in stages}
     if unknown:
-        raise DatasetError(f"{args.config}: no stage named {sorted(unknown)} (stages: {[st['name'] for st in stages]})")
+        raise DatasetError(
+            f"{args.config}: no stage named {sorted(unknown)} (stages: {[st['name'] for st in stages]})"
+        )
     best: Path | None = None
     for st in stages:
         if only and st["name"] not in only:  # not run now: a later stage may start from its best
@@ -121,13 +129,18 @@ def train(args: argparse.Namespace) -> Path:
         a.stage_datasets = st.get("datasets")
         if st.get("init") == "previous":
             if best is None and not args.init_weights:
-                raise DatasetError(f"stage {st['name']!r} starts from the previous stage, which has no best.pt in {args.out} (or pass --init-weights)")
+                raise DatasetError(
+                    f"stage {st['name']!r} starts from the previous stage, which has no best.pt in {args.out} (or pass --init-weights)"
+                )
             a.init_weights = str(best) if best is not None else args.init_weights
         elif st.get("init") == "imagenet":
             a.init_weights = None
         elif st.get("init"):
             a.init_weights = str(_init_path(st["init"], args.config))
-        print(f"== stage {st['name']}: {a.epochs} epochs x {a.steps_per_epoch} steps, lr {a.lr:g} -> {a.out}", flush=True)
+        print(
+            f"== stage {st['name']}: {a.epochs} epochs x {a.steps_per_epoch} steps, lr {a.lr:g} -> {a.out}",
+            flush=True,
+        )
         best = _train_stage(a)
     assert best is not None
     return best
@@ -187,7 +200,9 @@ def _train_stage(args: argparse.Namespace) -> Path:
     def lr_at(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+        return 0.02 + 0.98 * 0.5 * (
+            1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(args.seed)
@@ -207,12 +222,21 @@ def _train_stage(args: argparse.Namespace) -> Path:
     t_epoch = time.time()
     while step < total_steps:
         model.train()
-        b = make_batch(items, weights, args.batch, args.crop, rng, args.stain_jitter,
-                       shift_pairs=getattr(args, "shift_consistency", 0.0) > 0)
+        b = make_batch(
+            items,
+            weights,
+            args.batch,
+            args.crop,
+            rng,
+            args.stain_jitter,
+            shift_pairs=getattr(args, "shift_consistency", 0.0) > 0,
+        )
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             o = model(b["x"])
-        loss, parts = hovernet_loss(o, b, args.class_weight, getattr(args, "shift_consistency", 0.0))
+        loss, parts = hovernet_loss(
+            o, b, args.class_weight, getattr(args, "shift_consistency", 0.0)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -221,23 +245,48 @@ def _train_stage(args: argparse.Namespace) -> Path:
         if step % 20 == 0 and not args.quiet:
             rate = 20 * args.batch / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
             train._t = time.time()  # type: ignore[attr-defined]
-            print(f"step {step}/{total_steps} loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                  + f" | {rate:.1f} img/s lr {sched.get_last_lr()[0]:.2e}", flush=True)
+            print(
+                f"step {step}/{total_steps} loss {loss.item():.3f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + f" | {rate:.1f} img/s lr {sched.get_last_lr()[0]:.2e}",
+                flush=True,
+            )
         if step % args.steps_per_epoch == 0 or step == total_steps:
             epoch = step // args.steps_per_epoch
             metrics = validate(model, val, device) if val else {}
             score = validation_score(metrics) if metrics else -float(loss.detach())
             if not np.isfinite(score):
                 score = -float(loss.detach())
-            history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "time_s": time.time() - t_epoch, **metrics})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "time_s": time.time() - t_epoch,
+                    **metrics,
+                }
+            )
             t_epoch = time.time()
-            print(f"epoch {epoch} step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" | score {score:.4f}", flush=True)
+            print(
+                f"epoch {epoch} step {step} val "
+                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                + f" | score {score:.4f}",
+                flush=True,
+            )
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             if score > best:
                 best = score
                 torch.save({"model": state, "epoch": epoch, "metrics": metrics}, out / "best.pt")
-            ck = {"model": state, "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.bit_generator.state,
-                  "torch_rng": torch.get_rng_state(), "step": step, "best": best, "history": history}
+            ck = {
+                "model": state,
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "best": best,
+                "history": history,
+            }
             torch.save(ck, out / "last.pt.tmp")
             Path(out / "last.pt.tmp").replace(last)
             (out / "history.json").write_text(json.dumps(history, indent=1))

@@ -25,7 +25,9 @@ def _sobel(hv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gx, gy
 
 
-def partial_label_nll(tp_logits: torch.Tensor, allowed_px: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def partial_label_nll(
+    tp_logits: torch.Tensor, allowed_px: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """``-log sum_{c in A} p_c`` averaged with ``weight``; A = {background} off nuclei.
 
     Parameters
@@ -61,12 +63,18 @@ def shift_consistency_loss(out: dict[str, torch.Tensor], shifts: torch.Tensor) -
     p = torch.cat(parts, 1)
     a, b = p[0::2], p[1::2]
     n = p.shape[-1]
-    terms = [((a[k, :, dy:, dx:] - b[k, :, : n - dy, : n - dx]) ** 2).mean() for k, (dy, dx) in enumerate(shifts.tolist())]
+    terms = [
+        ((a[k, :, dy:, dx:] - b[k, :, : n - dy, : n - dx]) ** 2).mean()
+        for k, (dy, dx) in enumerate(shifts.tolist())
+    ]
     return torch.stack(terms).mean()
 
 
 def hovernet_loss(
-    out: dict[str, torch.Tensor], b: dict[str, torch.Tensor], class_weight: float = 1.0, shift_consistency: float = 0.0
+    out: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    class_weight: float = 1.0,
+    shift_consistency: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code).
 
@@ -76,7 +84,9 @@ def hovernet_loss(
     """
     mask = b["mask"]
     np_logits = out["np"].float()
-    ce = (F.cross_entropy(np_logits, b["np"], reduction="none") * mask).sum() / mask.sum().clamp(min=1)
+    ce = (F.cross_entropy(np_logits, b["np"], reduction="none") * mask).sum() / mask.sum().clamp(
+        min=1
+    )
     p = torch.softmax(np_logits, dim=1)[:, 1]
     t = b["np"].float()
     dice = 1 - (2 * (p * t * mask).sum() + 1) / ((p * mask).sum() + (t * mask).sum() + 1)
@@ -87,14 +97,20 @@ def hovernet_loss(
     gx, gy = _sobel(hv)
     tx, ty = _sobel(b["hv"])
     nuc = t * hv_w
-    msge = ((((gx - tx) ** 2 + (gy - ty) ** 2).squeeze(1)) * nuc).sum() / (2 * nuc.sum()).clamp(min=1)
+    msge = ((((gx - tx) ** 2 + (gy - ty) ** 2).squeeze(1)) * nuc).sum() / (2 * nuc.sum()).clamp(
+        min=1
+    )
 
     parts = {"np_ce": ce, "np_dice": dice, "hv_mse": mse, "hv_msge": msge}
     if "tp" in out:
         # class loss where "cls_mask" says (= mask for instance labels; the point disks for
         # point labels), labelled nucleus pixels weighted by class_weight
         cmask = b.get("cls_mask", mask)
-        w = cmask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float()) if class_weight != 1 else cmask
+        w = (
+            cmask * (1 + (class_weight - 1) * _labelled_px(b["allowed"]).float())
+            if class_weight != 1
+            else cmask
+        )
         parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], w)
     total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
     if shift_consistency and "pair_shift" in b:

@@ -36,22 +36,33 @@ def _build(spec: ModelSpec, weights: Path | None, device: str) -> Any:
     from .checkpoint import load_hovernet_fast
 
     if weights is None:
-        raise ModelError(f"no weights for {spec.name}: run `wsi-nuclei models fetch {spec.name}` or pass --weights PATH")
+        raise ModelError(
+            f"no weights for {spec.name}: run `wsi-nuclei models fetch {spec.name}` or pass --weights PATH"
+        )
     # the registry has verified the cached file itself (or the user chose --weights)
     return MapModel(spec, load_hovernet_fast(weights, expected_sha256=None), device)
 
 
 #: ``hovernet-pannuke``: the official weights run as published (linear ``hv`` output, float32,
 #: channels-last only on CUDA, HoVer-Net's default post-processing thresholds).
-SPEC = register_model(ModelSpec(
-    name=HOVERNET_PANNUKE_NAME,
-    description="Official HoVer-Net 'fast' PanNuke checkpoint (256 in, 164 out); weights from the HoVer-Net authors, --weights PATH",
-    licence=f"{HOVERNET_PANNUKE_LICENCE} (PanNuke-derived weights)",
-    mpp=0.25, input_size=256, output_size=164, class_names=dict(CLASS_NAMES),
-    builder=_build, weights_file=HOVERNET_PANNUKE_FILENAME, sha256=HOVERNET_PANNUKE_SHA256,
-    url=HOVERNET_PANNUKE_URL,
-    class_support={name: "trained" for name in CLASS_NAMES.values()},
-    class_evidence="PanNuke: ~190,000 labelled nuclei of the five classes from 19 tissues (Gamper et al. 2020)",
-    trained_on="PanNuke's 19 tissues (20x/40x H&E)",
-    hv_tanh=False, fp16=False, channels_last_cpu=False,
-))
+SPEC = register_model(
+    ModelSpec(
+        name=HOVERNET_PANNUKE_NAME,
+        description="Official HoVer-Net 'fast' PanNuke checkpoint (256 in, 164 out); weights from the HoVer-Net authors, --weights PATH",
+        licence=f"{HOVERNET_PANNUKE_LICENCE} (PanNuke-derived weights)",
+        mpp=0.25,
+        input_size=256,
+        output_size=164,
+        class_names=dict(CLASS_NAMES),
+        builder=_build,
+        weights_file=HOVERNET_PANNUKE_FILENAME,
+        sha256=HOVERNET_PANNUKE_SHA256,
+        url=HOVERNET_PANNUKE_URL,
+        class_support={name: "trained" for name in CLASS_NAMES.values()},
+        class_evidence="PanNuke: ~190,000 labelled nuclei of the five classes from 19 tissues (Gamper et al. 2020)",
+        trained_on="PanNuke's 19 tissues (20x/40x H&E)",
+        hv_tanh=False,
+        fp16=False,
+        channels_last_cpu=False,
+    )
+)
