@@ -1,4 +1,5 @@
-"""The code passes the project's lint bar (ruff: pyflakes and pycodestyle, pyproject.toml)."""
+"""The code passes the project's lint and format bar (ruff, pyproject.toml; .ci/run runs the same
+checks and mypy before the tests)."""
 
 from __future__ import annotations
 
@@ -31,5 +32,17 @@ def test_ruff_finds_nothing() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
+
+
+def test_ruff_format_changes_nothing() -> None:
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip(
+            "ruff is not installed (it comes with the test extra: pip install -e '.[test]')"
+        )
+    res = subprocess.run(
+        [*ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
