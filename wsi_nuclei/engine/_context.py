@@ -31,10 +31,10 @@ class EngineContext:
     fingerprint: str
     strict: bool = False
     torch_threads: int = 0  # > 0: set in each worker process (local --workers N)
-    all_masks: bool = (
-        False  # keep the pixel mask of every nucleus (evaluation), not only candidates
-    )
-    infer_chunk: int = 0  # > 0: at most this many patches per network call (bounds activation memory); 0: the whole batch
+    #: keep the pixel mask of every nucleus (evaluation), not only the seam candidates
+    all_masks: bool = False
+    #: > 0: at most this many patches per network call (bounds activation memory); 0: the batch
+    infer_chunk: int = 0
 
 
 _LOCAL = threading.local()

@@ -29,9 +29,8 @@ from .base import InstanceResult
 class ClassicParams:
     """Parameters of the classical segmentation (pixel sizes at 0.25 µm/px)."""
 
-    h_threshold: float = (
-        0.04  # haematoxylin optical density (tuned on the MoNuSeg/CoNSeP validation split)
-    )
+    #: haematoxylin optical density (tuned on the MoNuSeg/CoNSeP validation split)
+    h_threshold: float = 0.04
     min_area_px: int = 40
     max_area_px: int = 6000
     min_distance_px: int = 8

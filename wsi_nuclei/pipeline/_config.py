@@ -56,9 +56,8 @@ class RunConfig:
     strict_ownership: bool = False
     quiet: bool = False
     keep_work: bool = False
-    min_class_prob: float | None = (
-        None  # None: the model's calibrated threshold (ModelSpec.min_class_prob)
-    )
+    #: None: the model's calibrated threshold (ModelSpec.min_class_prob)
+    min_class_prob: float | None = None
     report: bool = True  # write report.html (visual QC) after the other outputs
     anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
     client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
