@@ -19,12 +19,15 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError
 from ..schema import CLASS_COLORS
 from ._device import resolve_device
 from .fetch import default_cache_dir, sha256_file
+
+if TYPE_CHECKING:
+    from ..postprocess import HVParams
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -88,7 +91,7 @@ class ModelSpec:
     def needs_weights(self) -> bool:
         return self.weights_file is not None
 
-    def hv_params(self) -> Any:
+    def hv_params(self) -> HVParams:
         """The model's :class:`~wsi_nuclei.postprocess.HVParams` (defaults where not tuned)."""
         from ..postprocess import HVParams
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,8 +24,11 @@ from ._config import RunConfig, RunResult, qupath_name
 from ._parts import load_part
 from .plan import RunPlan, _Setup
 
+if TYPE_CHECKING:
+    from ..models import ModelSpec
 
-def effective_min_class_prob(cfg: RunConfig, spec: Any) -> float:
+
+def effective_min_class_prob(cfg: RunConfig, spec: ModelSpec) -> float:
     """The class-probability threshold of a run: ``--min-class-prob`` or the model's calibrated one."""
     if not spec.class_names:
         return 0.0
@@ -46,7 +49,7 @@ def unclassify_below(frame: pd.DataFrame, min_prob: float) -> pd.DataFrame:
     return frame
 
 
-def reliability_note(spec: Any, min_prob: float) -> str:
+def reliability_note(spec: ModelSpec, min_prob: float) -> str:
     """The plain-words note on the model's classes for this run (empty when unknown)."""
     from dataclasses import replace
 

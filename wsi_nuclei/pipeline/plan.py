@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from ..engine import EngineContext, Strip, plan_strips
 from ..errors import MissingMppError, NoTissueError
 from ..tiling import BlockGrid, PatchGrid
 from ._config import MAX_UPSAMPLING, TISSUE_MARGIN_PX, TISSUE_TOLERANCE_THUMB_PX, RunConfig
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec
+    from ..slide import BaseSlide
 
 __all__ = [
     "RunPlan",
@@ -105,8 +109,8 @@ class _Setup:
 
 def make_plan(
     cfg: RunConfig,
-    spec: Any,
-    slide: Any,
+    spec: ModelSpec,
+    slide: BaseSlide,
     source: Any,
     slide_name: str,
     weights_path: Path | None,
@@ -124,6 +128,8 @@ def make_plan(
 
     t = time.perf_counter()
     sinfo = scale_info(slide, spec.mpp) if hasattr(slide, "best_level_for_mpp") else {}
+    if slide.mpp is None:  # open_slide(require_mpp=True) raised already; a slide object may not
+        raise MissingMppError(f"{slide_name}: the slide has no microns-per-pixel; pass --mpp")
     slide_mpp = float(slide.mpp)
     scale = slide_mpp / spec.mpp
     if scale > MAX_UPSAMPLING:

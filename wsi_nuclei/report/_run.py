@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InputNotFoundError, WsiNucleiError
 from ._format import _REGION_COLOR, _hex
+
+if TYPE_CHECKING:
+    from ..slide import Slide
 
 
 @dataclass
@@ -82,7 +85,7 @@ def _slide_location(run: _Run) -> Path | None:
     return None
 
 
-def open_run_slide(run_dir: str | Path, slide_path: str | Path | None = None) -> Any:
+def open_run_slide(run_dir: str | Path, slide_path: str | Path | None = None) -> Slide:
     """Open the slide of a run (the one recorded in its run.json, or ``slide_path``).
 
     Parameters
@@ -108,7 +111,7 @@ def open_run_slide(run_dir: str | Path, slide_path: str | Path | None = None) ->
     return _open_slide(_load_run(run_dir), slide_path)
 
 
-def _open_slide(run: _Run, slide_path: str | Path | None) -> Any:
+def _open_slide(run: _Run, slide_path: str | Path | None) -> Slide:
     from ..slide import BACKENDS, open_slide
 
     if slide_path is not None:
