@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_peers.py [--slide PATH] [--crop X,Y,W,H] [--repeats N] [--work DIR] [--json OUT]
 
 Both tools run the same network with the same weights: a seeded random state dict in the
-official HoVer-Net "fast" PanNuke layout (``wsi_nuclei.models.hovernet.official_state_dict_layout``;
+official HoVer-Net "fast" PanNuke layout (``wsi_nuclei.models.hovernet.checkpoint.official_state_dict_layout``;
 TIAToolbox's ``hovernet_fast-pannuke`` architecture has exactly these keys and shapes, checked
 here), saved once under ``--work`` and loaded by ``wsi-nuclei run --model hovernet-pannuke
 --weights FILE`` and by ``NucleusInstanceSegmentor("hovernet_fast-pannuke", weights=FILE)``.
@@ -216,7 +216,7 @@ def make_state_dict(seed: int = 0, patches=None, fg: float = 0.3) -> OrderedDict
     """
     import torch
 
-    from wsi_nuclei.models.hovernet import build_hovernet_fast
+    from wsi_nuclei.models.hovernet.net import build_hovernet_fast
 
     torch.manual_seed(seed)
     net = build_hovernet_fast()
@@ -272,13 +272,26 @@ def weights_file(work: Path, slide: str, seed: int, fg: float) -> Path:
 # --------------------------------------------------------------------------------------
 # raw-map agreement (both networks in one process)
 # --------------------------------------------------------------------------------------
+
+
+def hovernet_model(weights: Any) -> Any:
+    """wsi-nuclei's HoVer-Net fast PanNuke model (``MapModel``) with ``weights`` (a checkpoint path
+    or a state dict in the official layout; no sha256 check: the weights are the benchmark's own)."""
+    from wsi_nuclei.models import get_spec
+    from wsi_nuclei.models.hovernet.checkpoint import load_hovernet_fast
+    from wsi_nuclei.models.maps import MapModel
+
+    net = load_hovernet_fast(weights, expected_sha256=None)
+    return MapModel(get_spec("hovernet-pannuke"), net, "cpu")
+
+
 def raw_agreement(weights: Path, patch) -> dict[str, Any]:
     """Max abs differences of both networks' outputs on one (256, 256, 3) uint8 patch."""
     import numpy as np
     import torch
     from tiatoolbox.models.architecture import get_pretrained_model
 
-    from wsi_nuclei.models.hovernet import HoVerNetPanNuke, official_state_dict_layout
+    from wsi_nuclei.models.hovernet.checkpoint import official_state_dict_layout
 
     tia_net, ioconfig = get_pretrained_model(TIA_MODEL, str(weights))
     tia_layout = {
@@ -287,7 +300,7 @@ def raw_agreement(weights: Path, patch) -> dict[str, Any]:
         if not k.endswith("num_batches_tracked")
     }
     official = official_state_dict_layout()
-    ours = HoVerNetPanNuke(str(weights), device="cpu", expected_sha256=None)
+    ours = hovernet_model(str(weights))
     tia_net.eval()
     batch = np.ascontiguousarray(patch[None])
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()

@@ -28,14 +28,14 @@ def _load():
 
 
 def _patches(n: int = 2, side: int = 128) -> np.ndarray:
-    from wsi_nuclei.synthetic import make_nuclei_image
+    from wsi_nuclei.demo import make_nuclei_image
 
     rgb, _, _ = make_nuclei_image(side, side * n, seed=1)
     return np.stack([rgb[:, i * side : (i + 1) * side] for i in range(n)]).astype(np.uint8)
 
 
 def test_random_state_dict_is_official_layout_and_loads() -> None:
-    from wsi_nuclei.models.hovernet import HoVerNetPanNuke, official_state_dict_layout
+    from wsi_nuclei.models.hovernet.checkpoint import official_state_dict_layout
 
     sd = _load().make_state_dict(seed=3)
     layout = official_state_dict_layout()
@@ -43,7 +43,7 @@ def test_random_state_dict_is_official_layout_and_loads() -> None:
     assert plain == layout and list(plain) == list(layout)
     counters = [k for k in sd if k.endswith("num_batches_tracked")]
     assert len(counters) == sum(k.endswith(".running_var") for k in layout)
-    model = HoVerNetPanNuke(sd, device="cpu")  # strict load of exactly these tensors
+    model = _load().hovernet_model(sd)  # strict load of exactly these tensors
     assert model.net.state_dict()["conv0./.weight"].equal(sd["conv0./.weight"])
     again = _load().make_state_dict(seed=3)
     assert all(again[k].equal(v) for k, v in sd.items())  # seeded
@@ -51,11 +51,9 @@ def test_random_state_dict_is_official_layout_and_loads() -> None:
 
 @pytest.mark.usefixtures("torch_one_thread")
 def test_calibrated_weights_give_the_asked_foreground(tmp_path: Path) -> None:
-    from wsi_nuclei.models.hovernet import HoVerNetPanNuke
-
     patches = _patches()
     sd = _load().make_state_dict(seed=0, patches=patches, fg=0.3)
-    model = HoVerNetPanNuke(sd, device="cpu")
+    model = _load().hovernet_model(sd)
     maps = model.infer(patches)
     fg = float(np.mean([(m["np"] > 0.5).mean() for m in maps]))
     assert 0.25 <= fg <= 0.35
