@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .._allocator import keep_large_blocks_in_heap
 from ..tiling import BlockGrid, PatchGrid
 
 
@@ -89,6 +90,7 @@ def model_of(ctx: EngineContext) -> Any:
             from ..models import load_model
 
             name, weights, device, tta = ctx.model
+            keep_large_blocks_in_heap()  # network activations reused, not re-mapped per call
             if ctx.torch_threads:  # one process per worker: share the cores, no oversubscription
                 import torch
 
