@@ -11,11 +11,14 @@ accuracy of what ``run`` produces. :func:`predict_maps` returns the blended maps
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .models.base import InstanceResult
+
+if TYPE_CHECKING:
+    from .models.base import NucleusModel
 
 __all__ = ["ArraySlide", "engine_context", "predict_maps", "segment_image", "predict_instances"]
 
@@ -57,7 +60,7 @@ class ArraySlide:
 
 
 def engine_context(
-    model: Any,
+    model: NucleusModel,
     slide: Any,
     *,
     block_size: int = 1024,
@@ -86,7 +89,9 @@ def engine_context(
     )
 
 
-def predict_maps(model: Any, image: np.ndarray, *, batch: int = 8) -> dict[str, np.ndarray]:
+def predict_maps(
+    model: NucleusModel, image: np.ndarray, *, batch: int = 8
+) -> dict[str, np.ndarray]:
     """The engine's blended maps over a whole image (at the model's resolution).
 
     Returns
@@ -121,7 +126,7 @@ def predict_maps(model: Any, image: np.ndarray, *, batch: int = 8) -> dict[str, 
 
 
 def segment_image(
-    model: Any,
+    model: NucleusModel,
     image: np.ndarray,
     *,
     block_size: int = 1024,
@@ -202,6 +207,6 @@ def segment_image(
     )
 
 
-def predict_instances(model: Any, image: np.ndarray) -> InstanceResult:
+def predict_instances(model: NucleusModel, image: np.ndarray) -> InstanceResult:
     """Instances of a whole image through the engine (:func:`segment_image` with defaults)."""
     return segment_image(model, image)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._allocator import keep_large_blocks_in_heap
 from ..tiling import BlockGrid, PatchGrid
+
+if TYPE_CHECKING:
+    from ..models.base import NucleusModel
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ _INFER_LOCK = threading.Lock()
 _INSTANCES: dict[str, Any] = {}
 
 
-def register_instance(model: Any) -> tuple[str, None, str, bool]:
+def register_instance(model: NucleusModel) -> tuple[str, None, str, bool]:
     """Make an already built model usable by in-process tasks; returns its model key."""
     key = f"instance:{id(model)}"
     _INSTANCES[key] = model
@@ -80,7 +83,7 @@ def _slide_of(ctx: EngineContext) -> Any:
     return cache[src]
 
 
-def model_of(ctx: EngineContext) -> Any:
+def model_of(ctx: EngineContext) -> NucleusModel:
     """The model of ``ctx`` (loaded once per process)."""
     name = ctx.model[0]
     if name in _INSTANCES:

@@ -6,11 +6,14 @@ is halved and retried).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._context import _INFER_LOCK, EngineContext, _slide_of, model_of
+
+if TYPE_CHECKING:
+    from ..models.base import NucleusModel
 
 
 def read_patches(
@@ -97,7 +100,7 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _infer_halving(model: Any, images: np.ndarray) -> tuple[list, int]:
+def _infer_halving(model: NucleusModel, images: np.ndarray) -> tuple[list, int]:
     """``model.infer(images)``; on an accelerator out-of-memory error the batch is halved and
     retried (recursively, down to one patch). Returns the outputs and the number of splits."""
     try:
@@ -131,7 +134,7 @@ def _split(window: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
     return out
 
 
-def fill_values(model: Any, layout: tuple) -> np.ndarray:
+def fill_values(model: NucleusModel, layout: tuple) -> np.ndarray:
     """Per-channel value of the maps where no patch ran (the model's ``map_fill``, else 0)."""
     fill = getattr(model, "map_fill", {}) or {}
     return (

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,9 +22,12 @@ from .._io import atomic_path
 from ..datasets import read_dataset
 from ..errors import DatasetError
 
+if TYPE_CHECKING:
+    from ..models.base import NucleusModel
+
 
 def evaluate_model(
-    model: Any,
+    model: NucleusModel,
     dataset: str | Path,
     *,
     names: list[str] | None = None,

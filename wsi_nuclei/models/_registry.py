@@ -28,6 +28,7 @@ from .fetch import default_cache_dir, sha256_file
 
 if TYPE_CHECKING:
     from ..postprocess import HVParams
+    from .base import NucleusModel
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -235,7 +236,7 @@ def require_tta(spec: ModelSpec) -> None:
 
 def load_model(
     name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False
-) -> Any:
+) -> NucleusModel:
     """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``.
 
     ``tta`` turns on flip test-time augmentation (network models only).

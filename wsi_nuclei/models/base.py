@@ -12,9 +12,12 @@ tasks (post-processing of one batch overlaps inference of the next).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._registry import ModelSpec
 
 
 @dataclass
@@ -48,10 +51,19 @@ class InstanceResult:
 class NucleusModel(Protocol):
     """What the pipeline needs from a model (see :mod:`wsi_nuclei.models`)."""
 
-    spec: Any  # ModelSpec
+    spec: ModelSpec
 
-    def infer(self, batch: np.ndarray) -> list[Any]:
-        """Run the network on ``batch`` (N, H, W, 3) uint8 RGB; return one raw output per tile."""
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Run the network on ``batch`` (N, H, W, 3) uint8 RGB; one dict of maps per tile
+        (channels first, the model's output window)."""
+        ...
 
-    def postprocess(self, raw: Any) -> InstanceResult:
-        """Turn one raw output into instances (pure CPU work, thread-safe)."""
+    def postprocess(
+        self,
+        raw: dict[str, np.ndarray],
+        origin: tuple[int, int] | None = None,
+        shape: tuple[int, int] | None = None,
+    ) -> InstanceResult:
+        """Turn (blended) maps into instances (pure CPU work, thread-safe); ``origin`` is the
+        window's top-left and ``shape`` its size in model px (for a model without maps)."""
+        ...

@@ -121,8 +121,11 @@ class ClassicModel:
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         return [{"rgb": tile.transpose(2, 0, 1).astype(np.float32)} for tile in batch]
 
-    def postprocess(self, raw: Any, origin: tuple[int, int] | None = None) -> InstanceResult:
-        """Segment an RGB window: ``{"rgb": (3, H, W)}`` (blended) or an (H, W, 3) uint8 image."""
+    def postprocess(
+        self, raw: Any, origin: tuple[int, int] | None = None, shape: tuple[int, int] | None = None
+    ) -> InstanceResult:
+        """Segment an RGB window: ``{"rgb": (3, H, W)}`` (blended) or an (H, W, 3) uint8 image
+        (``origin`` and ``shape`` unused: the window is the image)."""
         if isinstance(raw, dict):
             rgb = np.clip(np.rint(np.moveaxis(raw["rgb"], 0, -1)), 0, 255).astype(np.uint8)
         else:

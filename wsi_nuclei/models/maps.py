@@ -138,10 +138,13 @@ class MapModel:
         ]
 
     def postprocess(
-        self, raw: dict[str, np.ndarray], origin: tuple[int, int] | None = None
+        self,
+        raw: dict[str, np.ndarray],
+        origin: tuple[int, int] | None = None,
+        shape: tuple[int, int] | None = None,
     ) -> InstanceResult:
-        """Instances from (blended) maps; ``origin`` (the window's canvas position) is unused:
-        the result depends on the maps only. Runs on the model's device with the torch
+        """Instances from (blended) maps; ``origin`` (the window's canvas position) and ``shape``
+        are unused: the result depends on the maps only. Runs on the model's device with the torch
         implementation when ``postprocess_backend`` is ``torch``."""
         if self.postprocess_backend == "torch":
             from ..postprocess_torch import hv_to_instances_torch
