@@ -21,28 +21,19 @@ def _ruff() -> list[str] | None:
     return [found] if found else None
 
 
-def test_ruff_finds_nothing() -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "--no-cache", "wsi_nuclei", "tests", "benchmarks", "scripts"],
+        ["format", "--check", "--no-cache", "."],
+    ],
+    ids=["lint", "format"],
+)
+def test_ruff_finds_nothing(args: list[str]) -> None:
     ruff = _ruff()
     if ruff is None:
         pytest.skip(
             "ruff is not installed (it comes with the test extra: pip install -e '.[test]')"
         )
-    res = subprocess.run(
-        [*ruff, "check", "--no-cache", "wsi_nuclei", "tests", "benchmarks", "scripts"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
-
-
-def test_ruff_format_changes_nothing() -> None:
-    ruff = _ruff()
-    if ruff is None:
-        pytest.skip(
-            "ruff is not installed (it comes with the test extra: pip install -e '.[test]')"
-        )
-    res = subprocess.run(
-        [*ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
-    )
+    res = subprocess.run([*ruff, *args], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
