@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from wsi_nuclei.models import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CMU = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 DETERMINISTIC = (
@@ -33,14 +35,6 @@ DETERMINISTIC = (
     "summary.csv",
     "summary.json",
 )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cli(*args: str) -> None:
@@ -75,7 +69,7 @@ def _digest(path: Path) -> str:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         table = table[[c for c in table.columns if not _is_timing(c)]]
         return hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 
 #: allowed bitmask meaning "any class" (unknown).
 ALLOWED_UNKNOWN = 31
@@ -205,7 +205,7 @@ def read_pannuke_fold(
         masks = np.load(_pannuke_file(root, "masks.npy"), mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise DatasetError(
-            f"{root}: unreadable PanNuke images.npy/masks.npy ({str(exc).splitlines()[0][:120]})"
+            f"{root}: unreadable PanNuke images.npy/masks.npy ({first_line(exc)[:120]})"
         ) from None
     try:
         types = np.load(_pannuke_file(root, "types.npy"), allow_pickle=False)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputNotFoundError, WsiNucleiError
+from ..errors import InputNotFoundError, WsiNucleiError, first_line
 from ._format import _REGION_COLOR, _hex
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WsiNucleiError(f"{path}: not readable as JSON ({str(exc).splitlines()[0]})") from None
+        raise WsiNucleiError(f"{path}: not readable as JSON ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise WsiNucleiError(f"{path}: not a wsi-nuclei {path.name} (a JSON object was expected)")
     return data
@@ -156,7 +156,7 @@ def _read_nuclei(
         return pq.read_table(folder / "nuclei.parquet", columns=columns, filters=filters)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise WsiNucleiError(
-            f"{folder / 'nuclei.parquet'}: not readable ({str(exc).splitlines()[0]})"
+            f"{folder / 'nuclei.parquet'}: not readable ({first_line(exc)})"
         ) from None
 
 
