@@ -254,6 +254,13 @@ CASES = {
     "--tta for a model without it": (
         lambda tmp, good: ([str(good), "--model", "classic", "--tta"], 8)
     ),
+    "--precision bf16 for a model without a network": (
+        lambda tmp, good: ([str(good), "--model", "classic", "--precision", "bf16"], 8)
+    ),
+    "--precision fp16 on the CPU": (
+        lambda tmp, good: ([str(good), "--device", "cpu", "--precision", "fp16"], 8)
+    ),
+    "--precision of an unknown kind": (lambda tmp, good: ([str(good), "--precision", "int8"], 2)),
     "output path under a file": _out_is_file,
     "output folder not writable": _out_unwritable,
     "existing results without --overwrite": _existing,

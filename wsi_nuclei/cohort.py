@@ -179,7 +179,8 @@ class CohortResult:
 
 def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
     """True when ``run_dir`` holds a finished run of this very slide (fingerprint) with the same
-    model, weights, test-time augmentation and tissue mode: a rerun of the cohort skips it."""
+    model, weights, test-time augmentation, precision and tissue mode: a rerun of the cohort
+    skips it."""
     manifest_path = run_dir / "run.json"
     if cfg.overwrite or not manifest_path.is_file() or (run_dir / ".work").exists():
         return False
@@ -187,7 +188,14 @@ def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    from .models import default_model_name, find_weights, get_spec, sha256_file
+    from .models import (
+        default_model_name,
+        find_weights,
+        get_spec,
+        resolve_device,
+        resolve_precision,
+        sha256_file,
+    )
     from .slide import open_slide
 
     spec = get_spec(cfg.model or default_model_name())
@@ -201,12 +209,14 @@ def _finished_earlier(run_dir: Path, slide: Path, cfg: Any) -> bool:
         fingerprint = s.fingerprint
     model = m.get("model") or {}
     source = "tissue detection" if cfg.tissue == "auto" else "whole slide"
-    wanted = [fingerprint, spec.name, sha, bool(cfg.tta), source, bool(cfg.anndata)]
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device), spec)
+    wanted = [fingerprint, spec.name, sha, bool(cfg.tta), precision, source, bool(cfg.anndata)]
     found = [
         m.get("fingerprint"),
         model.get("name"),
         model.get("sha256"),
         bool(model.get("tta")),
+        model.get("precision"),
         (m.get("regions") or {}).get("source"),
         (run_dir / "nuclei.h5ad").is_file(),
     ]

@@ -21,11 +21,11 @@ class EngineContext:
     """Everything a task needs, picklable (sent with each task).
 
     ``source`` is ``("path", path, backend, mpp)`` (each worker opens the slide once) or a
-    picklable slide-like object; ``model`` is ``(name, weights, device, tta)``.
+    picklable slide-like object; ``model`` is ``(name, weights, device, tta, precision)``.
     """
 
     source: Any
-    model: tuple[str, str | None, str, bool]
+    model: tuple[str, str | None, str, bool, str]
     patches: PatchGrid
     blocks: BlockGrid
     scale: float  # level-0 px -> model px
@@ -55,7 +55,7 @@ _INFER_LOCK = threading.Lock()
 _INSTANCES: dict[str, Any] = {}
 
 
-def register_instance(model: NucleusModel) -> tuple[str, None, str, bool]:
+def register_instance(model: NucleusModel) -> tuple[str, None, str, bool, str]:
     """Make an already built model usable by in-process tasks; returns its model key."""
     key = f"instance:{id(model)}"
     _INSTANCES[key] = model
@@ -66,6 +66,7 @@ def register_instance(model: NucleusModel) -> tuple[str, None, str, bool]:
         if isinstance(getattr(model, "device", "cpu"), str)
         else "cpu",
         bool(getattr(model, "tta", False)),
+        str(getattr(model, "precision", "fp32")),
     )
 
 
@@ -92,13 +93,15 @@ def model_of(ctx: EngineContext) -> NucleusModel:
         if ctx.model not in _MODELS:
             from ..models import load_model
 
-            name, weights, device, tta = ctx.model
+            name, weights, device, tta, precision = ctx.model
             keep_large_blocks_in_heap()  # network activations reused, not re-mapped per call
             if ctx.torch_threads:  # one process per worker: share the cores, no oversubscription
                 import torch
 
                 torch.set_num_threads(ctx.torch_threads)
-            _MODELS[ctx.model] = load_model(name, weights=weights, device=device, tta=tta)
+            _MODELS[ctx.model] = load_model(
+                name, weights=weights, device=device, tta=tta, precision=precision
+            )
         return _MODELS[ctx.model]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from .._io import atomic_path
 from ..datasets import read_dataset
 from ..errors import DatasetError
+from ..models._device import PRECISIONS
 
 if TYPE_CHECKING:
     from ..models.base import NucleusModel
@@ -88,11 +89,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
         args.split = str(find_config(args.split))
     model_name = args.model or default_model_name()
-    model = load_model(model_name, weights=args.weights, device=args.device, tta=args.tta)
+    model = load_model(
+        model_name,
+        weights=args.weights,
+        device=args.device,
+        tta=args.tta,
+        precision=args.precision,
+    )
     results: dict[str, Any] = {
         "model": model_name,
         "weights": args.weights,
         "tta": args.tta,
+        "precision": getattr(model, "precision", "fp32"),
         "datasets": {},
     }
     for d in args.datasets:
@@ -127,6 +135,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tta", action="store_true", help="flip test-time augmentation (as 'wsi-nuclei run --tta')"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="network arithmetic, as 'wsi-nuclei run --precision' (default: auto)",
     )
     p.add_argument(
         "--split",

@@ -21,7 +21,7 @@ Importing this package imports no torch.
 
 from __future__ import annotations
 
-from ._device import resolve_device
+from ._device import PRECISIONS, cpu_has_native_bf16, resolve_device, resolve_precision
 from ._registry import (
     WEIGHTS_DIR,
     ModelSpec,
@@ -38,10 +38,12 @@ from .base import InstanceResult, NucleusModel
 from .fetch import sha256_file
 
 __all__ = [
+    "PRECISIONS",
     "WEIGHTS_DIR",
     "InstanceResult",
     "ModelSpec",
     "NucleusModel",
+    "cpu_has_native_bf16",
     "default_model_name",
     "find_weights",
     "get_spec",
@@ -50,6 +52,7 @@ __all__ = [
     "register_model",
     "require_tta",
     "resolve_device",
+    "resolve_precision",
     "sha256_file",
     "weights_status",
 ]

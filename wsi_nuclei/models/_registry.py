@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError
 from ..schema import CLASS_COLORS
-from ._device import resolve_device
+from ._device import resolve_device, resolve_precision
 from .fetch import default_cache_dir, sha256_file
 
 if TYPE_CHECKING:
@@ -80,6 +80,12 @@ class ModelSpec:
     #: map models on CUDA: run the network under float16 autocast (False: float32, as the
     #: official HoVer-Net was validated)
     fp16: bool = True
+    #: map models on a CPU with native bfloat16 (AVX512-BF16 or AMX): run the network under
+    #: bfloat16 autocast by default (``--precision auto``); set only once the model's accuracy
+    #: was measured in bfloat16 through the engine
+    bf16_cpu: bool = False
+    #: the precisions the model can run in (``--precision``); models without a network: fp32
+    precisions: tuple[str, ...] = ("fp32",)
     #: map models: channels-last memory format on the CPU too (on CUDA it is always used)
     channels_last_cpu: bool = True
 
@@ -235,11 +241,18 @@ def require_tta(spec: ModelSpec) -> None:
 
 
 def load_model(
-    name: str, *, weights: str | Path | None = None, device: str = "auto", tta: bool = False
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    tta: bool = False,
+    precision: str = "auto",
 ) -> NucleusModel:
     """Build model ``name`` with its weights on ``device``; returns a ``NucleusModel``.
 
-    ``tta`` turns on flip test-time augmentation (network models only).
+    ``tta`` turns on flip test-time augmentation (network models only); ``precision`` is
+    resolved by :func:`~wsi_nuclei.models.resolve_precision` and set as the model's
+    ``precision`` attribute (network models).
     """
     spec = get_spec(name)
     path = find_weights(spec, weights)
@@ -258,9 +271,13 @@ def load_model(
             )
     if tta:
         require_tta(spec)
-    model = spec.builder(spec, path, resolve_device(device))
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev, spec)
+    model = spec.builder(spec, path, dev)
     if tta:
         model.tta = True
+    if hasattr(model, "precision"):
+        model.precision = prec
     return model
 
 

@@ -81,6 +81,8 @@ SPEC = register_model(
             "class_temperature": 1.1,
         },
         output_border=32,
+        precisions=("fp32", "bf16", "fp16"),
+        bf16_cpu=True,  # validation split through the engine in bfloat16: docs/model-card.md
         class_support={
             "Neoplastic": "weak",
             "Inflammatory": "trained",

@@ -2,7 +2,7 @@
 
 :class:`MapModel` runs any network whose forward returns ``np`` / ``hv`` (/ ``tp``) logits
 (the bundled EfficientNet-Lite0 U-Net, the official HoVer-Net "fast") for the engine: batching
-on a device, optional float16 autocast, flip test-time augmentation, and the HV
+on a device, optional bfloat16 / float16 autocast (``precision``), flip test-time augmentation, and the HV
 post-processing with the model's tuned thresholds. What differs between networks is read from
 the model's :class:`~wsi_nuclei.models.ModelSpec` (``hv_tanh``, ``fp16``,
 ``channels_last_cpu``, ``postprocess``); what the network itself requires of its input (e.g.
@@ -18,6 +18,9 @@ import torch
 
 from .base import InstanceResult
 
+#: precision -> autocast dtype (float32: no autocast)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class MapModel:
     """Runs a network returning ``np``/``hv``/``tp`` logits and post-processes its maps.
@@ -26,7 +29,7 @@ class MapModel:
     ----------
     spec : ModelSpec
         The model's description; read here: ``hv_tanh`` (apply tanh to the ``hv`` output),
-        ``fp16`` (float16 autocast on CUDA), ``channels_last_cpu`` and, through
+        ``fp16`` (float16 autocast on CUDA by default), ``channels_last_cpu`` and, through
         :meth:`ModelSpec.hv_params`, the post-processing thresholds.
     net : torch.nn.Module
         Takes (N, 3, H, W) float RGB in 0..255, returns a dict of logits maps.
@@ -69,7 +72,9 @@ class MapModel:
         self.device = device
         on_cuda = str(device).startswith("cuda")
         self.hv_tanh = bool(spec.hv_tanh)
-        self.fp16 = bool(spec.fp16) and on_cuda
+        #: ``fp32``, ``bf16`` or ``fp16``: the autocast of the network (set by ``load_model``
+        #: from ``--precision``; this default is float16 on CUDA where the spec allows it)
+        self.precision = "fp16" if (bool(spec.fp16) and on_cuda) else "fp32"
         self.channels_last = on_cuda or bool(spec.channels_last_cpu)
         self.params = params if params is not None else spec.hv_params()
         self.tta = tta
@@ -82,7 +87,10 @@ class MapModel:
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=self.fp16):
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(
+            device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
             out = self.net(x)
         npp = torch.softmax(out["np"].float(), 1)[:, 1]
         hv = out["hv"].float()

@@ -35,6 +35,9 @@ class RunConfig:
     weights: str | Path | None = None
     device: str = "auto"
     tta: bool = False  # flip test-time augmentation (4x network time)
+    #: network arithmetic: "auto" (float16 on CUDA, bfloat16 on CPUs with native bfloat16 where
+    #: the model was validated in it, float32 otherwise), "fp32", "bf16" or "fp16"
+    precision: str = "auto"
     backend: str = "auto"
     mpp: float | None = None
     regions: str | Path | None = None

@@ -26,7 +26,14 @@ __all__ = [
 
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
-    from ..models import default_model_name, find_weights, get_spec, require_tta, resolve_device
+    from ..models import (
+        default_model_name,
+        find_weights,
+        get_spec,
+        require_tta,
+        resolve_device,
+        resolve_precision,
+    )
     from ..regions import load_regions
 
     t0 = time.perf_counter()
@@ -41,6 +48,7 @@ def run(cfg: RunConfig) -> RunResult:
         require_anndata()
     weights_path = find_weights(spec, cfg.weights)
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device, spec)  # a bad --precision fails before any output
     user_regions = load_regions(cfg.regions) if cfg.regions else None
 
     slide, source = _open(cfg)

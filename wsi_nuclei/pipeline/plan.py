@@ -120,7 +120,7 @@ def make_plan(
     """The plan stage (see the module docstring)."""
     import shapely
 
-    from ..models import sha256_file
+    from ..models import resolve_precision, sha256_file
     from ..postprocess_torch import postprocess_backend
     from ..regions import Region, overlapping_regions, rasterize_regions
     from ..slide import scale_info
@@ -238,7 +238,7 @@ def make_plan(
         model_sha=model_sha,
         weights=str(weights_path) if weights_path else None,
         device=device,
-        precision="fp16-autocast" if device == "cuda" and spec.fp16 else "fp32",
+        precision=resolve_precision(cfg.precision, device, spec),
         tta=bool(cfg.tta),
         patches=pg,
         blocks=bg,
@@ -334,7 +334,7 @@ def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
     """The engine's context of a planned run (what every task needs, picklable)."""
     return EngineContext(
         setup.source,
-        (plan.model, plan.weights, plan.device, plan.tta),
+        (plan.model, plan.weights, plan.device, plan.tta, plan.precision),
         plan.patches,
         plan.blocks,
         plan.scale,

@@ -63,6 +63,7 @@ SPEC = register_model(
         trained_on="PanNuke's 19 tissues (20x/40x H&E)",
         hv_tanh=False,
         fp16=False,
+        precisions=("fp32", "bf16", "fp16"),  # --precision bf16/fp16 on request only
         channels_last_cpu=False,
     )
 )
