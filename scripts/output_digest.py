@@ -1,7 +1,7 @@
 """Digest of the deterministic outputs of a few reference runs, to show a refactor changed no byte.
 
 Runs the synthetic demo slide (``classic`` model) and CMU-1-Small-Region (bundled default model
-and ``classic``), then prints the sha256 of every output file whose bytes are deterministic
+in float32, and ``classic``), then prints the sha256 of every output file whose bytes are deterministic
 (``run.json`` and ``report.html`` carry timings and are left out; the summaries are
 compared without their timing and memory fields, ``seconds_*`` and ``peak_*``). ``--record FILE`` writes the
 digests; ``--compare FILE`` exits 1 and names each file whose digest differs.
@@ -92,6 +92,8 @@ def collect(work: Path) -> dict[str, dict[str, str]]:
                 model,
                 "--overwrite",
                 "--no-report",
+                "--precision",  # float32: the same digests on CPUs with and without bfloat16
+                "fp32",
             )
             out[f"cmu-{model}"] = _digests(work / f"cmu-{model}")
     else:
