@@ -117,3 +117,34 @@ def test_the_precision_is_part_of_the_resume_key() -> None:
         plans[prec], _ = make_plan(cfg, spec, slide, slide, "a", None, "cpu", None)
         assert plans[prec].precision == prec
     assert plans["fp32"].key() != plans["bf16"].key()
+
+
+def test_bf16_on_the_cpu_runs_channels_last_and_autocast() -> None:
+    import torch
+
+    from wsi_nuclei.models.maps import MapModel
+
+    class _Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.seen: list[tuple[torch.dtype, bool]] = []
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.seen.append((y.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+            return {"np": y[:, :2], "hv": y[:, 2:]}
+
+    spec = get_spec("hovernet-pannuke")  # float32 and contiguous on the CPU as published
+    assert not spec.channels_last_cpu
+    net = _Net()
+    model = MapModel(spec, net, "cpu")
+    batch = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    model.infer(batch)
+    model.precision = "bf16"
+    model.infer(batch)
+    model.precision = "fp32"
+    model.infer(batch)
+    assert net.seen == [(torch.float32, False), (torch.bfloat16, True), (torch.float32, False)]
+    with pytest.raises(ValueError, match="precision"):
+        model.precision = "int8"
