@@ -207,6 +207,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(
             f"    resolution: {spec.mpp} um/px, input {spec.input_size} px, output {spec.output_size} px"
         )
+        if len(spec.precisions) > 1:
+            auto = [
+                *(["bf16 on CPUs with native bfloat16"] if spec.bf16_cpu else []),
+                *(["fp16 on CUDA"] if spec.fp16 else []),
+            ]
+            print(
+                f"    precision:  {', '.join(spec.precisions)} (auto: "
+                + (", ".join(auto) + ", else fp32)" if auto else "fp32)")
+            )
         print(f"    classes:    {classes}")
         if spec.class_support:
             print("    trained:    " + ", ".join(f"{c} {v}" for c, v in spec.class_support.items()))
