@@ -1,19 +1,24 @@
-"""Per-label boundary measurements of an instance map in a few array passes.
+"""Per-label measurements of an instance map in a few array passes.
 
-Helpers of :func:`wsi_nuclei.postprocess.measure_instances`. Both work on the 2x2 windows of
-the instance map padded with one row/column of background, so an object touching the array
-border is measured as if the map went on empty:
+Helpers of :func:`wsi_nuclei.postprocess.measure_instances`, all on the instance map padded with
+one row/column of background (an object touching the array border is measured as if the map
+went on empty), each giving what the former per-object code gave:
 
-* :func:`_crofton_histograms` counts, per label, the 16 configurations of that label's pixels in
-  the windows. The dot product with :data:`_CROFTON4` is exactly what
-  ``skimage.measure.perimeter_crofton(mask, directions=4)`` computes for the object alone
-  (scikit-image convolves the padded binary mask with a 2x2 code kernel and histograms it).
-* :func:`_outer_rings` is ``skimage.measure.find_contours(mask, 0.5)`` (default 'low'
+* :func:`_pixel_runs` and :func:`_run_moments`: pixel count, bounding-box origin and raw
+  moments of every label from its horizontal pixel runs (exact integer sums).
+* :func:`_window_entries`: for every 2x2 window and every measured label in it, the
+  configuration of that label's pixels (windows holding 2 to 4 labels give one entry per label).
+* :func:`_crofton_histograms`: per label, the histogram of those configurations; its dot product
+  with :data:`_CROFTON4` is exactly what ``skimage.measure.perimeter_crofton(mask,
+  directions=4)`` computes for the object alone (scikit-image convolves the padded binary mask
+  with a 2x2 code kernel and histograms it).
+* :func:`_outer_rings`: ``skimage.measure.find_contours(mask, 0.5)`` (default 'low'
   connectivity) for every label at once: the marching-squares segments of each label through
   the midpoints of its "cracks" (pixel edges between the label and anything else), linked into
   cycles and ordered by pointer jumping. Per label it keeps the contour that
   ``max(find_contours(...), key=len)`` picks, with the vertex order and start vertex
   scikit-image gives it.
+* :func:`_shoelace`: areas of many polygons in one pass.
 """
 
 from __future__ import annotations
