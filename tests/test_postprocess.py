@@ -1,18 +1,23 @@
 """Tests of wsi_nuclei.postprocess against known answers: HoVer-Net post-processing of perfect
-maps (touching nuclei included), majority-vote classification, and morphometry/polygons of
-shapes of known size."""
+maps (touching nuclei included), majority-vote classification, morphometry/polygons of shapes
+of known size, and the array measure_instances against the per-object implementation it
+replaced (random label maps, edge cases, real nuclei)."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from shapely.geometry import Point, Polygon
 from skimage.draw import disk, ellipse
+from skimage.measure import find_contours, perimeter_crofton
 
+from wsi_nuclei._morphology import _outer_rings, _window_entries
 from wsi_nuclei.datasets import hv_targets
 from wsi_nuclei.eval import panoptic_quality
 from wsi_nuclei.postprocess import HVParams, classify_instances, hv_to_instances, measure_instances
+from wsi_nuclei.schema import MORPHOLOGY_COLUMNS
 
 # --------------------------------------------------------------------------------------------
 # hv_to_instances on perfect maps
@@ -327,3 +332,250 @@ def test_model_spec_excludes_classes_it_has_no_labels_for() -> None:
     assert "Dead" in note and "not as 0" in note and "Epithelial" in note
     assert get_spec("classic").reliability_note() == ""
     assert get_spec("hovernet-pannuke").unsupported_class_ids == ()
+
+
+# --------------------------------------------------------------------------------------------
+# measure_instances against the per-object implementation it replaced
+# --------------------------------------------------------------------------------------------
+# The reference below is the former per-nucleus code of wsi_nuclei.postprocess.measure_instances
+# (scikit-image find_contours / perimeter_crofton per object), kept here, not in the package, to
+# show that the array implementation measures the same.
+
+
+def _ref_ring(padded_mask: np.ndarray) -> np.ndarray | None:
+    contours = find_contours(padded_mask, 0.5)
+    if not contours:
+        return None
+    ring = max(contours, key=len)
+    return np.stack([ring[:, 1] - 0.5, ring[:, 0] - 0.5], axis=1)
+
+
+def _ref_ring_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    twice = np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + x[-1] * y[0] - y[-1] * x[0]
+    return float(abs(twice) / 2)
+
+
+def _ref_measure_instances(inst: np.ndarray, labels: np.ndarray, mpp: float) -> dict:
+    n = len(labels)
+    polygons: list[np.ndarray | None] = []
+    out: dict = {
+        "polygon": polygons,
+        **{
+            k: np.full(n, np.nan, np.float64)
+            for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)
+        },
+    }
+    if n == 0:
+        return out
+    objects = ndi.find_objects(inst)
+    padded = np.pad(inst, 1)
+    for i, label in enumerate(labels):
+        sl = objects[label - 1] if label - 1 < len(objects) else None
+        if sl is None:
+            polygons.append(None)
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        pm = padded[y0 : y1 + 2, x0 : x1 + 2] == label
+        mask = pm[1:-1, 1:-1]
+        yy, xx = np.nonzero(mask)
+        area = float(len(yy))
+        cy, cx = yy.mean(), xx.mean()
+        out["centroid_x"][i] = x0 + cx + 0.5
+        out["centroid_y"][i] = y0 + cy + 0.5
+        out["area_um2"][i] = area * mpp * mpp
+        dy, dx = yy - cy, xx - cx
+        a = float(np.dot(dx, dx)) / area + 1 / 12
+        b = float(np.dot(dx, dy)) / area
+        c = float(np.dot(dy, dy)) / area + 1 / 12
+        half_diff = np.hypot((a - c) / 2, b)
+        ev0, ev1 = (a + c) / 2 + half_diff, (a + c) / 2 - half_diff
+        major, minor = 4 * np.sqrt(max(ev0, 0)), 4 * np.sqrt(max(ev1, 0))
+        out["major_axis_um"][i] = major * mpp
+        out["minor_axis_um"][i] = minor * mpp
+        out["eccentricity"][i] = np.sqrt(max(0.0, 1 - (minor / major) ** 2)) if major > 0 else 0.0
+        ring = _ref_ring(pm.astype(np.float32))
+        if ring is None or len(ring) < 4:
+            polygons.append(None)
+            continue
+        perim = float(perimeter_crofton(mask, directions=4))
+        out["perimeter_um"][i] = perim * mpp
+        out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
+        hull = cv2.convexHull(ring.astype(np.float32)).reshape(-1, 2)
+        hull_area = _ref_ring_area(hull.astype(np.float64))
+        out["solidity"][i] = min(1.0, _ref_ring_area(ring) / hull_area) if hull_area > 0 else np.nan
+        approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(
+            -1, 2
+        )
+        if len(approx) < 3:
+            polygons.append(None)
+            continue
+        poly = approx.astype(np.float64)
+        poly[:, 0] += x0
+        poly[:, 1] += y0
+        polygons.append(poly)
+    return out
+
+
+def _ref_outer_ring(inst: np.ndarray, label: int) -> np.ndarray:
+    """The per-object ring of ``label`` in the pixel frame (closed, skimage's vertex order)."""
+    sl = ndi.find_objects((inst == label).astype(np.int32))[0]
+    pm = np.pad(inst, 1)[sl[0].start : sl[0].stop + 2, sl[1].start : sl[1].stop + 2] == label
+    ring = _ref_ring(pm.astype(np.float32))
+    assert ring is not None
+    return ring + (sl[1].start, sl[0].start)
+
+
+def _array_outer_rings(inst: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """The rings of ``labels`` (present, distinct) from wsi_nuclei._morphology, pixel frame."""
+    lut = np.full(int(inst.max()) + 1, -1, np.int32)
+    lut[labels] = np.arange(len(labels))
+    padded = np.pad(inst, 1)
+    hdiff = padded[:, 1:] != padded[:, :-1]
+    index, window, corner, case = _window_entries(padded, lut, hdiff)
+    offsets, rr, cc = _outer_rings(index, window, corner, case, padded.shape[1], len(labels))
+    # doubled padded coordinates -> pixel frame: (C / 2 - 1 / 2, R / 2 - 1 / 2)
+    xy = np.stack([cc / 2 - 0.5, rr / 2 - 0.5], axis=1)
+    return [xy[offsets[k] : offsets[k + 1]] for k in range(len(labels))]
+
+
+def _assert_measured_as_the_reference(inst: np.ndarray, labels: np.ndarray, mpp: float) -> int:
+    """measure_instances == the per-object reference on ``labels``; returns how many polygons."""
+    got = measure_instances(inst, labels, mpp)
+    ref = _ref_measure_instances(inst, labels, mpp)
+    assert set(got) == set(ref)
+    for key in ("centroid_x", "centroid_y", "area_um2", "major_axis_um", "minor_axis_um"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-9, atol=0, err_msg=key)
+    # eccentricity sqrt(1 - (minor / major)^2) amplifies a rounding difference of the moments
+    # near 0 (a round nucleus): relative 1e-9 plus an absolute floor far below any use
+    np.testing.assert_allclose(got["eccentricity"], ref["eccentricity"], rtol=1e-9, atol=1e-7)
+    for key in ("perimeter_um", "circularity", "solidity"):  # bit-identical
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+    assert len(got["polygon"]) == len(ref["polygon"]) == len(labels)
+    for label, p, q in zip(labels, got["polygon"], ref["polygon"]):
+        assert (p is None) == (q is None), label
+        if p is not None:
+            assert p.dtype == np.float64 and p.shape == q.shape, label
+            np.testing.assert_array_equal(p, q, err_msg=f"polygon of {label}")
+    present = np.intersect1d(labels, inst[inst > 0])
+    for label, ring in zip(present, _array_outer_rings(inst, present)):
+        np.testing.assert_array_equal(ring, _ref_outer_ring(inst, int(label)), err_msg=f"{label}")
+    return sum(p is not None for p in got["polygon"])
+
+
+def _random_label_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Blobby labels with non-consecutive ids: ragged ellipses (holes, diagonal-only pixels),
+    some centred off the array (cut by its border), later ones over earlier ones (touching
+    labels), then stray pixels (1-px objects and extra pieces of existing labels)."""
+    inst = np.zeros((h, w), np.int32)
+    yy, xx = np.mgrid[:h, :w]
+    ids = np.cumsum(rng.integers(1, 4, 40))
+    for label in ids[: rng.integers(1, 25)]:
+        r, c = rng.uniform(-3, h + 3), rng.uniform(-3, w + 3)
+        a, b = rng.uniform(0.5, 9, 2)
+        th = rng.uniform(0, np.pi)
+        u = (yy - r) * np.cos(th) + (xx - c) * np.sin(th)
+        v = (xx - c) * np.cos(th) - (yy - r) * np.sin(th)
+        m = (u / a) ** 2 + (v / b) ** 2 <= 1
+        m &= rng.random((h, w)) < rng.uniform(0.55, 1.0)
+        inst[m] = label
+    salt = rng.random((h, w)) < rng.uniform(0, 0.03)
+    inst[salt] = rng.choice(ids[:30], int(salt.sum()))
+    return inst
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_measure_matches_the_per_object_reference_on_random_maps(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_poly = 0
+    for _ in range(50):
+        h, w = rng.integers(2, 64, 2)
+        inst = _random_label_map(rng, int(h), int(w))
+        present = np.unique(inst[inst > 0])
+        asked = present[rng.random(len(present)) < 0.8]  # neighbours not measured too
+        absent = np.setdiff1d(rng.integers(1, int(inst.max()) + 6, 4), present)  # gaps and above
+        labels = rng.permutation(np.concatenate([asked, absent])).astype(np.int32)
+        n_poly += _assert_measured_as_the_reference(inst, labels, float(rng.uniform(0.2, 1)))
+    assert n_poly > 300
+
+
+def test_measure_matches_the_reference_on_edge_cases() -> None:
+    # one label on a checkerboard: every pixel is its own contour (diagonals not joined), all of
+    # the same length: the first one in scan order is the label's ring
+    check = ((np.indices((9, 11)).sum(axis=0) % 2) * 7).astype(np.int32)
+    _assert_measured_as_the_reference(check, np.array([7]), 0.5)
+    # two labels interleaved on a checkerboard (saddles of two labels in every window)
+    two = np.where(np.indices((8, 8)).sum(axis=0) % 2 == 0, 3, 5).astype(np.int32)
+    _assert_measured_as_the_reference(two, np.array([5, 3]), 0.5)
+    # a label of two equal squares (a tie between its two contours), a ring with a hole, a label
+    # filling the array's border rows, 1-px and 1-row objects, diagonal neighbours
+    inst = np.zeros((20, 24), np.int32)
+    inst[2:5, 2:5] = inst[2:5, 10:13] = 4
+    inst[8:15, 3:10] = 9
+    inst[10:12, 5:7] = 0
+    inst[0, :] = inst[-1, :] = 12
+    inst[17, 20] = 2
+    inst[16, 21] = inst[18, 21] = 2
+    inst[6, 14:23] = 30
+    inst[7:16, 22] = 31
+    inst[8:15, 10:16] = 33  # touches label 9
+    labels = np.array([4, 9, 12, 2, 30, 31, 33, 1, 5, 99, 9], np.int32)  # absent, repeated
+    _assert_measured_as_the_reference(inst, labels, 0.25)
+    m = measure_instances(inst, labels, 0.25)
+    assert m["polygon"][1] is not m["polygon"][-1]  # a label asked twice: two arrays
+    # one object filling the whole array, 1x1 and 1xN maps
+    _assert_measured_as_the_reference(np.full((6, 5), 3, np.int32), np.array([3]), 1.0)
+    _assert_measured_as_the_reference(np.ones((1, 1), np.int32), np.array([1, 2]), 1.0)
+    _assert_measured_as_the_reference(np.array([[1, 1, 0, 2, 2, 2]], np.int32), np.array([2, 1]), 1)
+    _assert_measured_as_the_reference(np.array([[1], [1], [2]], np.int32), np.array([1, 2]), 1.0)
+
+
+def test_measure_without_anything_to_measure() -> None:
+    inst = np.zeros((5, 5), np.int32)
+    inst[1:3, 1:3] = 1
+    for labels in (np.array([], np.int32), np.array([2, 3]), np.array([0, -1])):
+        m = measure_instances(inst, labels, 0.5)
+        assert m["polygon"] == [None] * len(labels)
+        assert all(np.isnan(m[k]).all() and len(m[k]) == len(labels) for k in m if k != "polygon")
+    m = measure_instances(np.zeros((4, 4), np.int32), np.array([1]), 0.5)
+    assert m["polygon"] == [None] and np.isnan(m["area_um2"]).all()
+
+
+@pytest.fixture(scope="module")
+def cmu_instances() -> np.ndarray:
+    """Instance map of the bundled model on a dense CMU-1-Small-Region crop (model px)."""
+    import torch
+
+    from conftest import WSI_DIR
+    from wsi_nuclei.inference import segment_image
+    from wsi_nuclei.models import find_weights, get_spec, load_model
+    from wsi_nuclei.slide import open_slide
+
+    path = WSI_DIR / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        pytest.skip(f"real slide not available: {path} is absent")
+    if find_weights(get_spec("wsi-nuclei-lite0")) is None:
+        pytest.skip("bundled weights absent")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores are shared with other work
+    try:
+        with open_slide(path) as sl:
+            s = sl.mpp / 0.25
+            x0, y0 = 2200, 3000  # dense dermis and epidermis
+            crop = sl.read_scaled(
+                (x0 / s, y0 / s, (x0 + 640) / s, (y0 + 640) / s), (640, 640), target_mpp=0.25
+            )
+        return segment_image(load_model("wsi-nuclei-lite0", device="cpu"), crop).inst
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_measure_matches_the_reference_on_real_nuclei(cmu_instances: np.ndarray) -> None:
+    inst = cmu_instances
+    labels = np.unique(inst[inst > 0])
+    assert len(labels) > 100
+    assert _assert_measured_as_the_reference(inst, labels, 0.25) == len(labels)
+    # a block's view: a window cut through nuclei, only some of them measured
+    window = inst[100:420, 150:500]
+    present = np.unique(window[window > 0])
+    _assert_measured_as_the_reference(window, present[::2], 0.25)

@@ -22,9 +22,17 @@ from functools import lru_cache
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.measure import find_contours
 from skimage.segmentation import watershed
 
+from ._morphology import (
+    _CROFTON4,
+    _crofton_histograms,
+    _outer_rings,
+    _pixel_runs,
+    _run_moments,
+    _shoelace,
+    _window_entries,
+)
 from .models.base import InstanceResult
 from .schema import MORPHOLOGY_COLUMNS
 
@@ -267,49 +275,21 @@ def classify_instances(
     return (winner + 1).astype(np.int8), class_prob.astype(np.float32), probs
 
 
-def _ring(padded_mask: np.ndarray) -> np.ndarray | None:
-    """Outer boundary of a mask that has a 1-px empty border, as (K, 2) (x, y) in the mask's
-    unpadded pixel frame, through the pixel-edge midpoints (sub-pixel, area-accurate)."""
-    contours = find_contours(padded_mask, 0.5)
-    if not contours:
-        return None
-    ring = max(contours, key=len)
-    # (row, col) of pixel centres in the padded frame; pixel (r, c) covers [c, c+1) x [r, r+1),
-    # so its centre is (c + 0.5, r + 0.5) once the 1-px pad is removed.
-    return np.stack([ring[:, 1] - 0.5, ring[:, 0] - 0.5], axis=1)
-
-
-def _perimeter(mask: np.ndarray) -> float:
-    """Perimeter of a binary mask in pixels: Crofton estimate over 4 directions.
-
-    Within 1% of the true perimeter for discs and ellipses of any size and orientation, so a
-    round nucleus has circularity ~1. The length of the sub-pixel ring (:func:`_ring`) is ~5%
-    too long on round shapes (its 45-degree corner cuts), which put a perfect disc at
-    circularity 0.90.
-    """
-    from skimage.measure import perimeter_crofton
-
-    return float(perimeter_crofton(mask, directions=4))
-
-
-def _ring_area(xy: np.ndarray) -> float:
-    """Shoelace area of a ring (closing edge included)."""
-    x, y = xy[:, 0], xy[:, 1]
-    twice = np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + x[-1] * y[0] - y[-1] * x[0]
-    return float(abs(twice) / 2)
-
-
 def measure_instances(
     inst: np.ndarray, labels: np.ndarray, mpp: float
 ) -> dict[str, np.ndarray | list]:
     """Polygons and morphometry of instances.
 
+    All labels are measured together in a few array passes over the map and over the pixel
+    edges of the instances (:mod:`wsi_nuclei._morphology`); per nucleus only OpenCV's convex hull
+    and polygon simplification run.
+
     Parameters
     ----------
     inst : ndarray of int, shape (H, W)
-        Instance map.
+        Instance map (values <= 0 are background).
     labels : ndarray of int
-        Labels to measure (others are ignored).
+        Labels to measure (others are ignored). A label without pixels gets NaN and no polygon.
     mpp : float
         µm per pixel of ``inst``.
 
@@ -317,14 +297,21 @@ def measure_instances(
     -------
     dict
         ``polygon`` (list of (K, 2) float arrays in ``inst`` pixel coordinates, x right, y down,
-        pixel (r, c) covering [c, c+1) x [r, r+1); None when degenerate), ``centroid_x`` /
+        pixel (r, c) covering [c, c+1) x [r, r+1); None when degenerate): the label's outer
+        boundary through the midpoints of its pixel edges (``skimage.measure.find_contours`` at
+        0.5 on its mask, foreground 4-connected, the longest contour: holes and smaller pieces are
+        left out), simplified by ``cv2.approxPolyDP`` at 0.35 px. ``centroid_x`` /
         ``centroid_y`` (px, same frame), ``area_um2`` (pixel count), ``perimeter_um`` (Crofton
-        estimate, see :func:`_perimeter`), ``circularity`` (4πA/P², clipped to 1), ``solidity``
-        (boundary area / convex hull area), ``eccentricity``, ``major_axis_um`` and
-        ``minor_axis_um`` (of the ellipse with the same second moments, as scikit-image).
+        estimate over 4 directions, as ``skimage.measure.perimeter_crofton``: within 1 % of the
+        true perimeter of discs and ellipses of any size, so a round nucleus has circularity ~1,
+        where the length of the boundary ring, ~5 % too long on round shapes, put a perfect disc
+        at 0.90), ``circularity`` (4πA/P², clipped to 1), ``solidity`` (area inside the
+        boundary / its convex hull's area), ``eccentricity``, ``major_axis_um`` and
+        ``minor_axis_um`` (of the ellipse with the same second moments, pixels as unit squares).
     """
+    labels = np.asarray(labels)
     n = len(labels)
-    polygons: list[np.ndarray | None] = []
+    polygons: list[np.ndarray | None] = [None] * n
     out: dict[str, np.ndarray | list] = {
         "polygon": polygons,
         **{
@@ -332,54 +319,96 @@ def measure_instances(
             for k in ("centroid_x", "centroid_y", *MORPHOLOGY_COLUMNS)
         },
     }
-    if n == 0:
+    inst = np.asarray(inst)
+    top = int(inst.max(initial=0))
+    req = labels.astype(np.int64)
+    valid = (req >= 1) & (req <= top)
+    uniq, where = np.unique(req[valid], return_inverse=True)
+    nu = len(uniq)
+    if nu == 0:
         return out
-    objects = ndi.find_objects(inst)
-    padded = np.pad(inst, 1)
-    for i, label in enumerate(labels):
-        sl = objects[label - 1] if label - 1 < len(objects) else None
-        if sl is None:
-            polygons.append(None)
-            continue
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-        pm = padded[y0 : y1 + 2, x0 : x1 + 2] == label  # 1-px empty border around the object
-        mask = pm[1:-1, 1:-1]
-        yy, xx = np.nonzero(mask)
-        area = float(len(yy))
-        cy, cx = yy.mean(), xx.mean()
-        out["centroid_x"][i] = x0 + cx + 0.5
-        out["centroid_y"][i] = y0 + cy + 0.5
-        out["area_um2"][i] = area * mpp * mpp
-        dy, dx = yy - cy, xx - cx
+    if inst.min() < 0:
+        inst = np.where(inst > 0, inst, 0)
+    lut = np.full(top + 1, -1, np.int32)  # label -> index of the measured label
+    lut[uniq] = np.arange(nu)
+    padded = np.zeros((inst.shape[0] + 2, inst.shape[1] + 2), inst.dtype)
+    padded[1:-1, 1:-1] = inst
+    wp = padded.shape[1]
+    hdiff = padded[:, 1:] != padded[:, :-1]
+    x0, y0, count, sx, sy, sxx, sxy, syy = _run_moments(*_pixel_runs(padded, lut, hdiff), nu)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # centroid in the label's box frame: exact sums / count, as the mean of its pixels
+        cx, cy = sx / count, sy / count
+        # central second moments from the exact raw sums
+        sxx, sxy, syy = sxx - sx * cx, sxy - sx * cy, syy - sy * cy
+    with np.errstate(invalid="ignore", divide="ignore"):
         # second central moments (+1/12: a pixel is a unit square, not a point) and the
         # eigenvalues of their 2x2 covariance in closed form
-        a = float(np.dot(dx, dx)) / area + 1 / 12
-        b = float(np.dot(dx, dy)) / area
-        c = float(np.dot(dy, dy)) / area + 1 / 12
+        a = sxx / count + 1 / 12
+        b = sxy / count
+        c = syy / count + 1 / 12
         half_diff = np.hypot((a - c) / 2, b)
-        ev0, ev1 = (a + c) / 2 + half_diff, (a + c) / 2 - half_diff
-        major, minor = 4 * np.sqrt(max(ev0, 0)), 4 * np.sqrt(max(ev1, 0))
-        out["major_axis_um"][i] = major * mpp
-        out["minor_axis_um"][i] = minor * mpp
-        out["eccentricity"][i] = np.sqrt(max(0.0, 1 - (minor / major) ** 2)) if major > 0 else 0.0
-        ring = _ring(pm.astype(np.float32))
-        if ring is None or len(ring) < 4:
-            polygons.append(None)
-            continue
-        perim = _perimeter(mask)
-        out["perimeter_um"][i] = perim * mpp
-        out["circularity"][i] = min(1.0, 4 * np.pi * area / perim**2) if perim > 0 else np.nan
-        hull = cv2.convexHull(ring.astype(np.float32)).reshape(-1, 2)
-        hull_area = _ring_area(hull.astype(np.float64))
-        out["solidity"][i] = min(1.0, _ring_area(ring) / hull_area) if hull_area > 0 else np.nan
-        approx = cv2.approxPolyDP(ring.astype(np.float32).reshape(-1, 1, 2), 0.35, True).reshape(
-            -1, 2
-        )
-        if len(approx) < 3:
-            polygons.append(None)
-            continue
-        poly = approx.astype(np.float64)
-        poly[:, 0] += x0
-        poly[:, 1] += y0
-        polygons.append(poly)
+        major = 4 * np.sqrt(np.maximum((a + c) / 2 + half_diff, 0))
+        minor = 4 * np.sqrt(np.maximum((a + c) / 2 - half_diff, 0))
+        ecc = np.sqrt(np.maximum(0.0, 1 - (minor / major) ** 2))
+    ecc[~(major > 0)] = 0.0
+    res = {
+        "centroid_x": x0 + cx + 0.5,
+        "centroid_y": y0 + cy + 0.5,
+        "area_um2": count * mpp * mpp,
+        "major_axis_um": major * mpp,
+        "minor_axis_um": minor * mpp,
+        "eccentricity": ecc,
+    }
+    present = count > 0
+    for v in res.values():
+        v[~present] = np.nan
+
+    index, window, corner, case = _window_entries(padded, lut, hdiff)
+    offsets, rr, cc = _outer_rings(index, window, corner, case, wp, nu)
+    hist = _crofton_histograms(index, case, nu)
+    ring_len = np.diff(offsets)
+    # ring vertices in each label's box frame, exactly as the per-object contour gave them
+    vlab = np.repeat(np.arange(nu), ring_len)
+    rx = (cc - 2 * x0[vlab] - 1) / 2
+    ry = (rr - 2 * y0[vlab] - 1) / 2
+    ring32 = np.stack([rx, ry], axis=1).astype(np.float32)
+    origin = np.stack([x0, y0], axis=1).astype(np.float64)
+    ringed = np.flatnonzero(present & (ring_len >= 4))
+    perim = np.full(nu, np.nan)
+    circ = np.full(nu, np.nan)
+    local: list[np.ndarray | None] = [None] * nu
+    hulls = []
+    for k, area in zip(ringed.tolist(), count[ringed].tolist()):
+        # in Python floats per label: the same dot product as scikit-image's (BLAS summation
+        # order) and the same power as before (libm pow, not x * x)
+        p = float(_CROFTON4 @ hist[k])
+        perim[k] = p
+        circ[k] = min(1.0, 4 * np.pi * area / p**2) if p > 0 else np.nan
+        ring = ring32[offsets[k] : offsets[k + 1]]
+        hulls.append(cv2.convexHull(ring).reshape(-1, 2))
+        approx = cv2.approxPolyDP(ring.reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
+        if len(approx) >= 3:
+            local[k] = approx + origin[k]  # float64, exact (half-integers)
+    ring_area = np.full(nu, np.nan)
+    hull_area = np.full(nu, np.nan)
+    if len(ringed):
+        has = ring_len > 0  # labels without pixels take no room in rx, ry
+        ring_area[has] = _shoelace(rx, ry, np.append(offsets[:-1][has], offsets[-1]))
+        hx = np.concatenate(hulls).astype(np.float64)
+        hull_starts = np.concatenate([[0], np.cumsum([len(h) for h in hulls])])
+        hull_area[ringed] = _shoelace(hx[:, 0], hx[:, 1], hull_starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sol = np.where(hull_area > 0, np.minimum(1.0, ring_area / hull_area), np.nan)
+    res |= {"perimeter_um": perim * mpp, "circularity": circ, "solidity": sol}
+    for key, v in res.items():
+        col = out[key]
+        assert isinstance(col, np.ndarray)
+        col[valid] = v[where]
+    taken = np.zeros(nu, bool)
+    for i, k in zip(np.flatnonzero(valid).tolist(), where.tolist()):
+        poly = local[k]
+        if poly is not None:
+            polygons[i] = poly.copy() if taken[k] else poly  # a label asked twice: two arrays
+            taken[k] = True
     return out
