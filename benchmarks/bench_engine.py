@@ -39,7 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _child(
-    case: str, arg: str, model: str | None, threads: int, infer_chunk: int | None = None
+    case: str,
+    arg: str,
+    model: str | None,
+    threads: int,
+    infer_chunk: int | None = None,
+    workers: int = 1,
 ) -> dict:
     import torch
 
@@ -72,6 +77,9 @@ def _child(
     else:
         raise SystemExit(f"unknown case {case}")
     cfg.infer_chunk = infer_chunk
+    cfg.workers = workers
+    if workers > 1:  # the cores shared out between the worker processes
+        cfg.threads = max(1, threads // workers)
     t = time.perf_counter()
     res = run(cfg)
     wall = time.perf_counter() - t
@@ -139,6 +147,12 @@ def main() -> int:
         default=None,
         help="patches per network call (default: the run's default)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes (RunConfig.workers; 1: in-process threads)",
+    )
     p.add_argument("--json", help="append results (JSON lines) to this file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,7 +160,14 @@ def main() -> int:
         print(
             "RESULT "
             + json.dumps(
-                _child(args._child[0], args._child[1], args.model, args.threads, args.infer_chunk)
+                _child(
+                    args._child[0],
+                    args._child[1],
+                    args.model,
+                    args.threads,
+                    args.infer_chunk,
+                    args.workers,
+                )
             ),
             flush=True,
         )
@@ -168,6 +189,7 @@ def main() -> int:
             ["--model", args.model] if args.model else []
         )
         cmd += ["--infer-chunk", str(args.infer_chunk)] if args.infer_chunk else []
+        cmd += ["--workers", str(args.workers)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode or line is None:

@@ -178,6 +178,20 @@ def test_nucleus_uuid_is_deterministic_uuid5() -> None:
         nucleus_uuid("s", float("nan"), 1.0)
 
 
+def test_nucleus_uuids_are_nucleus_uuid_of_each() -> None:
+    from wsi_nuclei.export import nucleus_uuids
+
+    rng = np.random.default_rng(7)
+    xs = np.concatenate([rng.uniform(-5, 1e5, 2000), [0.0, -0.0, -0.004, 2.675, 1.005, 0.125]])
+    ys = np.concatenate([rng.uniform(-5, 1e5, 2000), [-0.0, 0.0, 0.004, 1.115, 2.345, 0.375]])
+    xs[:200] = np.round(xs[:200], 3)  # many values on the 0.005 half-way points
+    want = [nucleus_uuid("fp-1", x, y) for x, y in zip(xs, ys)]
+    assert nucleus_uuids("fp-1", xs, ys) == want
+    assert nucleus_uuids("fp-1", xs[:0], ys[:0]) == []
+    with pytest.raises(ValueError, match="finite"):
+        nucleus_uuids("s", np.array([1.0, np.inf]), np.array([1.0, 2.0]))
+
+
 def _two_decimals(geom: Polygon) -> bool:
     coords = shapely.get_coordinates(geom)
     return bool(np.all(np.round(coords, 2) == coords))

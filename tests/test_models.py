@@ -526,3 +526,27 @@ def test_bundled_model_quality_on_the_validation_split(nuclei_dir: Path) -> None
     assert res["n_images"] == 3
     assert res["segmentation"]["pq"]["mean"]["pq"] == pytest.approx(0.544, abs=0.01)
     assert res["detection"]["f1"] > 0.85
+
+
+def test_null_model_lattice_against_a_direct_drawing() -> None:
+    from wsi_nuclei.models.classic import NullModel
+
+    model = load_model("null", device="cpu")
+    s, rad = model.spacing, model.radius
+    for origin, shape in (((0, 0), (256, 256)), ((-50, 1013), (300, 177)), ((4099, 7), (31, 5))):
+        res = model.postprocess({}, origin=origin, shape=shape)
+        (ox, oy), (h, w) = origin, shape
+        # every pixel within rad of a lattice centre (k + 0.5) * s, in window coordinates
+        yy, xx = np.mgrid[0:h, 0:w]
+        gy, gx = yy + oy, xx + ox
+        cy = np.floor(gy / s).astype(int) * s + s // 2
+        cx = np.floor(gx / s).astype(int) * s + s // 2
+        want = (gy - cy) ** 2 + (gx - cx) ** 2 <= rad**2
+        np.testing.assert_array_equal(res.inst > 0, want)
+        # one label per disc, numbered 1..m in row-major order of the disc centres
+        assert len(res.labels) == len(np.unique(res.inst[res.inst > 0]))
+        flat = res.inst.ravel()
+        first = [int(np.flatnonzero(flat == k)[0]) for k in res.labels]
+        assert first == sorted(first) and list(res.labels) == list(range(1, len(first) + 1))
+    with pytest.raises(ValueError, match="overlap"):
+        NullModel(model.spec, spacing=10, radius=5)

@@ -5,6 +5,7 @@ them into the block's own (exclusive) nuclei and seam candidates (:mod:`wsi_nucl
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -125,24 +126,21 @@ def nucleus_columns(
     ``geo`` comes from :func:`_instance_geometry` over all of ``res``'s labels and ``idx``
     selects the measured ones (aligned with ``labels``).
     """
-    import shapely
 
-    from ..export import nucleus_uuid
+    from ..export import nucleus_uuids
     from ..postprocess import measure_instances
     from ..schema import MORPHOLOGY_COLUMNS, PROB_COLUMNS, class_name
 
     ox, oy = origin
     m = measure_instances(inst, labels, ctx.model_mpp)
     s = 1.0 / ctx.scale
-    geoms = [
-        None if poly is None else shapely.Polygon((poly + (ox, oy)) * s) for poly in m["polygon"]
-    ]
+    geoms = _polygons(list(m["polygon"]), (ox, oy), s)
     cx0 = geo["cx"][idx] * s
     cy0 = geo["cy"][idx] * s
     n = len(idx)
     class_id = np.asarray(res.class_id)[idx].astype(np.int8)
     data: dict[str, Any] = {
-        "id": [nucleus_uuid(ctx.fingerprint, x, y) for x, y in zip(cx0, cy0)],
+        "id": nucleus_uuids(ctx.fingerprint, cx0, cy0),
         "block_row": np.full(n, block[0], np.int32),
         "block_col": np.full(n, block[1], np.int32),
         "centroid_x": cx0,
@@ -163,6 +161,22 @@ def nucleus_columns(
     data["region_id"] = np.full(n, -1, np.int32)
     data["geometry"] = geoms
     return data
+
+
+def _polygons(rings: Sequence[np.ndarray | None], offset: tuple[int, int], scale: float) -> list:
+    """Shapely polygons of the ``(K, 2)`` window-px rings, moved by ``offset`` and scaled to level
+    0 in one vectorised call (None stays None)."""
+    import shapely
+
+    out: list = [None] * len(rings)
+    keep = [i for i, r in enumerate(rings) if r is not None]
+    parts = [r for r in rings if r is not None]
+    if parts:
+        coords = (np.concatenate(parts) + offset) * scale
+        index = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+        for i, g in zip(keep, shapely.polygons(shapely.linearrings(coords, indices=index))):
+            out[i] = g
+    return out
 
 
 #: Internal columns of block results (seam bookkeeping), dropped before writing.

@@ -29,7 +29,13 @@ The rules QuPath applies on GeoJSON import are documented in ``docs/qupath-geojs
 column is part of the column table, :data:`wsi_nuclei.schema.MEASUREMENTS`.
 """
 
-from wsi_nuclei.export._geometry import NUCLEUS_NAMESPACE, clean_frame, clean_polygon, nucleus_uuid
+from wsi_nuclei.export._geometry import (
+    NUCLEUS_NAMESPACE,
+    clean_frame,
+    clean_polygon,
+    nucleus_uuid,
+    nucleus_uuids,
+)
 from wsi_nuclei.export.annotations import (
     region_annotation_ids,
     region_parents,
@@ -43,6 +49,7 @@ from wsi_nuclei.export.validate import check_qupath_geojson
 __all__ = [
     "NUCLEUS_NAMESPACE",
     "nucleus_uuid",
+    "nucleus_uuids",
     "clean_polygon",
     "clean_frame",
     "write_nuclei_geojson",

@@ -9,6 +9,7 @@ the writers write.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
@@ -21,7 +22,7 @@ from shapely.errors import GEOSException
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["NUCLEUS_NAMESPACE", "nucleus_uuid", "clean_polygon", "clean_frame"]
+__all__ = ["NUCLEUS_NAMESPACE", "nucleus_uuid", "nucleus_uuids", "clean_polygon", "clean_frame"]
 
 #: Namespace of the deterministic nucleus UUIDs (uuid5). Never change it: re-imports of a slide's
 #: nuclei into QuPath are recognisable only while the ids stay the same.
@@ -64,6 +65,37 @@ def nucleus_uuid(slide_fingerprint: str, centroid_x: float, centroid_y: float) -
     x = round(float(centroid_x), _DECIMALS) + 0.0
     y = round(float(centroid_y), _DECIMALS) + 0.0
     return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_fingerprint}|{x:.2f}|{y:.2f}"))
+
+
+def nucleus_uuids(
+    slide_fingerprint: str, centroid_x: np.ndarray, centroid_y: np.ndarray
+) -> list[str]:
+    """:func:`nucleus_uuid` of many nuclei: the same strings, without a ``uuid.UUID`` each.
+
+    The uuid5 is spelled out (SHA-1 of the namespace and the name, version 5 and RFC 4122
+    variant bits, canonical hex), which is about 3x faster per nucleus than ``uuid.uuid5``.
+
+    Raises
+    ------
+    ValueError
+        If a centroid coordinate is not finite.
+    """
+    xs = np.asarray(centroid_x, np.float64)
+    ys = np.asarray(centroid_y, np.float64)
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        bad = int(np.flatnonzero(~(np.isfinite(xs) & np.isfinite(ys)))[0])
+        raise ValueError(f"nucleus centroid must be finite, got ({xs[bad]}, {ys[bad]})")
+    ns, prefix, sha1 = NUCLEUS_NAMESPACE.bytes, f"{slide_fingerprint}|", hashlib.sha1
+    out = []
+    for x, y in zip(xs.tolist(), ys.tolist()):
+        x = round(x, _DECIMALS) + 0.0  # as nucleus_uuid: Python's correctly rounded round()
+        y = round(y, _DECIMALS) + 0.0
+        h = bytearray(sha1(ns + f"{prefix}{x:.2f}|{y:.2f}".encode()).digest()[:16])
+        h[6] = (h[6] & 0x0F) | 0x50  # version 5
+        h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+        t = h.hex()
+        out.append(f"{t[:8]}-{t[8:12]}-{t[12:16]}-{t[16:20]}-{t[20:]}")
+    return out
 
 
 def _round_coords(coords: np.ndarray) -> np.ndarray:

@@ -142,6 +142,8 @@ class NullModel:
     def __init__(self, spec: Any, spacing: int = 40, radius: int = 7) -> None:
         self.spec = spec
         self.device = "cpu"
+        if spacing <= 2 * radius:
+            raise ValueError(f"discs of radius {radius} every {spacing} px would overlap")
         self.spacing, self.radius = spacing, radius
 
     def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -157,28 +159,24 @@ class NullModel:
             shape = (n, n) if not raw else np.asarray(next(iter(raw.values()))).shape[-2:]
         h, w = shape
         s, rad = self.spacing, self.radius
-        inst = np.zeros((h, w), np.int32)
         ks_y = np.arange(int(np.floor(oy / s)) - 1, int(np.ceil((oy + h) / s)) + 1)
         ks_x = np.arange(int(np.floor(ox / s)) - 1, int(np.ceil((ox + w) / s)) + 1)
         yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
         disc = yy**2 + xx**2 <= rad**2
-        k = 0
-        for ky in ks_y:
-            for kx in ks_x:
-                cy, cx = int((ky + 0.5) * s) - oy, int((kx + 0.5) * s) - ox
-                if cy < -rad or cx < -rad or cy > h + rad or cx > w + rad:
-                    continue
-                k += 1
-                rr, cc = yy[disc] + cy, xx[disc] + cx
-                ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-                if ok.any():
-                    inst[rr[ok], cc[ok]] = k
-        present = np.unique(inst)
-        present = present[present > 0]
-        lut = np.zeros(k + 1, np.int32)
-        lut[present] = np.arange(1, len(present) + 1)
-        inst = lut[inst]
-        m = len(present)
+        # disc centres in window px, row-major over the lattice; the discs do not overlap
+        cy = ((ks_y + 0.5) * s).astype(np.int64) - oy
+        cx = ((ks_x + 0.5) * s).astype(np.int64) - ox
+        cy, cx = np.repeat(cy, len(cx)), np.tile(cx, len(cy))
+        near = (cy >= -rad) & (cx >= -rad) & (cy <= h + rad) & (cx <= w + rad)
+        cy, cx = cy[near], cx[near]
+        rr = cy[:, None] + yy[disc][None, :]
+        cc = cx[:, None] + xx[disc][None, :]
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        present = ok.any(axis=1)  # discs with a pixel in the window, labelled 1..m in order
+        ids = np.cumsum(present).astype(np.int32)
+        inst = np.zeros((h, w), np.int32)
+        inst[rr[ok], cc[ok]] = np.broadcast_to(ids[:, None], rr.shape)[ok]
+        m = int(present.sum())
         return InstanceResult(
             inst, np.arange(1, m + 1, dtype=np.int32), np.zeros(m, np.int8), np.ones(m, np.float32)
         )
