@@ -26,6 +26,9 @@ __all__ = [
 
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline on one slide; see the module docstring."""
+    from .._allocator import keep_large_blocks_in_heap
+
+    keep_large_blocks_in_heap()  # before the engine's threads take malloc arenas of their own
     from ..models import (
         default_model_name,
         find_weights,
