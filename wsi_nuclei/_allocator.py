@@ -42,6 +42,14 @@ _DEFAULT_MB = 128
 _DONE = False
 
 
+def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable ``name``; ``default`` when unset or not a number."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def keep_large_blocks_in_heap() -> bool:
     """Raise glibc's mmap and trim thresholds and cap its arenas, once per process; True when
     the thresholds were set."""
@@ -55,19 +63,11 @@ def keep_large_blocks_in_heap() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
-    try:
-        threshold = (
-            min(2047, max(1, int(os.environ.get("WSI_NUCLEI_MALLOC_MB", _DEFAULT_MB)))) << 20
-        )
-    except ValueError:
-        threshold = _DEFAULT_MB << 20
+    threshold = min(2047, max(1, _env_int("WSI_NUCLEI_MALLOC_MB", _DEFAULT_MB))) << 20
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
-    try:
-        arenas = max(0, int(os.environ.get("WSI_NUCLEI_MALLOC_ARENAS", 1)))
-    except ValueError:
-        arenas = 1
+    arenas = max(0, _env_int("WSI_NUCLEI_MALLOC_ARENAS", 1))
     if ok and arenas:
         mallopt(_M_ARENA_MAX, arenas)  # threads already holding an arena keep it
     _DONE = ok

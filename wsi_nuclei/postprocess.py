@@ -341,7 +341,6 @@ def measure_instances(
         cx, cy = sx / count, sy / count
         # central second moments from the exact raw sums
         sxx, sxy, syy = sxx - sx * cx, sxy - sx * cy, syy - sy * cy
-    with np.errstate(invalid="ignore", divide="ignore"):
         # second central moments (+1/12: a pixel is a unit square, not a point) and the
         # eigenvalues of their 2x2 covariance in closed form
         a = sxx / count + 1 / 12

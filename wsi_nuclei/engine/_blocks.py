@@ -126,7 +126,6 @@ def nucleus_columns(
     ``geo`` comes from :func:`_instance_geometry` over all of ``res``'s labels and ``idx``
     selects the measured ones (aligned with ``labels``).
     """
-
     from ..export import nucleus_uuids
     from ..postprocess import measure_instances
     from ..schema import MORPHOLOGY_COLUMNS, PROB_COLUMNS, class_name
