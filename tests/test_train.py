@@ -394,6 +394,8 @@ def test_train_config_stages_chain_and_resume(
         "stages": [
             {"name": "s1", "epochs": 1, "lr": 1e-3},
             {"name": "s2", "epochs": 2, "lr": 0.0, "class_weight": 3, "init": "previous"},
+            {"name": "s3", "epochs": 1, "lr": 1e-2, "init": "previous"},
+            {"name": "s4", "epochs": 1, "lr": 0.0, "init": "s1"},  # an earlier stage by name
         ],
     }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
@@ -412,11 +414,16 @@ def test_train_config_stages_chain_and_resume(
     s2 = torch.load(out / "s2" / "last.pt", map_location="cpu", weights_only=False)
     assert s2["step"] == 4  # stage 2's own epochs (2 x 2 steps), not the command line's
     assert json.loads((out / "s2" / "args.json").read_text())["class_weight"] == "3.0"
-    for k in [k for k in s1 if k.endswith("weight") and s1[k].ndim == 4]:
+    s3 = torch.load(out / "s3" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    s4 = torch.load(out / "s4" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    convs = [k for k in s1 if k.endswith("weight") and s1[k].ndim == 4]
+    for k in convs:
         torch.testing.assert_close(s2["model"][k], s1[k])
+        torch.testing.assert_close(s4[k], s1[k])  # from s1, not from the stage before it
+    assert any(not torch.equal(s3[k], s1[k]) for k in convs)
     capsys.readouterr()
     assert main(["--resume", *args]) == 0
-    assert capsys.readouterr().out.count("already finished") == 2
+    assert capsys.readouterr().out.count("already finished") == 4
 
 
 @pytest.mark.parametrize(
@@ -425,6 +432,7 @@ def test_train_config_stages_chain_and_resume(
         ([{"epochs": 1}], "needs a name"),
         ([{"name": "a", "momentum": 0.9}], "may only set"),
         ([{"name": "a", "init": "previous"}], "init must be"),
+        ([{"name": "a", "init": "b"}, {"name": "b"}], "init must be"),  # a later stage
         ([{"name": "a"}, {"name": "a"}], "unique"),
     ],
 )

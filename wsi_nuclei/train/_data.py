@@ -311,7 +311,7 @@ def _load_entries(entries: list[DatasetEntry], split: dict[str, list[str]], targ
 def _config_stages(path: str | Path) -> list[dict]:
     """The ``stages`` of a training config (empty when it has none), checked."""
     stages = _read_config(path).get("stages", [])
-    names = []
+    names: list[str] = []
     for i, st in enumerate(stages):
         bad = set(st) - _STAGE_KEYS
         if bad or "name" not in st:
@@ -321,11 +321,15 @@ def _config_stages(path: str | Path) -> list[dict]:
         init = st.get("init")
         if not isinstance(init, (str, type(None))) or (init == "previous" and i == 0):
             raise DatasetError(
-                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' (not on the first stage) or a weights file"
+                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' (not on the first stage), the name of an earlier stage or a weights file"
             )
-        if init not in (None, "imagenet", "previous") and not _init_path(init, path).is_file():
+        if (
+            init is not None
+            and init not in ("imagenet", "previous", *names)
+            and not _init_path(init, path).is_file()
+        ):
             raise DatasetError(
-                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous' or an existing weights file (not {init!r})"
+                f"{path}: stage {st['name']!r}: init must be 'imagenet', 'previous', the name of an earlier stage or an existing weights file (not {init!r})"
             )
         if "datasets" in st:
             _dataset_entries(st["datasets"], Path("."), path)

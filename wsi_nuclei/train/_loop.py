@@ -99,7 +99,8 @@ def train(args: argparse.Namespace) -> Path:
 
     A config with ``stages`` runs them in order, each in ``<out>/<stage name>`` with its own
     options (epochs, learning rate, class weight, ...); ``"init": "previous"`` starts a stage
-    from the previous stage's best weights. With ``--resume`` finished stages are skipped and an
+    from the previous stage's best weights, ``"init": "<name>"`` from those of the earlier
+    stage ``name``. With ``--resume`` finished stages are skipped and an
     interrupted one continues. Returns the last stage's best weights.
     """
     if args.config:  # configs/... resolves from any working directory (see find_config)
@@ -116,7 +117,9 @@ def train(args: argparse.Namespace) -> Path:
             f"{args.config}: no stage named {sorted(unknown)} (stages: {[st['name'] for st in stages]})"
         )
     best: Path | None = None
+    done: set[str] = set()
     for st in stages:
+        done.add(st["name"])
         if only and st["name"] not in only:  # not run now: a later stage may start from its best
             prev = Path(args.out) / st["name"] / "best.pt"
             best = prev if prev.is_file() else None
@@ -135,6 +138,13 @@ def train(args: argparse.Namespace) -> Path:
             a.init_weights = str(best) if best is not None else args.init_weights
         elif st.get("init") == "imagenet":
             a.init_weights = None
+        elif st.get("init") in done - {st["name"]}:  # an earlier stage's best
+            named = Path(args.out) / st["init"] / "best.pt"
+            if not named.is_file():
+                raise DatasetError(
+                    f"stage {st['name']!r} starts from stage {st['init']!r}, which has no best.pt in {args.out}"
+                )
+            a.init_weights = str(named)
         elif st.get("init"):
             a.init_weights = str(_init_path(st["init"], args.config))
         print(
