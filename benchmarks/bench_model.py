@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_model.py [--model NAME] [--device cpu|cuda] [--batch 16] [--threads 2] [--n 128] [--tta] [--precision auto|fp32|bf16|fp16]
+    python benchmarks/bench_model.py [--model NAME] [--device cpu|cuda] [--batch 16] [--threads 2] [--n 128] [--tta] [--precision auto|fp32|bf16|fp16] [--no-fuse]
 
 Reports network tiles/s (256x256 at 0.25 um/px, random-free real-looking input: a synthetic
 H&E-like tile), post-processing ms/tile (HV watershed + classes) and the combined rate.
@@ -34,6 +34,12 @@ def main() -> int:
     p.add_argument(
         "--tta", action="store_true", help="flip test-time augmentation (4 network passes per tile)"
     )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep the batch normalisations as separate layers (the spec's fuse_batchnorm off), "
+        "to measure what folding them into the convolutions gains",
+    )
     args = p.parse_args()
     import torch
 
@@ -43,6 +49,15 @@ def main() -> int:
 
     name = args.model or default_model_name()
     model = load_model(name, device=args.device, tta=args.tta, precision=args.precision)
+    if args.no_fuse and getattr(model.spec, "fuse_batchnorm", False):
+        import dataclasses
+
+        from wsi_nuclei.models import find_weights
+
+        spec = dataclasses.replace(model.spec, fuse_batchnorm=False)
+        precision = model.precision
+        model = spec.builder(spec, find_weights(spec), model.device)
+        model.tta, model.precision = args.tta, precision
     n_in = model.spec.input_size
     rgb, _, _ = make_nuclei_image(n_in * 4, n_in * 4, seed=3)
     tiles = np.stack(
@@ -73,6 +88,7 @@ def main() -> int:
         "device": args.device,
         "tta": args.tta,
         "precision": getattr(model, "precision", "fp32"),
+        "fused_batchnorm": bool(getattr(model.spec, "fuse_batchnorm", False)),
         "batch": args.batch,
         "threads": args.threads,
         "network_tiles_per_s": round(1 / t_net, 1),

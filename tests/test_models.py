@@ -260,6 +260,58 @@ def test_effunet_loads_all_imagenet_encoder_tensors() -> None:
         load_imagenet_encoder(net, "/nonexistent/weights.pth")
 
 
+def test_fuse_batchnorm_folds_every_conv_bn_pair_of_the_bundled_network() -> None:
+    from wsi_nuclei.models.effunet import EffUNet
+    from wsi_nuclei.models.maps import MapModel, fuse_batchnorm
+
+    torch.manual_seed(3)
+    net = EffUNet(n_types=6)
+    # non-trivial statistics, so that folding them in is not an identity
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(net)
+    net.eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    fused = fuse_batchnorm(net)
+    assert n_bn == 62
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    # the original is untouched
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.inference_mode():
+        a, b = net(x), fused(x)
+    assert set(a) == set(b) == {"np", "hv", "tp"}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+    # the bundled model's spec asks for it: MapModel runs the folded copy
+    spec = get_spec("wsi-nuclei-lite0")
+    assert spec.fuse_batchnorm and not get_spec("hovernet-pannuke").fuse_batchnorm
+    model = MapModel(spec, net, "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules())
+
+
+def test_fuse_batchnorm_leaves_an_untraceable_network_as_it_is() -> None:
+    from wsi_nuclei.models.maps import fuse_batchnorm
+
+    class _Branchy(torch.nn.Module):  # control flow on a tensor: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y
+
+    net = _Branchy().eval()
+    assert fuse_batchnorm(net) is net
+
+
 # --------------------------------------------------------------------------------------------
 # Weights files
 # --------------------------------------------------------------------------------------------

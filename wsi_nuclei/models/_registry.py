@@ -88,6 +88,10 @@ class ModelSpec:
     precisions: tuple[str, ...] = ("fp32",)
     #: map models: channels-last memory format on the CPU too (on CUDA it is always used)
     channels_last_cpu: bool = True
+    #: map models: fold every batch normalisation that directly follows a convolution into
+    #: that convolution's weights before inference (``torch.fx``; the maps agree to about 1e-5
+    #: in float32, and the network runs faster: docs/benchmarks.md)
+    fuse_batchnorm: bool = False
 
     @property
     def stride(self) -> int:

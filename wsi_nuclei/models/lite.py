@@ -19,9 +19,9 @@ from ._registry import ModelSpec, register_model
 __all__ = ["DEFAULT_WEIGHTS_FILE", "DEFAULT_WEIGHTS_SHA256", "SPEC"]
 
 #: File name of the bundled default weights (fp16 state dict).
-DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v3.pt"
+DEFAULT_WEIGHTS_FILE = "wsi-nuclei-lite0-v4.pt"
 #: sha256 of the bundled default weights, checked before loading.
-DEFAULT_WEIGHTS_SHA256 = "514e18fe30165c963dc9c2f0ddbd53c7da35de9e4fc25f9551bf1e3493470a47"
+DEFAULT_WEIGHTS_SHA256 = "317499aac211c998e82ff201cfd640224ca85c5ed73ae80e971facaeccb1128a"
 
 
 def _build(spec: ModelSpec, weights: Path | None, device: str) -> Any:
@@ -78,10 +78,11 @@ SPEC = register_model(
             "min_marker_px": 40,
             "min_nucleus_px": 40,
             "grad_offset": 0.3,
-            "class_temperature": 1.1,
+            "class_temperature": 1.0,
         },
         output_border=32,
         precisions=("fp32", "bf16", "fp16"),
+        fuse_batchnorm=True,
         bf16_cpu=True,  # validation split through the engine in bfloat16: docs/model-card.md
         class_support={
             "Neoplastic": "weak",

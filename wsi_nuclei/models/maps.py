@@ -22,6 +22,29 @@ from .base import InstanceResult
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def fuse_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` (in eval mode) with each batch normalisation that directly follows a convolution
+    folded into that convolution's weights and bias, or ``net`` itself when it cannot be traced.
+
+    An inference-only rewrite (``torch.fx.experimental.optimization.fuse``): the folded
+    convolution computes ``gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` in one pass
+    instead of a convolution and a separate normalisation pass over its output. ``net`` is not
+    modified; the result is a traced copy whose maps agree with ``net``'s to float32 rounding.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # the module's import uses torch.jit's deprecated API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.fx.experimental.optimization import fuse
+
+    if net.training:
+        raise ValueError("fuse_batchnorm needs a network in eval mode")
+    try:
+        return fuse(net)
+    except Exception:  # noqa: BLE001 - not traceable by torch.fx: run it unfused
+        return net
+
+
 class MapModel:
     """Runs a network returning ``np``/``hv``/``tp`` logits and post-processes its maps.
 
@@ -29,7 +52,8 @@ class MapModel:
     ----------
     spec : ModelSpec
         The model's description; read here: ``hv_tanh`` (apply tanh to the ``hv`` output),
-        ``fp16`` (float16 autocast on CUDA by default), ``channels_last_cpu`` and, through
+        ``fp16`` (float16 autocast on CUDA by default), ``channels_last_cpu``,
+        ``fuse_batchnorm`` (see :func:`fuse_batchnorm`) and, through
         :meth:`ModelSpec.hv_params`, the post-processing thresholds.
     net : torch.nn.Module
         Takes (N, 3, H, W) float RGB in 0..255, returns a dict of logits maps.
@@ -75,7 +99,8 @@ class MapModel:
         self.params = params if params is not None else spec.hv_params()
         self.tta = tta
         self.postprocess_backend = _backend(device, postprocess_backend)
-        self.net = net.eval().to(device)
+        net = net.eval().to(device)
+        self.net = fuse_batchnorm(net) if getattr(spec, "fuse_batchnorm", False) else net
         self.channels_last = False
         self.precision = "fp16" if (bool(spec.fp16) and on_cuda) else "fp32"
 
