@@ -117,9 +117,7 @@ def train(args: argparse.Namespace) -> Path:
             f"{args.config}: no stage named {sorted(unknown)} (stages: {[st['name'] for st in stages]})"
         )
     best: Path | None = None
-    done: set[str] = set()
-    for st in stages:
-        done.add(st["name"])
+    for i, st in enumerate(stages):
         if only and st["name"] not in only:  # not run now: a later stage may start from its best
             prev = Path(args.out) / st["name"] / "best.pt"
             best = prev if prev.is_file() else None
@@ -138,7 +136,7 @@ def train(args: argparse.Namespace) -> Path:
             a.init_weights = str(best) if best is not None else args.init_weights
         elif st.get("init") == "imagenet":
             a.init_weights = None
-        elif st.get("init") in done - {st["name"]}:  # an earlier stage's best
+        elif st.get("init") in {s["name"] for s in stages[:i]}:  # an earlier stage's best
             named = Path(args.out) / st["init"] / "best.pt"
             if not named.is_file():
                 raise DatasetError(
