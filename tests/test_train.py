@@ -219,6 +219,10 @@ def test_make_batch_targets_are_consistent(tmp_path: Path) -> None:
         parts["np_ce"] + parts["np_dice"] + 2 * parts["hv_mse"] + parts["hv_msge"] + parts["tp_nll"]
     )
     assert float(total) == pytest.approx(want, rel=1e-5)
+    # msge_weight scales only the HV-gradient term
+    total3, parts3 = hovernet_loss(out, b, msge_weight=3.0)
+    assert parts3["hv_msge"] == pytest.approx(parts["hv_msge"])
+    assert float(total3) == pytest.approx(want + 2 * parts["hv_msge"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ _STAGE_KEYS = {
     "init",
     "datasets",
     "shift_consistency",
+    "msge_weight",
 }
 
 _DATASET_KEYS = {"name", "weight", "hv", "sparse", "point_radius_um"}

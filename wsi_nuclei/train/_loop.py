@@ -243,7 +243,11 @@ def _train_stage(args: argparse.Namespace) -> Path:
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             o = model(b["x"])
         loss, parts = hovernet_loss(
-            o, b, args.class_weight, getattr(args, "shift_consistency", 0.0)
+            o,
+            b,
+            args.class_weight,
+            getattr(args, "shift_consistency", 0.0),
+            getattr(args, "msge_weight", 1.0),
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -75,8 +75,12 @@ def hovernet_loss(
     b: dict[str, torch.Tensor],
     class_weight: float = 1.0,
     shift_consistency: float = 0.0,
+    msge_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code).
+
+    ``msge_weight`` multiplies the HV gradient term (MSGE), the one that sharpens the fall of the
+    distance maps between touching nuclei, where the watershed splits them.
 
     ``class_weight`` multiplies, in the class loss, the weight of nucleus pixels whose class is
     known to within two classes, so that the few labelled nuclei are not drowned by background
@@ -112,7 +116,7 @@ def hovernet_loss(
             else cmask
         )
         parts["tp_nll"] = partial_label_nll(out["tp"], b["allowed"], w)
-    total = ce + dice + 2 * mse + msge + parts.get("tp_nll", 0.0)
+    total = ce + dice + 2 * mse + msge_weight * msge + parts.get("tp_nll", 0.0)
     if shift_consistency and "pair_shift" in b:
         # the network aliases (strided convolutions): the same tissue shifted by a pixel gave
         # other nuclei; this term asks for the same maps whatever the shift

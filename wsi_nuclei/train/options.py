@@ -102,6 +102,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shifted by 1-32 px whose maps should agree (the batch then holds 2 x --batch images; 0 = off, default)",
     )
     p.add_argument(
+        "--msge-weight",
+        type=float,
+        default=1.0,
+        help="weight of the HV-gradient loss (MSGE), which sharpens the boundaries between "
+        "touching nuclei (default: %(default)s, as HoVer-Net)",
+    )
+    p.add_argument(
         "--stain-jitter",
         type=float,
         default=0.05,
