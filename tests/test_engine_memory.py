@@ -113,3 +113,68 @@ def test_blender_emits_the_plain_weighted_mean() -> None:
 
 def test_context_default_is_the_whole_batch() -> None:
     assert {f.name: f.default for f in dataclasses.fields(EngineContext)}["infer_chunk"] == 0
+
+
+class _ConcurrencyModel(_PixelModel):
+    """Records how many calls run at once and torch's thread count inside each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+        self.threads: set[int] = set()
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        import time
+
+        import torch
+
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.threads.add(torch.get_num_threads())
+        time.sleep(0.05)  # long enough for the other thread's call to overlap, if allowed
+        out = super().infer(batch)
+        with self.lock:
+            self.active -= 1
+        return out
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_network_calls_at_once_and_their_torch_threads(slots: int) -> None:
+    """A CPU run lets up to ``infer_slots`` single-threaded calls run at once (2 cores: CMU in
+    float32 28.7-30.3 s against 31.5-32.0 s with one two-thread call at a time); afterwards
+    torch's thread count is what it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from wsi_nuclei.engine._context import restore_torch_threads
+
+    before = torch.get_num_threads()
+    model = _ConcurrencyModel()
+    ctx = dataclasses.replace(_ctx(model, 2), infer_slots=slots, torch_threads=1)
+    images = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: infer_patches(ctx, (images, 0.0))[0], range(4)))
+    assert model.max_active == slots
+    assert model.threads == {1}
+    assert all(o.tobytes() == outs[0].tobytes() for o in outs)
+    restore_torch_threads()
+    assert torch.get_num_threads() == before
+
+
+def test_cpu_runs_share_the_cores_between_single_threaded_calls() -> None:
+    from wsi_nuclei.pipeline import RunConfig
+    from wsi_nuclei.pipeline.plan import _threading
+
+    cfg = RunConfig(slide="x.svs", threads=3)
+    assert _threading(cfg, "cpu") == {"torch_threads": 1, "infer_slots": 3}
+    assert _threading(cfg, "cuda") == {"torch_threads": 0}  # in-process: torch's own
+    assert _threading(dataclasses.replace(cfg, workers=2), "cuda") == {"torch_threads": 3}
+    # a remote scheduler's workers are not this machine's: leave their threads alone
+    assert _threading(dataclasses.replace(cfg, scheduler="tcp://h:8786"), "cpu") == {
+        "torch_threads": 0
+    }

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._context import _INFER_LOCK, EngineContext, _slide_of, model_of
+from ._context import EngineContext, _slide_of, infer_slot, model_of, use_torch_threads
 
 if TYPE_CHECKING:
     from ..models.base import NucleusModel
@@ -57,8 +57,9 @@ def infer_patches(
     be split back into the model's map dict; ``splits`` counts the halvings of the batch after
     out-of-memory errors on the accelerator.
 
-    The network runs on chunks of at most ``ctx.infer_chunk`` patches (0: the whole batch), one
-    call at a time per process; each chunk's maps go straight into the batch's float16 array.
+    The network runs on chunks of at most ``ctx.infer_chunk`` patches (0: the whole batch), at
+    most ``ctx.infer_slots`` calls at a time per process, each with ``ctx.torch_threads`` torch
+    threads; each chunk's maps go straight into the batch's float16 array.
     """
     images, t_read = read
     t = time.perf_counter()
@@ -69,9 +70,11 @@ def infer_patches(
     layout: tuple = ()
     n_split = 0
     t_wait = 0.0  # time spent waiting for another thread's network call: not this task's
+    slot = infer_slot(ctx.infer_slots)
+    use_torch_threads(ctx.torch_threads)
     for i0 in range(0, len(images), step):
         tw = time.perf_counter()
-        with _INFER_LOCK:
+        with slot:
             t_wait += time.perf_counter() - tw
             raws, k_split = _infer_halving(model, images[i0 : i0 + step])
         n_split += k_split

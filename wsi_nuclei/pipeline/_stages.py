@@ -148,6 +148,9 @@ def _execute(
                 + (f"; {resumed} of {len(plan.active)} blocks resumed" if resumed else "")
             )
     finally:
+        from ..engine._context import restore_torch_threads
+
+        restore_torch_threads()  # the in-process tasks set one torch thread per network call
         try:
             if (
                 cfg.client is None and client is not None

@@ -332,6 +332,7 @@ def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -
 
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
     """The engine's context of a planned run (what every task needs, picklable)."""
+    threading = _threading(cfg, plan.device)
     return EngineContext(
         setup.source,
         (plan.model, plan.weights, plan.device, plan.tta, plan.precision),
@@ -343,6 +344,23 @@ def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
         plan.model_mpp,
         plan.fingerprint,
         plan.strict,
-        torch_threads=cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0,
         infer_chunk=plan.infer_chunk,
+        torch_threads=threading["torch_threads"],
+        infer_slots=threading.get("infer_slots", 1),
     )
+
+
+def _threading(cfg: RunConfig, device: str) -> dict[str, int]:
+    """How the network calls of a run share the cores (``EngineContext`` fields).
+
+    On the CPU with this machine's own workers (no ``--scheduler``), each worker thread may run a
+    network call at once, each call with one torch thread: on 2 cores the default model's
+    CMU-1-Small-Region run took 28.0-28.3 s in float32 and 18.5-19.0 s in bfloat16 this way,
+    against 31.2-32.8 s and 20.7-21.2 s with one call at a time on two torch threads, because the
+    post-processing and reading threads no longer stall a call that holds both cores
+    (docs/benchmarks.md). On an accelerator, one call at a time; its torch threads are left as
+    they are in-process and set to the threads per worker in ``--workers N`` processes.
+    """
+    if device == "cpu" and not cfg.scheduler:
+        return {"torch_threads": 1, "infer_slots": max(1, cfg.threads)}
+    return {"torch_threads": cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0}
