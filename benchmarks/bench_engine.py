@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/bench_engine.py overhead memory cmu [--model NAME] [--sizes 25000 50000 100000]
     python benchmarks/bench_engine.py cmu [--infer-chunk 16]      # memory / kernel-time figures of the CMU run
+    python benchmarks/bench_engine.py cmu --precision fp32 [--no-fuse]   # float32; without BN folding
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _child(
     threads: int,
     infer_chunk: int | None = None,
     workers: int = 1,
+    precision: str = "auto",
+    no_fuse: bool = False,
 ) -> dict:
     import torch
 
@@ -73,7 +76,15 @@ def _child(
             quiet=True,
         )
     elif case == "cmu":
-        cfg = RunConfig(slide=arg, out=tmp / "out", model=model, quiet=True)
+        cfg = RunConfig(slide=arg, out=tmp / "out", model=model, quiet=True, precision=precision)
+        if no_fuse:  # the registry's spec without batch-norm folding, for this process only
+            import dataclasses
+
+            from wsi_nuclei.models import _registry, default_model_name
+
+            name = model or default_model_name()
+            spec = _registry.get_spec(name)
+            _registry._REGISTRY[name] = dataclasses.replace(spec, fuse_batchnorm=False)
     else:
         raise SystemExit(f"unknown case {case}")
     cfg.infer_chunk = infer_chunk
@@ -106,6 +117,8 @@ def _child(
             "kernel_share": round(system / max(1e-9, user + system), 3),
             "minor_faults": ru.ru_minflt,
             "infer_chunk": res.manifest["tiling"].get("infer_chunk"),
+            "precision": res.manifest["model"].get("precision"),
+            "fused_batchnorm": not no_fuse,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
             "qc_seconds": {
                 k: res.manifest["qc"][f"seconds_{k}_task_sum"] for k in ("read", "infer", "post")
@@ -153,6 +166,17 @@ def main() -> int:
         default=1,
         help="local worker processes (RunConfig.workers; 1: in-process threads)",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="network arithmetic of the cmu case, as 'wsi-nuclei run --precision' (default auto)",
+    )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="cmu case: keep the batch normalisations as separate layers (the spec's "
+        "fuse_batchnorm off), to measure what folding them gains end to end",
+    )
     p.add_argument("--json", help="append results (JSON lines) to this file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -167,6 +191,8 @@ def main() -> int:
                     args.threads,
                     args.infer_chunk,
                     args.workers,
+                    args.precision,
+                    args.no_fuse,
                 )
             ),
             flush=True,
@@ -189,7 +215,8 @@ def main() -> int:
             ["--model", args.model] if args.model else []
         )
         cmd += ["--infer-chunk", str(args.infer_chunk)] if args.infer_chunk else []
-        cmd += ["--workers", str(args.workers)]
+        cmd += ["--workers", str(args.workers), "--precision", args.precision]
+        cmd += ["--no-fuse"] if args.no_fuse else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode or line is None:

@@ -12,14 +12,17 @@ CMU-1-Small-Region.svs and prints one JSON document with every figure:
 * ``invariance``: the default run against one with another block size, halo and batch size;
 * ``roi``: a 1024 x 1024 level-0 crop at (1000, 1500) saved as PNG and run with
   ``--mpp <slide mpp> --tissue none``, against the slide run, in the crop's interior (60 px);
-  ``roi_grid_aligned``: a model-resolution crop whose origin lies on the patch grid;
+  ``roi_grid_aligned``: a model-resolution crop whose origin lies on the patch grid, in the
+  crop's interior (120 model px, and one patch: beyond it the crop's patches are the slide's);
   ``network_shift_variance``: how much the network's foreground changes when the same image
   is shifted by 1 or 32 px (what makes an unaligned crop differ);
+  ``network_input_sensitivity_1_grey_level``: how far one grey level on one pixel moves the
+  maps of a patch, in float32 and bfloat16;
 * ``passes_per_pixel`` and wall time of the default run; tissue-edge assignment counts.
 
 Usage::
 
-    python benchmarks/bench_seams.py [--slide PATH] [--work DIR] [--model NAME] [--classic]
+    python benchmarks/bench_seams.py [--slide PATH] [--work DIR] [--model NAME] [--precision P] [--classic]
 
 ``--work`` keeps the runs (reused when present); ``--classic`` adds the tissue-edge figures
 of the ``classic`` model.
@@ -117,7 +120,9 @@ def _nuclei(out: Path):
     return gpd.read_parquet(out / "nuclei.parquet")
 
 
-def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, int]) -> list:
+def reference(
+    slide: Path, model: str | None, box_model: tuple[int, int, int, int], precision: str = "auto"
+) -> list:
     """Polygons (level 0) of the run's blended maps over ``box_model`` post-processed as one image."""
     import shapely
 
@@ -127,7 +132,7 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     from wsi_nuclei.pipeline.plan import _context, _open
     from wsi_nuclei.postprocess import measure_instances
 
-    cfg = RunConfig(slide=str(slide), model=model or default_model_name())
+    cfg = RunConfig(slide=str(slide), model=model or default_model_name(), precision=precision)
     spec = get_spec(cfg.model)
     sl, source = _open(cfg)
     plan, setup = make_plan(cfg, spec, sl, source, slide.name, find_weights(spec), "cpu", None)
@@ -165,14 +170,43 @@ def reference(slide: Path, model: str | None, box_model: tuple[int, int, int, in
     return [shapely.Polygon((p + (x0, y0)) * s) for p in m["polygon"] if p is not None]
 
 
-def _shift_variance(slide: Path, model_name: str | None) -> dict:
+def _input_sensitivity(slide: Path, model_name: str | None) -> dict:
+    """How far one grey level on one input pixel moves the maps of one real 256-px patch, in
+    float32 and (where the model and CPU have it) bfloat16: the size of the differences that
+    resampling the same pixels from two different boxes can make."""
+    from wsi_nuclei.models import cpu_has_native_bf16, default_model_name, get_spec, load_model
+    from wsi_nuclei.slide import open_slide
+
+    name = model_name or default_model_name()
+    spec = get_spec(name)
+    sl = open_slide(slide)
+    s = sl.mpp / spec.mpp
+    x, y, n = 2304, 3264, spec.input_size
+    p = sl.read_scaled((x / s, y / s, (x + n) / s, (y + n) / s), (n, n), target_mpp=spec.mpp)
+    q = p.copy()
+    q[n // 2, n // 2, 0] = min(255, int(q[n // 2, n // 2, 0]) + 1)
+    out = {}
+    precs = ["fp32"] + (["bf16"] if "bf16" in spec.precisions and cpu_has_native_bf16() else [])
+    for prec in precs:
+        model = load_model(name, device="cpu", precision=prec)
+        thr = model.spec.hv_params().np_threshold
+        a, b = model.infer(np.stack([p, q]))
+        out[prec] = {
+            "max_abs_diff_np": float(np.abs(a["np"] - b["np"]).max()),
+            "max_abs_diff_hv": float(np.abs(a["hv"] - b["hv"]).max()),
+            "foreground_px_flipped": int(((a["np"] >= thr) != (b["np"] >= thr)).sum()),
+        }
+    return out
+
+
+def _shift_variance(slide: Path, model_name: str | None, precision: str = "auto") -> dict:
     """Foreground IoU (np >= threshold) of the blended maps of one 1024 px model-resolution
     region and of the same region shifted by 1 and by 32 px (overlap only)."""
     from wsi_nuclei.inference import predict_maps
     from wsi_nuclei.models import default_model_name, load_model
     from wsi_nuclei.slide import open_slide
 
-    model = load_model(model_name or default_model_name(), device="cpu")
+    model = load_model(model_name or default_model_name(), device="cpu", precision=precision)
     thr = model.spec.hv_params().np_threshold
     sl = open_slide(slide)
     s = sl.mpp / model.spec.mpp
@@ -202,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--model", default=None)
     p.add_argument(
+        "--precision",
+        default="auto",
+        help="network arithmetic of every run, as 'wsi-nuclei run --precision' (default auto)",
+    )
+    p.add_argument(
         "--classic", action="store_true", help="also the tissue-edge figures of the classic model"
     )
     args = p.parse_args(argv)
@@ -224,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "slide": slide.name,
     }
 
-    base = _run(slide, work / "base", model=args.model)
+    prec = {"precision": args.precision}
+    base = _run(slide, work / "base", model=args.model, **prec)
     out["model"] = base["model"]["name"]
     out["default_run"] = {
         "wall_s": round(base.get("wall_s", float("nan")), 1),
@@ -281,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # tiling invariance: another block size, halo and batch size
-    var = _run(slide, work / "variant", model=args.model, block_size=768, halo=128, batch_size=8)
+    var = _run(
+        slide, work / "variant", model=args.model, block_size=768, halo=128, batch_size=8, **prec
+    )
     dv = _nuclei(work / "variant")
     b1 = match_iou(geoms, list(dv.geometry))
     b2 = match_iou(list(dv.geometry), geoms)
@@ -306,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     png = work / "crop.png"
     if not png.is_file():
         Image.fromarray(sl.read_region((cx, cy), 0, (cs, cs))).save(png)
-    _run(png, work / "crop", model=args.model, mpp=float(sl.mpp), tissue="none")
+    _run(png, work / "crop", model=args.model, mpp=float(sl.mpp), tissue="none", **prec)
     dc = _nuclei(work / "crop")
     crop_geoms = [shapely.affinity.translate(g, cx, cy) for g in dc.geometry]
     m = 60
@@ -332,29 +374,35 @@ def main(argv: list[str] | None = None) -> int:
                 (X / scale, Y / scale, (X + N) / scale, (Y + N) / scale), (N, N), target_mpp=0.25
             )
         ).save(png2)
-    _run(png2, work / "crop_aligned", model=args.model, mpp=0.25, tissue="none")
+    _run(png2, work / "crop_aligned", model=args.model, mpp=0.25, tissue="none", **prec)
     da = _nuclei(work / "crop_aligned")
     al_geoms = [
         shapely.affinity.affine_transform(g, [1 / scale, 0, 0, 1 / scale, X / scale, Y / scale])
         for g in da.geometry
     ]
-    m2 = 120  # model px
-    inner2 = shapely.box(
-        (X + m2) / scale, (Y + m2) / scale, (X + N - m2) / scale, (Y + N - m2) / scale
-    )
-    slide_in2 = [g for g in geoms if inner2.contains(g.centroid)]
-    best2 = match_iou(slide_in2, al_geoms)
-    out["roi_grid_aligned"] = {
-        "crop_model_px": [X, Y, N, N],
-        "margin_model_px": m2,
-        "n_slide_interior": len(slide_in2),
-        "matched_iou_0.5": float((best2 >= 0.5).mean()),
-        "matched_iou_0.9": float((best2 >= 0.9).mean()),
-    }
+    # interior margins: 120 model px (the figure of earlier sessions) and one patch (stride +
+    # border): the crop's first row and column of patches start a border before the crop and see
+    # white padding there where the slide run saw tissue, which changes the network's output over
+    # the whole patch (its receptive field); beyond one patch the crop's patches are the slide's
+    out["roi_grid_aligned"] = {"crop_model_px": [X, Y, N, N]}
+    for m2 in (120, stride + base["tiling"]["patch_border"]):
+        inner2 = shapely.box(
+            (X + m2) / scale, (Y + m2) / scale, (X + N - m2) / scale, (Y + N - m2) / scale
+        )
+        slide_in2 = [g for g in geoms if inner2.contains(g.centroid)]
+        best2 = match_iou(slide_in2, al_geoms)
+        out["roi_grid_aligned"][f"margin_{m2}_model_px"] = {
+            "n_slide_interior": len(slide_in2),
+            "matched_iou_0.5": float((best2 >= 0.5).mean()),
+            "matched_iou_0.9": float((best2 >= 0.9).mean()),
+            "identical_iou_0.999": float((best2 >= 0.999).mean()),
+        }
 
     # why an unaligned crop differs: the network is not shift-invariant (strided convolutions
     # alias): nucleus pixels of the same image shifted by 1 px and by 32 px
-    out["network_shift_variance"] = _shift_variance(slide, args.model)
+    out["network_shift_variance"] = _shift_variance(slide, args.model, args.precision)
+    # and why a crop on the grid is not pixel-exact in bfloat16: one grey level on one pixel
+    out["network_input_sensitivity_1_grey_level"] = _input_sensitivity(slide, args.model)
 
     out["tissue_edge"] = {
         args.model or "default": {
