@@ -61,6 +61,13 @@ def test_resolve_infer_chunk() -> None:
     assert resolve_infer_chunk(16, "cpu", 16) == 0 and resolve_infer_chunk(32, "cpu", 16) == 0
     with pytest.raises(ValueError):
         resolve_infer_chunk(0, "cpu", 16)
+    # a model's own CPU default (HoVer-Net fast: one heavy patch per call); --infer-chunk wins
+    from wsi_nuclei.models import get_spec
+
+    assert get_spec("hovernet-pannuke").cpu_infer_chunk == 1
+    assert resolve_infer_chunk(None, "cpu", 16, 1) == 1
+    assert resolve_infer_chunk(4, "cpu", 16, 1) == 4
+    assert resolve_infer_chunk(None, "cuda", 16, 1) == 0
 
 
 def _reference_blend(
@@ -178,3 +185,20 @@ def test_cpu_runs_share_the_cores_between_single_threaded_calls() -> None:
     assert _threading(dataclasses.replace(cfg, scheduler="tcp://h:8786"), "cpu") == {
         "torch_threads": 0
     }
+
+
+def test_one_batch_runs_its_chunks_side_by_side_with_the_same_bytes() -> None:
+    """A run with a single batch in flight (a small region) still uses every slot: its own
+    chunks run at once, and the maps are those of the chunks one after the other."""
+    images = np.random.default_rng(2).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    seq_model, par_model = _ConcurrencyModel(), _ConcurrencyModel()
+    seq = dataclasses.replace(_ctx(seq_model, 2), infer_slots=1, torch_threads=1)
+    par = dataclasses.replace(_ctx(par_model, 2), infer_slots=2, torch_threads=1)
+    a = infer_patches(seq, (images, 0.0))
+    b = infer_patches(par, (images, 0.0))
+    from wsi_nuclei.engine._context import restore_torch_threads
+
+    restore_torch_threads()
+    assert seq_model.max_active == 1 and par_model.max_active == 2
+    assert sorted(par_model.calls) == [2, 2, 2, 2] and par_model.threads == {1}
+    assert a[0].tobytes() == b[0].tobytes() and a[1] == b[1]

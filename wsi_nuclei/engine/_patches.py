@@ -58,26 +58,42 @@ def infer_patches(
     out-of-memory errors on the accelerator.
 
     The network runs on chunks of at most ``ctx.infer_chunk`` patches (0: the whole batch), at
-    most ``ctx.infer_slots`` calls at a time per process, each with ``ctx.torch_threads`` torch
-    threads; each chunk's maps go straight into the batch's float16 array.
+    most ``ctx.infer_slots`` calls at a time per process (a batch's own chunks side by side when
+    it is more than one), each with ``ctx.torch_threads`` torch threads; the chunks' maps are then
+    copied into the batch's float16 array in patch order.
     """
     images, t_read = read
     t = time.perf_counter()
     model = model_of(ctx)
     n = ctx.patches.output_size
     step = ctx.infer_chunk if ctx.infer_chunk > 0 else max(1, len(images))
+    slot = infer_slot(ctx.infer_slots)
+    starts = list(range(0, len(images), step))
+
+    def call(i0: int) -> tuple[list, int, float]:
+        use_torch_threads(ctx.torch_threads)  # per thread (OpenMP): in the thread that calls
+        with slot:
+            t_call = time.perf_counter()
+            raws, k_split = _infer_halving(model, images[i0 : i0 + step])
+            return raws, k_split, time.perf_counter() - t_call
+
+    if ctx.infer_slots > 1 and len(starts) > 1:
+        # the chunks of this batch side by side (each single-threaded: the same bytes as one
+        # after the other), so that a run with a single batch in flight still uses every core
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(ctx.infer_slots, len(starts))) as pool:
+            results = list(pool.map(call, starts))
+    else:
+        results = [call(i0) for i0 in starts]
+    t_fill = time.perf_counter()
     maps: np.ndarray | None = None
     layout: tuple = ()
     n_split = 0
-    t_wait = 0.0  # time spent waiting for another thread's network call: not this task's
-    slot = infer_slot(ctx.infer_slots)
-    use_torch_threads(ctx.torch_threads)
-    for i0 in range(0, len(images), step):
-        tw = time.perf_counter()
-        with slot:
-            t_wait += time.perf_counter() - tw
-            raws, k_split = _infer_halving(model, images[i0 : i0 + step])
+    t_calls = 0.0  # summed over the calls (they may overlap): not the time spent waiting
+    for i0, (raws, k_split, dt) in zip(starts, results):
         n_split += k_split
+        t_calls += dt
         if maps is None:
             layout = _layout(raws[0]) if raws else ()
             maps = np.empty((len(images), sum(k for _, k, _ in layout), n, n), np.float16)
@@ -89,7 +105,8 @@ def infer_patches(
                 j += k
     if maps is None:
         maps = np.empty((0, 0, n, n), np.float16)
-    return maps, layout, t_read, time.perf_counter() - t - t_wait, n_split
+    t_model = time.perf_counter() - t if not starts else t_calls + (time.perf_counter() - t_fill)
+    return maps, layout, t_read, t_model, n_split
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -92,6 +92,10 @@ class ModelSpec:
     #: that convolution's weights before inference (``torch.fx``; the maps agree to about 1e-5
     #: in float32, and the network runs faster: docs/benchmarks.md)
     fuse_batchnorm: bool = False
+    #: map models: patches per network call on the CPU by default (``--infer-chunk``; None: the
+    #: engine's default, 2). The CPU runs as many calls at once as it has worker threads, so
+    #: heavy networks take 1 (HoVer-Net fast: 67 MB of activations per patch)
+    cpu_infer_chunk: int | None = None
 
     @property
     def stride(self) -> int:

@@ -260,7 +260,9 @@ def make_plan(
             else ""
         )
         + ("" if postprocess_backend(device) == "numpy" else " backend=torch"),
-        infer_chunk=resolve_infer_chunk(cfg.infer_chunk, device, cfg.batch_size),
+        infer_chunk=resolve_infer_chunk(
+            cfg.infer_chunk, device, cfg.batch_size, getattr(spec, "cpu_infer_chunk", None)
+        ),
     )
     if tmap is not None:
         area0 = float(tmap.mask.sum()) * tmap.downsample_xy[0] * tmap.downsample_xy[1]
@@ -306,9 +308,11 @@ def _source_stat(source: Any) -> str:
 CPU_INFER_CHUNK = 2
 
 
-def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -> int:
-    """Patches per network call: ``infer_chunk``, or the default (:data:`CPU_INFER_CHUNK` on the
-    CPU, the whole batch on an accelerator).
+def resolve_infer_chunk(
+    infer_chunk: int | None, device: str, batch_size: int, cpu_default: int | None = None
+) -> int:
+    """Patches per network call: ``infer_chunk``, or the default (``cpu_default``, else
+    :data:`CPU_INFER_CHUNK`, on the CPU; the whole batch on an accelerator).
 
     Parameters
     ----------
@@ -318,6 +322,8 @@ def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -
         The resolved inference device.
     batch_size : int
         Patches per batch.
+    cpu_default : int, optional
+        The model's own CPU default (``ModelSpec.cpu_infer_chunk``).
 
     Returns
     -------
@@ -326,7 +332,8 @@ def resolve_infer_chunk(infer_chunk: int | None, device: str, batch_size: int) -
     """
     if infer_chunk is not None and infer_chunk < 1:
         raise ValueError("infer_chunk must be >= 1")
-    chunk = infer_chunk if infer_chunk is not None else (CPU_INFER_CHUNK if device == "cpu" else 0)
+    cpu = cpu_default or CPU_INFER_CHUNK
+    chunk = infer_chunk if infer_chunk is not None else (cpu if device == "cpu" else 0)
     return 0 if chunk == 0 or chunk >= batch_size else int(chunk)
 
 
