@@ -20,9 +20,10 @@ the number of batches and blocks in flight is capped. Slides wider than a strip 
 strip after strip; the few patch columns that two strips share are run by both (the same
 global patches, so the same maps).
 
-Inference memory is bounded too: a process runs one network call at a time (a lock shared by
-its worker threads), on at most ``infer_chunk`` patches of a batch (the batch partition, and so
-the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch call are about
+Inference memory is bounded too: a process runs at most ``infer_slots`` network calls at once
+(a semaphore shared by its worker threads: one on an accelerator; on a CPU one per worker
+thread, each single-threaded), on at most ``infer_chunk`` patches of a batch each (the batch
+partition, and so the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch call are about
 100 MB, above glibc's largest ``mmap`` threshold (32 MB), so every call mapped and
 unmapped gigabytes (page faults, kernel time); chunks of 2 mostly stay in the allocator's heap.
 
