@@ -178,13 +178,12 @@ def test_cpu_runs_share_the_cores_between_single_threaded_calls() -> None:
     from wsi_nuclei.pipeline.plan import _threading
 
     cfg = RunConfig(slide="x.svs", threads=3)
-    assert _threading(cfg, "cpu") == {"torch_threads": 1, "infer_slots": 3}
-    assert _threading(cfg, "cuda") == {"torch_threads": 0}  # in-process: torch's own
-    assert _threading(dataclasses.replace(cfg, workers=2), "cuda") == {"torch_threads": 3}
+    # (torch threads per call, calls at once)
+    assert _threading(cfg, "cpu") == (1, 3)
+    assert _threading(cfg, "cuda") == (0, 1)  # in-process: torch's own
+    assert _threading(dataclasses.replace(cfg, workers=2), "cuda") == (3, 1)
     # a remote scheduler's workers are not this machine's: leave their threads alone
-    assert _threading(dataclasses.replace(cfg, scheduler="tcp://h:8786"), "cpu") == {
-        "torch_threads": 0
-    }
+    assert _threading(dataclasses.replace(cfg, scheduler="tcp://h:8786"), "cpu") == (0, 1)
 
 
 def test_one_batch_runs_its_chunks_side_by_side_with_the_same_bytes() -> None:

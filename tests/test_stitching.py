@@ -377,12 +377,8 @@ def test_every_nucleus_reaches_the_output_once(
 def test_known_seam_loss_of_an_edge_nucleus_with_the_awkward_segmenter() -> None:
     size, n, core, halo, seed = 176, 21, 40, 30, 9449
     truth = _truth(size, n, seed)
-    out = _stitch(
-        truth,
-        BlockGrid(size, size, core, halo),
-        "awkward",
-        np.arange(len(BlockGrid(size, size, core, halo))),
-    )
+    bg = BlockGrid(size, size, core, halo)
+    out = _stitch(truth, bg, "awkward", np.arange(len(bg)))
     canvas = np.zeros(truth.shape, bool)
     for ys, xs in out:
         ok = (ys >= 0) & (xs >= 0) & (ys < size) & (xs < size)

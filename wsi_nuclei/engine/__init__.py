@@ -23,8 +23,8 @@ global patches, so the same maps).
 Inference memory is bounded too: a process runs at most ``infer_slots`` network calls at once
 (a semaphore shared by its worker threads: one on an accelerator; on a CPU one per worker
 thread, each single-threaded), on at most ``infer_chunk`` patches of a batch each (the batch
-partition, and so the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch call are about
-100 MB, above glibc's largest ``mmap`` threshold (32 MB), so every call mapped and
+partition, and so the plan, is unchanged). On a CPU many intermediate tensors of a 16-patch
+call are about 100 MB, above glibc's largest ``mmap`` threshold (32 MB), so every call mapped and
 unmapped gigabytes (page faults, kernel time); chunks of 2 mostly stay in the allocator's heap.
 
 Modules: ``_context`` (:class:`EngineContext`, per-process caches), :mod:`.strips` (planning),

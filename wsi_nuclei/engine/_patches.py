@@ -69,6 +69,7 @@ def infer_patches(
     step = ctx.infer_chunk if ctx.infer_chunk > 0 else max(1, len(images))
     slot = infer_slot(ctx.infer_slots)
     starts = list(range(0, len(images), step))
+    t_setup = time.perf_counter() - t  # the model's first load included, as before
 
     def call(i0: int) -> tuple[list, int, float]:
         use_torch_threads(ctx.torch_threads)  # per thread (OpenMP): in the thread that calls
@@ -90,7 +91,7 @@ def infer_patches(
     maps: np.ndarray | None = None
     layout: tuple = ()
     n_split = 0
-    t_calls = 0.0  # summed over the calls (they may overlap): not the time spent waiting
+    t_calls = 0.0  # summed over the calls (they may overlap)
     for i0, (raws, k_split, dt) in zip(starts, results):
         n_split += k_split
         t_calls += dt
@@ -105,7 +106,8 @@ def infer_patches(
                 j += k
     if maps is None:
         maps = np.empty((0, 0, n, n), np.float16)
-    t_model = time.perf_counter() - t if not starts else t_calls + (time.perf_counter() - t_fill)
+    # not the time spent waiting for a slot (another task's call)
+    t_model = t_setup + t_calls + (time.perf_counter() - t_fill)
     return maps, layout, t_read, t_model, n_split
 
 

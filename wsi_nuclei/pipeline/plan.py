@@ -261,7 +261,7 @@ def make_plan(
         )
         + ("" if postprocess_backend(device) == "numpy" else " backend=torch"),
         infer_chunk=resolve_infer_chunk(
-            cfg.infer_chunk, device, cfg.batch_size, getattr(spec, "cpu_infer_chunk", None)
+            cfg.infer_chunk, device, cfg.batch_size, spec.cpu_infer_chunk
         ),
     )
     if tmap is not None:
@@ -339,7 +339,7 @@ def resolve_infer_chunk(
 
 def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
     """The engine's context of a planned run (what every task needs, picklable)."""
-    threading = _threading(cfg, plan.device)
+    torch_threads, infer_slots = _threading(cfg, plan.device)
     return EngineContext(
         setup.source,
         (plan.model, plan.weights, plan.device, plan.tta, plan.precision),
@@ -352,13 +352,14 @@ def _context(plan: RunPlan, setup: _Setup, cfg: RunConfig) -> EngineContext:
         plan.fingerprint,
         plan.strict,
         infer_chunk=plan.infer_chunk,
-        torch_threads=threading["torch_threads"],
-        infer_slots=threading.get("infer_slots", 1),
+        torch_threads=torch_threads,
+        infer_slots=infer_slots,
     )
 
 
-def _threading(cfg: RunConfig, device: str) -> dict[str, int]:
-    """How the network calls of a run share the cores (``EngineContext`` fields).
+def _threading(cfg: RunConfig, device: str) -> tuple[int, int]:
+    """How the network calls of a run share the cores: ``(torch_threads, infer_slots)`` of its
+    ``EngineContext``.
 
     On the CPU with this machine's own workers (no ``--scheduler``), each worker thread may run a
     network call at once, each call with one torch thread: on 2 cores the default model's
@@ -369,5 +370,5 @@ def _threading(cfg: RunConfig, device: str) -> dict[str, int]:
     they are in-process and set to the threads per worker in ``--workers N`` processes.
     """
     if device == "cpu" and not cfg.scheduler:
-        return {"torch_threads": 1, "infer_slots": max(1, cfg.threads)}
-    return {"torch_threads": cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0}
+        return 1, max(1, cfg.threads)
+    return (cfg.threads if (cfg.workers > 1 and not cfg.scheduler) else 0), 1
