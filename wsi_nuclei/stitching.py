@@ -9,7 +9,13 @@ block's window border. Every block sorts its nuclei (:func:`classify_block_nucle
 * **candidate**: every other whole nucleus (near a seam, or in the halo, i.e. centred in a
   neighbour's core), plus nuclei cut by the window border whose centroid lies in the core (a
   nucleus larger than the halo; the last resort so that nothing is lost).
-* everything else (cut, centred outside the core) is dropped: the block that owns it sees more.
+* **core pieces**: a nucleus cut by the window border whose centroid lies outside the core
+  but which reaches into the core. It may be seen cut everywhere (e.g. merged with a
+  neighbour into an object larger than the halo, centred in a block that sees it cut at its
+  other side), so the block keeps the part in its own core (:func:`clip_to_core`) as the
+  lowest-priority candidate: what no other view covers there is output, in pieces. Cores do
+  not overlap, so core pieces of different blocks never compete with each other.
+* everything else (cut, centred outside the core, away from it) is dropped.
 
 Candidates are kept with their pixel masks until every block is done, then resolved by
 :func:`resolve_seams`: in decreasing *priority* (whole before cut, then the distance from
@@ -48,6 +54,7 @@ __all__ = [
     "Resolution",
     "SeamError",
     "classify_block_nuclei",
+    "clip_to_core",
     "resolve_seams",
     "check_resolution",
     "pack_mask",
@@ -69,7 +76,9 @@ class BlockNuclei:
     Attributes
     ----------
     exclusive, candidate : ndarray of bool, shape (N,)
-        Final nuclei of this block; nuclei kept for seam resolution.
+        Final nuclei of this block; nuclei kept for seam resolution (core pieces included).
+    core_piece : ndarray of bool, shape (N,)
+        Candidates that enter the resolution clipped to the core (:func:`clip_to_core`).
     cut : ndarray of bool, shape (N,)
         Touching the window border (seen cut).
     owner : ndarray of bool, shape (N,)
@@ -80,6 +89,7 @@ class BlockNuclei:
 
     exclusive: np.ndarray
     candidate: np.ndarray
+    core_piece: np.ndarray
     cut: np.ndarray
     owner: np.ndarray
     priority: np.ndarray
@@ -130,9 +140,46 @@ def classify_block_nuclei(
     ey1 = cy1 - (m if row < grid.n_rows - 1 else -m)
     inside = (x0 >= ex0) & (y0 >= ey0) & (x1 <= ex1) & (y1 <= ey1)
     exclusive = ~cut & owner & inside
-    candidate = ~exclusive & (~cut | owner)
+    reaches_core = (x0 < cx1) & (x1 > cx0) & (y0 < cy1) & (y1 > cy0)
+    core_piece = cut & ~owner & reaches_core
+    candidate = ~exclusive & (~cut | owner | core_piece)
+    # whole > cut owner (1) > core piece (0)
     priority = np.where(cut, 0, _WHOLE) + 2 * np.clip(d, 0, cap) + owner.astype(np.int64)
-    return BlockNuclei(exclusive, candidate, cut, owner, priority.astype(np.int64))
+    return BlockNuclei(exclusive, candidate, core_piece, cut, owner, priority.astype(np.int64))
+
+
+def clip_to_core(
+    grid: BlockGrid, row: int, col: int, mask: np.ndarray, bbox: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The part of a nucleus mask inside block ``(row, col)``'s core.
+
+    Parameters
+    ----------
+    grid : BlockGrid
+    row, col : int
+    mask : ndarray of bool, shape (h, w)
+        The nucleus over its bounding box.
+    bbox : ndarray of int, shape (4,)
+        ``(y0, x0, y1, x1)`` of ``mask``, canvas model px.
+
+    Returns
+    -------
+    (mask, bbox) or None
+        The clipped mask over its own, tight bounding box; None when no pixel is in the core.
+    """
+    cx0, cy0, cx1, cy1 = grid.core_box(row, col)
+    cx1, cy1 = min(cx1, grid.width), min(cy1, grid.height)  # the last cores end at the canvas
+    y0, x0, y1, x1 = (int(v) for v in bbox)
+    a0, b0, a1, b1 = max(y0, cy0), max(x0, cx0), min(y1, cy1), min(x1, cx1)
+    if a0 >= a1 or b0 >= b1:
+        return None
+    sub = np.asarray(mask, bool)[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+    rows, cols = np.nonzero(sub.any(1))[0], np.nonzero(sub.any(0))[0]
+    if not len(rows):
+        return None
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    tight = np.array([a0 + r0, b0 + c0, a0 + r1, b0 + c1], np.int64)
+    return sub[r0:r1, c0:c1].copy(), tight
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,12 +213,17 @@ class Candidates:
         ``(y0, x0, y1, x1)`` canvas model px.
     masks : list of ndarray of bool
         Pixel mask of each candidate over its bounding box.
+    core_piece : ndarray of bool, shape (K,), optional
+        Candidates that are a cut nucleus's part in one block's core (:func:`clip_to_core`):
+        never output as they are, only as their pieces that are nuclei of their own (so the
+        output is re-measured). Default: none.
     """
 
     key: np.ndarray
     priority: np.ndarray
     bbox: np.ndarray
     masks: list
+    core_piece: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -294,11 +346,12 @@ def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
     out = Resolution(status)
     final: dict[int, np.ndarray] = {}
     index = _Index()
+    piece = np.zeros(n, bool) if cands.core_piece is None else np.asarray(cands.core_piece, bool)
     for i in cands.order().tolist():
         mask = cands.masks[i]
         taken, hit = _taken(i, cands, index.near(cands.bbox[i]), final)
         n_taken = int(taken.sum())
-        if n_taken == 0:
+        if n_taken == 0 and not piece[i]:
             status[i] = 1
             final[i] = mask
         else:
@@ -307,7 +360,8 @@ def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
                 status[i] = 2
                 final[i] = np.logical_or.reduce(pieces)
                 out.masks[i] = pieces
-            out.covered_by[i] = hit
+            if hit:
+                out.covered_by[i] = hit
         if status[i]:
             index.add(i, cands.bbox[i])
     return out

@@ -22,14 +22,20 @@ def process_block(
     The table holds the block's exclusive nuclei and its seam candidates (column ``_seam``,
     with pixel masks in ``_mask`` over the box ``_by0, _bx0, _by1, _bx1``, canvas model px).
     """
-    from ..stitching import classify_block_nuclei
+    from ..stitching import classify_block_nuclei, clip_to_core
 
     t = time.perf_counter()
     bg = ctx.blocks
     r, c = block
     wx0, wy0, _, _ = bg.window_box(r, c)
     model = model_of(ctx)
-    stats: dict[str, float] = {"n_found": 0, "n_exclusive": 0, "n_candidates": 0, "n_cut_owned": 0}
+    stats: dict[str, float] = {
+        "n_found": 0,
+        "n_exclusive": 0,
+        "n_candidates": 0,
+        "n_cut_owned": 0,
+        "n_core_pieces": 0,
+    }
     if window is not None:
         res = model.postprocess(_split(window, layout), origin=(wx0, wy0))
     elif not getattr(model, "needs_maps", True):  # e.g. the null model: no maps at all
@@ -49,7 +55,18 @@ def process_block(
     on_canvas = (
         (geo["cx"] >= 0) & (geo["cy"] >= 0) & (geo["cx"] < bg.width) & (geo["cy"] < bg.height)
     )
-    keep = (cls.exclusive | cls.candidate) & on_canvas
+    # a core piece lies in the core (on the canvas) whatever its centroid
+    keep = ((cls.exclusive | cls.candidate) & on_canvas) | cls.core_piece
+    bbox = geo["bbox"].copy()
+    clipped: dict[int, np.ndarray] = {}
+    for i in np.nonzero(cls.core_piece)[0].tolist():
+        y0, x0, y1, x1 = bbox[i]
+        m = inst[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] == labels[i]
+        got = clip_to_core(bg, r, c, m, bbox[i])
+        if got is None:
+            keep[i] = False
+        else:
+            clipped[i], bbox[i] = got
     if ctx.strict and (cls.cut & cls.owner).any():
         from ..errors import OwnershipError
 
@@ -60,15 +77,18 @@ def process_block(
     idx = np.nonzero(keep)[0]
     stats.update(
         n_exclusive=int(cls.exclusive.sum()),
-        n_candidates=int(cls.candidate.sum()),
+        n_candidates=int((cls.candidate & ~cls.core_piece).sum()) + len(clipped),
         n_cut_owned=int((cls.cut & cls.owner).sum()),
+        n_core_pieces=len(clipped),
     )
     data = nucleus_columns(ctx, inst, labels[idx], (wx0, wy0), geo, idx, res, block)
     with_mask = cls.candidate[idx] | ctx.all_masks
     masks: list[bytes | None] = []
     for k, i in enumerate(idx.tolist()):
-        if with_mask[k]:
-            y0, x0, y1, x1 = geo["bbox"][i]
+        if i in clipped:
+            masks.append(np.packbits(clipped[i], axis=None).tobytes())
+        elif with_mask[k]:
+            y0, x0, y1, x1 = bbox[i]
             m = inst[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] == labels[i]
             masks.append(np.packbits(m, axis=None).tobytes())
         else:
@@ -76,9 +96,10 @@ def process_block(
     data["_seam"] = cls.candidate[idx]
     data["_prio"] = cls.priority[idx]
     data["_cut"] = cls.cut[idx]
+    data["_piece"] = cls.core_piece[idx]
     data["_idx"] = idx.astype(np.int32)
     for j, name in enumerate(("_by0", "_bx0", "_by1", "_bx1")):
-        data[name] = geo["bbox"][idx, j].astype(np.int32)
+        data[name] = bbox[idx, j].astype(np.int32)
     data["_mask"] = masks
     frame = _frame(data)
     stats["t_post"] = time.perf_counter() - t
@@ -179,7 +200,18 @@ def _polygons(rings: Sequence[np.ndarray | None], offset: tuple[int, int], scale
 
 
 #: Internal columns of block results (seam bookkeeping), dropped before writing.
-INTERNAL_COLUMNS = ("_seam", "_prio", "_cut", "_idx", "_by0", "_bx0", "_by1", "_bx1", "_mask")
+INTERNAL_COLUMNS = (
+    "_seam",
+    "_prio",
+    "_cut",
+    "_piece",
+    "_idx",
+    "_by0",
+    "_bx0",
+    "_by1",
+    "_bx1",
+    "_mask",
+)
 
 
 def _frame(data: dict[str, Any]) -> Any:
@@ -197,6 +229,7 @@ def _frame(data: dict[str, Any]) -> Any:
                 "_seam": pd.Series(dtype=bool),
                 "_prio": pd.Series(dtype=np.int64),
                 "_cut": pd.Series(dtype=bool),
+                "_piece": pd.Series(dtype=bool),
                 "_idx": pd.Series(dtype=np.int32),
                 **{k: pd.Series(dtype=np.int32) for k in ("_by0", "_bx0", "_by1", "_bx1")},
                 "_mask": pd.Series(dtype=object),

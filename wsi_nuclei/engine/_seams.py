@@ -17,7 +17,7 @@ def collect_candidates(frames: Iterable[tuple[tuple[int, int], Any]]) -> Any:
     """The :class:`~wsi_nuclei.stitching.Candidates` of block tables ``(block, frame)``."""
     from ..stitching import Candidates
 
-    keys, prio, bbox, masks = [], [], [], []
+    keys, prio, bbox, masks, piece = [], [], [], [], []
     for (r, c), f in frames:
         sel = f["_seam"].to_numpy(bool) if len(f) else np.zeros(0, bool)
         if not sel.any():
@@ -33,12 +33,14 @@ def collect_candidates(frames: Iterable[tuple[tuple[int, int], Any]]) -> Any:
             )
             keys.append((r, c, int(i)))
         prio.extend(g["_prio"].to_numpy(np.int64).tolist())
+        piece.extend(g["_piece"].to_numpy(bool).tolist())
         bbox.append(b)
     return Candidates(
         np.asarray(keys, np.int64).reshape(-1, 3),
         np.asarray(prio, np.int64),
         np.concatenate(bbox) if bbox else np.zeros((0, 4), np.int64),
         masks,
+        np.asarray(piece, bool),
     )
 
 

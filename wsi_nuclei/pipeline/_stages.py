@@ -199,7 +199,13 @@ def _stitch_blocks(
             stage.update(1)
             yield b, f
 
-    stats = {"n_found": 0, "n_exclusive": 0, "n_candidates": 0, "n_cut_owned": 0}
+    stats = {
+        "n_found": 0,
+        "n_exclusive": 0,
+        "n_candidates": 0,
+        "n_cut_owned": 0,
+        "n_core_pieces": 0,
+    }
     stage.label("block statistics")
     for b in plan.active:
         _, s = load_part(_part_path(parts, b))

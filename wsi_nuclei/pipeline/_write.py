@@ -242,6 +242,7 @@ def _write_outputs(
         "wsi_nuclei_version": __version__,
         "nuclei_found_in_blocks": st["n_found"],
         "nuclei_cut_at_window_border": st["n_cut_owned"],
+        "seam_core_pieces": st["n_core_pieces"],
         "seam_candidates": st["seam_candidates"],
         "seam_kept": st["seam_kept"],
         "seam_trimmed": st["seam_trimmed"],

@@ -212,6 +212,7 @@ _QC_GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         (
             "nuclei_found_in_blocks",
             "nuclei_cut_at_window_border",
+            "seam_core_pieces",
             "seam_candidates",
             "seam_kept",
             "seam_trimmed",
