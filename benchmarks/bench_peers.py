@@ -16,7 +16,10 @@ here), saved once under ``--work`` and loaded by ``wsi-nuclei run --model hovern
 2. Each tool processes the same region at 0.25 um/px (the model's resolution: CMU-1 is 0.499
    um/px, so both upsample about 2x), ``--repeats`` times, alternating, each run in a fresh
    subprocess. Measured per run: wall time, peak RSS (the child's ``getrusage`` maximum via
-   ``os.wait4``, and the sum over its process tree sampled every 0.2 s with psutil), network
+   ``os.wait4``, and the sum over its process tree sampled every 0.2 s with psutil; the weights
+   and step 1 run in a child of their own, because Linux carries a parent's high-water mark
+   across fork and exec into every child's maximum: the measuring process loads no network and
+   stays near 50 MB, recorded per run as ``parent_peak_rss_mb``), network
    patches (wsi-nuclei: run.json; TIAToolbox: a forward hook on its network counting the
    batch rows it is called with) and output nuclei (meaningless with random weights; for the
    record).
@@ -61,6 +64,7 @@ import importlib.machinery
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -256,11 +260,15 @@ def make_state_dict(seed: int = 0, patches=None, fg: float = 0.3) -> OrderedDict
     return sd
 
 
+def _weights_path(work: Path, seed: int, fg: float) -> Path:
+    return work / f"hovernet-fast-random-v2-seed{seed}-fg{round(fg * 100)}.pth"
+
+
 def weights_file(work: Path, slide: str, seed: int, fg: float) -> Path:
     """The state dict for ``seed`` under ``work`` (built and saved once)."""
     import torch
 
-    path = work / f"hovernet-fast-random-v2-seed{seed}-fg{round(fg * 100)}.pth"
+    path = _weights_path(work, seed, fg)
     if not path.exists():
         sd = make_state_dict(seed, _calibration_patches(slide), fg)
         tmp = path.with_suffix(".tmp")
@@ -333,6 +341,18 @@ def raw_agreement(weights: Path, patch) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # children
 # --------------------------------------------------------------------------------------
+def _prepare_child(a: argparse.Namespace) -> int:
+    """Child process: build the weights once and compare both tools' raw maps; JSON to --result."""
+    work = Path(a.work)
+    weights = weights_file(work, a.slide, a.seed, a.fg)
+    out: dict[str, Any] = {"weights": str(weights)}
+    if not a.skip_check:
+        install_torchvision_shim(a.torchvision_shim)
+        out["raw_agreement"] = raw_agreement(weights, _calibration_patches(a.slide, n=1)[0])
+    Path(a.result).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
 def _tia_child(a: argparse.Namespace) -> int:
     shim = install_torchvision_shim(a.torchvision_shim)
     import torch
@@ -632,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         help="see the module docstring (default: auto)",
     )
     p.add_argument("--json", help="write the figures here")
-    p.add_argument("--child", choices=("tiatoolbox",), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("tiatoolbox", "prepare"), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -642,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.child == "tiatoolbox":
         return _tia_child(a)
+    if a.child == "prepare":
+        return _prepare_child(a)
 
     missing = tiatoolbox_available()
     if missing and a.only != "wsi-nuclei":
@@ -655,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(crop) != 4:
             p.error("--crop wants X,Y,W,H")
         slide = str(_write_crop(a.slide, crop, a.slide_mpp, work))  # type: ignore[arg-type]
-    weights = weights_file(work, a.slide, a.seed, a.fg)
+    weights = _weights_path(work, a.seed, a.fg)
     res: dict[str, Any] = {
         "slide": a.slide,
         "region": slide,
@@ -674,12 +696,28 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": [],
     }
-    import torch
+    from importlib.metadata import version
 
-    res["machine"]["torch"] = torch.__version__
-    if not a.skip_check and not missing:
-        install_torchvision_shim(a.torchvision_shim)
-        check = raw_agreement(weights, _calibration_patches(a.slide, n=1)[0])
+    res["machine"]["torch"] = version("torch")
+    # the weights and the raw-map check run in a child: the measuring process never loads a
+    # network, so it stays small (a child's getrusage maximum is at least the parent's own peak
+    # at the time it was started: Linux carries the high-water mark across fork and exec)
+    prep = work / "prepare.json"
+    prep.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", "prepare", "--slide", a.slide, "--work", str(work)]
+    cmd += ["--seed", str(a.seed), "--fg", str(a.fg), "--result", str(prep)]
+    cmd += ["--torchvision-shim", a.torchvision_shim]
+    if a.skip_check or missing:
+        cmd.append("--skip-check")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not prep.exists():
+        print(
+            f"bench_peers: preparing the weights failed: {done.stderr.strip()[-600:]}",
+            file=sys.stderr,
+        )
+        return 1
+    check = json.loads(prep.read_text()).get("raw_agreement")
+    if check:
         res["raw_agreement"] = check
         print(
             f"raw maps, one 256 x 256 patch: same layout {check['same_layout']} ({check['keys']} keys); max |diff| logits "
@@ -726,7 +764,16 @@ def main(argv: list[str] | None = None) -> int:
                 run = measure(cmd)
                 if run["rc"] == 0 and result.exists():
                     run.update(json.loads(result.read_text()))
-            run.update(tool=tool, repeat=rep, load_before=load_before, load_after=_load())
+            run.update(
+                tool=tool,
+                repeat=rep,
+                load_before=load_before,
+                load_after=_load(),
+                # a floor under every child's peak_rss_mb (see prepare above): must stay small
+                parent_peak_rss_mb=round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                ),
+            )
             if run["rc"] == 0:
                 run.pop("output_tail")
             res["runs"].append(run)
