@@ -492,6 +492,81 @@ def test_position_dependent_model_one_consistent_answer(
     assert np.abs(two[0]["np"][:, 112:] - two[1]["np"][:, :16]).max() > 0.1
 
 
+class _Components:
+    """A stand-in network that sees every pixel alike: nucleus probability = darkness, each
+    connected dark component one nucleus, however large (no size limit, no splitting)."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.device = "cpu"
+
+    def infer(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return [{"np": (1.0 - t.mean(axis=2) / 255.0).astype(np.float32)} for t in batch]
+
+    def postprocess(self, raw: dict, origin=None):
+        from scipy import ndimage as ndi
+
+        from wsi_nuclei.models.base import InstanceResult
+
+        inst, n = ndi.label(raw["np"] > 0.5)
+        return InstanceResult(
+            inst.astype(np.int32),
+            np.arange(1, n + 1, dtype=np.int32),
+            np.zeros(n, np.int8),
+            np.ones(n, np.float32),
+        )
+
+
+def test_an_object_cut_in_every_view_is_not_lost(tmp_path: Path) -> None:
+    """A clump larger than every window (blob x 260-500, y 150-620) with a tail reaching into
+    the neighbouring column of blocks (x 60-260, y 380-392). Blocks of 256 px, halo 48: the
+    blocks of the blob's column see it cut and own their views (x >= 208). Block (1, 0) sees
+    the tail plus the blob's strip in its halo, cut, with the centroid in its halo (x ~266): it
+    owns nothing, and before core pieces the tail's far part (x 60-208) reached the output
+    nowhere. Now block (1, 0) keeps the part in its core as a core piece."""
+    from wsi_nuclei import engine
+    from wsi_nuclei.models import ModelSpec, _registry, register_model
+
+    spec = ModelSpec(
+        name="test-components",
+        description="test",
+        licence="test",
+        mpp=0.25,
+        input_size=128,
+        output_size=128,
+        class_names={},
+        builder=lambda spec, weights, device: _Components(spec),
+        output_border=16,
+        halo=48,
+    )
+    register_model(spec)
+    engine.clear_model_cache()
+    try:
+        rgb = np.full((768, 768, 3), 235, np.uint8)
+        rgb[150:620, 260:500] = 40
+        rgb[380:392, 60:260] = 40
+        yy, xx = np.mgrid[0:768, 0:768]
+        discs = [(100, 100), (700, 700), (250, 600), (640, 130)]  # ordinary nuclei, each once
+        for cy, cx in discs:
+            rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= 81] = 40
+        write_pyramidal_tiff(tmp_path / "clump.svs", rgb, mpp=0.25, compression="deflate")
+        res = _run(tmp_path / "clump.svs", tmp_path / "out", model=spec.name, block_size=256)
+    finally:
+        del _registry._REGISTRY[spec.name]
+        engine.clear_model_cache()
+    assert res.manifest["qc"]["seam_core_pieces"] >= 1
+    df = gpd.read_parquet(tmp_path / "out" / "nuclei.parquet")
+    geoms = list(df.geometry)
+    assert _max_overlap(geoms) < 1.0
+    clump = shapely.union_all([shapely.box(260, 150, 500, 620), shapely.box(60, 380, 260, 392)])
+    out = shapely.union_all([g for g in geoms if g.intersects(clump)])
+    assert out.intersection(clump).area / clump.area > 0.99
+    far_tail = shapely.box(60, 380, 208, 392)
+    assert out.intersection(far_tail).area / far_tail.area > 0.95
+    for cy, cx in discs:
+        assert sum(g.contains(shapely.Point(cx + 0.5, cy + 0.5)) for g in geoms) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # scheduler, strict ownership, regions with --tissue none
 # --------------------------------------------------------------------------------------------
