@@ -40,6 +40,7 @@ broken.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,17 +273,19 @@ class _Index:
         self.cell = cell
         self.cells: dict[tuple[int, int], list[int]] = {}
 
-    def _cells(self, b: np.ndarray):
+    def _cells(self, b: Sequence[int]) -> list[tuple[int, int]]:
         c = self.cell
-        for gy in range(int(b[0]) // c, (int(b[2]) - 1) // c + 1):
-            for gx in range(int(b[1]) // c, (int(b[3]) - 1) // c + 1):
-                yield gy, gx
+        return [
+            (gy, gx)
+            for gy in range(int(b[0]) // c, (int(b[2]) - 1) // c + 1)
+            for gx in range(int(b[1]) // c, (int(b[3]) - 1) // c + 1)
+        ]
 
-    def add(self, i: int, b: np.ndarray) -> None:
+    def add(self, i: int, b: Sequence[int]) -> None:
         for k in self._cells(b):
             self.cells.setdefault(k, []).append(i)
 
-    def near(self, b: np.ndarray) -> list[int]:
+    def near(self, b: Sequence[int]) -> list[int]:
         seen: set[int] = set()
         for k in self._cells(b):
             seen.update(self.cells.get(k, ()))
@@ -290,22 +293,29 @@ class _Index:
 
 
 def _taken(
-    i: int, cands: Candidates, others: list[int], final: dict[int, np.ndarray]
-) -> tuple[np.ndarray, list[int]]:
-    """Pixels of candidate ``i`` (over its bbox) that the final masks of ``others`` cover."""
-    by0, bx0, by1, bx1 = (int(v) for v in cands.bbox[i])
-    taken = np.zeros((by1 - by0, bx1 - bx0), bool)
+    i: int,
+    boxes: list[list[int]],
+    mask: np.ndarray,
+    others: list[int],
+    final: dict[int, np.ndarray],
+) -> tuple[np.ndarray | None, list[int]]:
+    """Pixels of candidate ``i``'s ``mask`` (over its box ``boxes[i]``) that the final masks of
+    ``others`` cover (None when they cover none), and which of ``others`` cover any."""
+    by0, bx0, by1, bx1 = boxes[i]
+    taken = None
     hit = []
     for j in others:
-        jy0, jx0, jy1, jx1 = (int(v) for v in cands.bbox[j])
+        jy0, jx0, jy1, jx1 = boxes[j]
         y0, x0, y1, x1 = max(by0, jy0), max(bx0, jx0), min(by1, jy1), min(bx1, jx1)
         if y0 >= y1 or x0 >= x1:
             continue
         ov = (
             final[j][y0 - jy0 : y1 - jy0, x0 - jx0 : x1 - jx0]
-            & cands.masks[i][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            & mask[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
         )
         if ov.any():
+            if taken is None:
+                taken = np.zeros((by1 - by0, bx1 - bx0), bool)
             taken[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] |= ov
             hit.append(j)
     return taken, hit
@@ -317,6 +327,8 @@ _SQUARE = np.ones((3, 3), bool)
 def _pieces(mask: np.ndarray, min_px: int) -> list[np.ndarray]:
     """The 8-connected pieces of ``mask`` that are nuclei of their own, largest first: at least
     ``min_px`` of their pixels survive an opening by a 3 x 3 square (rims and slivers do not)."""
+    if int(np.count_nonzero(mask)) < min_px:  # no piece can keep min_px pixels (the common
+        return []  # case: what a duplicate's twin leaves of it)
     lab, n = ndi.label(mask, structure=_SQUARE)
     if n == 0:
         return []
@@ -347,15 +359,15 @@ def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
     final: dict[int, np.ndarray] = {}
     index = _Index()
     piece = np.zeros(n, bool) if cands.core_piece is None else np.asarray(cands.core_piece, bool)
+    boxes = np.asarray(cands.bbox, np.int64).reshape(-1, 4).tolist()
     for i in cands.order().tolist():
         mask = cands.masks[i]
-        taken, hit = _taken(i, cands, index.near(cands.bbox[i]), final)
-        n_taken = int(taken.sum())
-        if n_taken == 0 and not piece[i]:
+        taken, hit = _taken(i, boxes, mask, index.near(boxes[i]), final)
+        if taken is None and not piece[i]:
             status[i] = 1
             final[i] = mask
         else:
-            pieces = _pieces(mask & ~taken, min_px)
+            pieces = _pieces(mask if taken is None else mask & ~taken, min_px)
             if pieces:
                 status[i] = 2
                 final[i] = np.logical_or.reduce(pieces)
@@ -363,7 +375,7 @@ def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
             if hit:
                 out.covered_by[i] = hit
         if status[i]:
-            index.add(i, cands.bbox[i])
+            index.add(i, boxes[i])
     return out
 
 
@@ -396,24 +408,22 @@ def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) ->
             final[i] = np.logical_or.reduce(parts)
         else:
             final[i] = cands.masks[i]
+    boxes = np.asarray(cands.bbox, np.int64).reshape(-1, 4).tolist()
     index = _Index()
     for i in sorted(final, key=lambda k: rank[k]):
-        b = cands.bbox[i]
-        saved = cands.masks[i]
-        cands.masks[i] = final[i]
-        taken, hit = _taken(i, cands, index.near(b), final)
-        cands.masks[i] = saved
-        if taken.any():
+        b = boxes[i]
+        taken, hit = _taken(i, boxes, final[i], index.near(b), final)
+        if taken is not None:
             j = hit[0]
             raise SeamError(
                 f"candidates {tuple(cands.key[i])} and {tuple(cands.key[j])} share {int(taken.sum())} pixel(s)"
             )
         index.add(i, b)
     for i in np.nonzero(res.status == 0)[0].tolist():
-        before = [j for j in index.near(cands.bbox[i]) if rank[j] < rank[i]]
-        taken, _ = _taken(i, cands, before, final)
+        before = [j for j in index.near(boxes[i]) if rank[j] < rank[i]]
+        taken, _ = _taken(i, boxes, cands.masks[i], before, final)
         size = int(cands.masks[i].sum())
-        rest = _pieces(cands.masks[i] & ~taken, min_px)
+        rest = _pieces(cands.masks[i] if taken is None else cands.masks[i] & ~taken, min_px)
         if rest:
             raise SeamError(
                 f"candidate {tuple(cands.key[i])} dropped but {int(rest[0].sum())} of its {size} px are covered by "
