@@ -378,6 +378,7 @@ def measure_instances(
     circ = np.full(nu, np.nan)
     local: list[np.ndarray | None] = [None] * nu
     hulls = []
+    simple, simple_k = [], []
     for k, area in zip(ringed.tolist(), count[ringed].tolist()):
         # in Python floats per label: the same dot product as scikit-image's (BLAS summation
         # order) and the same power as before (libm pow, not x * x)
@@ -388,7 +389,15 @@ def measure_instances(
         hulls.append(cv2.convexHull(ring).reshape(-1, 2))
         approx = cv2.approxPolyDP(ring.reshape(-1, 1, 2), 0.35, True).reshape(-1, 2)
         if len(approx) >= 3:
-            local[k] = approx + origin[k]  # float64, exact (half-integers)
+            simple.append(approx)
+            simple_k.append(k)
+    if simple:
+        # to the map's frame in one pass: float64, exact (half-integers)
+        lens = [len(a) for a in simple]
+        moved = np.concatenate(simple) + np.repeat(origin[simple_k], lens, axis=0)
+        end = np.cumsum(lens).tolist()
+        for k, e, n_v in zip(simple_k, end, lens):
+            local[k] = moved[e - n_v : e]
     ring_area = np.full(nu, np.nan)
     hull_area = np.full(nu, np.nan)
     if len(ringed):

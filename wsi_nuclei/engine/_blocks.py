@@ -110,8 +110,10 @@ def _instance_geometry(
     inst: np.ndarray, labels: np.ndarray, ox: int, oy: int
 ) -> dict[str, np.ndarray]:
     """Pixel count, exact centroid (canvas px, from integer sums) and canvas bbox per label."""
-    ys, xs = np.nonzero(inst)
-    lab = inst[ys, xs].astype(np.int64)
+    flat = inst.ravel()
+    at = np.flatnonzero(flat)  # row-major, as np.nonzero (several times faster in 1-D)
+    lab = flat[at].astype(np.int64)
+    ys, xs = np.divmod(at, inst.shape[1])
     nlab = int(labels.max()) + 1
     cnt = np.bincount(lab, minlength=nlab)[labels]
     n = np.maximum(cnt, 1)

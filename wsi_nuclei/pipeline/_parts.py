@@ -23,17 +23,20 @@ def _part_path(parts: Path, block: tuple[int, int]) -> Path:
 
 
 def save_part(frame: pd.DataFrame, stats: dict[str, Any], path: Path) -> None:
-    """Write a block's table with its stats in the file's key-value metadata, atomically."""
+    """Write a block's table with its stats in the file's key-value metadata, atomically.
+
+    The table is built column by column from the frame's arrays (geometries as WKB), without
+    pandas metadata: :func:`load_part` gives back the same columns, dtypes and a default index.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import shapely
 
-    f = frame.copy()
-    f["geometry"] = shapely.to_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
-    table = pa.Table.from_pandas(f, preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), _STATS_KEY: json.dumps(stats).encode()}
-    )
+    cols = {}
+    for name in frame.columns:
+        v = frame[name].to_numpy()
+        cols[str(name)] = pa.array(shapely.to_wkb(v) if name == "geometry" and len(v) else v)
+    table = pa.table(cols, metadata={_STATS_KEY: json.dumps(stats).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -50,6 +53,13 @@ def load_part(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         shapely.from_wkb(f["geometry"].to_numpy()) if len(f) else pd.Series(dtype=object)
     )
     return f, stats
+
+
+def load_part_stats(path: Path) -> dict[str, Any]:
+    """A block's stats alone (see :func:`save_part`), from the file's footer: no rows are read."""
+    import pyarrow.parquet as pq
+
+    return json.loads((pq.read_schema(path).metadata or {}).get(_STATS_KEY, b"{}"))
 
 
 def _finished_parts(parts: Path, plan: RunPlan) -> set[tuple[int, int]]:

@@ -15,7 +15,7 @@ from .._progress import Progress
 from ..engine import EngineContext
 from ..errors import WsiNucleiError
 from ._config import RunConfig
-from ._parts import _part_path, load_part, save_part
+from ._parts import _part_path, load_part, load_part_stats, save_part
 from .plan import RunPlan, _Setup
 
 
@@ -208,7 +208,7 @@ def _stitch_blocks(
     }
     stage.label("block statistics")
     for b in plan.active:
-        _, s = load_part(_part_path(parts, b))
+        s = load_part_stats(_part_path(parts, b))
         stage.update(1)
         for k in stats:
             stats[k] += int(s.get(k, 0))
