@@ -928,3 +928,36 @@ def test_a_dead_worker_process_does_not_change_the_result(
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     _same_outputs(base, out)
+
+
+def test_a_part_file_gives_back_its_block_table_and_stats(tmp_path: Path) -> None:
+    """Parts are written from the frame's arrays (no pandas metadata): the same columns, dtypes,
+    values, geometries and stats come back, for a block with nuclei and for an empty one."""
+    from wsi_nuclei.engine._blocks import _frame
+    from wsi_nuclei.pipeline._parts import load_part, load_part_stats, save_part
+
+    square = shapely.box(10.0, 20.0, 14.5, 23.5)
+    frame = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "block_row": np.array([0, 0, 1], np.int32),
+            "centroid_x": [1.5, 2.25, 3.0],
+            "class_id": np.array([1, 0, 3], np.int8),
+            "class_prob": np.array([0.5, 0.25, 1.0], np.float32),
+            "geometry": [square, None, square.buffer(1.0)],
+            "_seam": [True, False, True],
+            "_mask": [b"\x01\x02", None, b""],
+        }
+    )
+    stats = {"n_found": 3, "member_rows": [0, 2], "member_ids": [5, 7]}
+    for f, s in ((frame, stats), (_frame({}), {"n_found": 0})):
+        path = tmp_path / "part.parquet"
+        save_part(f, s, path)
+        got, got_stats = load_part(path)
+        assert got_stats == s == load_part_stats(path)
+        assert list(got.columns) == list(f.columns)
+        assert got.dtypes.to_dict() == f.dtypes.to_dict()
+        assert isinstance(got.index, pd.RangeIndex) and len(got) == len(f)
+        pd.testing.assert_frame_equal(got.drop(columns="geometry"), f.drop(columns="geometry"))
+        for a, b in zip(got["geometry"], f["geometry"]):
+            assert (a is None and b is None) or a.equals_exact(b, 0.0)
