@@ -101,6 +101,81 @@ def test_hv_to_instances_recovers_perfect_maps() -> None:
     np.testing.assert_allclose(res.class_probs.sum(1), 1.0, atol=1e-5)
 
 
+def test_hv_to_instances_takes_float16_maps_as_float32_ones() -> None:
+    """The engine hands over its float16 windows as they are: the same instances, classes and
+    probabilities as from the same maps in float32."""
+    inst, cls = _scene()
+    np_prob, hv, tp = _perfect_maps(inst, cls)
+    rng = np.random.default_rng(3)
+    np_prob = np.clip(np_prob * 0.8 + rng.uniform(0, 0.3, np_prob.shape), 0, 1)
+    hv = hv + rng.normal(0, 0.05, hv.shape)
+    tp = tp + rng.uniform(0, 0.4, tp.shape)
+    tp /= tp.sum(0, keepdims=True)
+    half = [m.astype(np.float16) for m in (np_prob, hv, tp)]
+    a = hv_to_instances(*half, HVParams(class_exclude=(4,)))
+    b = hv_to_instances(*[m.astype(np.float32) for m in half], HVParams(class_exclude=(4,)))
+    assert a.inst.max() >= 9
+    for k in ("inst", "labels", "class_id", "class_prob", "class_probs"):
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def _classify_reference(inst, tp, n, prior=None, temperature=1.0, exclude=()):  # type: ignore[no-untyped-def]
+    """classify_instances as first written: over the whole map, votes with np.add.at."""
+    c = tp.shape[0] - 1
+    fg = tp[1:]
+    if temperature != 1.0:
+        fg = np.power(np.maximum(fg, 1e-12), 1.0 / float(temperature))
+    if prior is not None:
+        fg = fg * np.asarray(prior, fg.dtype).reshape(c, 1, 1)
+    if exclude:
+        keep = np.ones(c, fg.dtype)
+        keep[[k - 1 for k in exclude]] = 0
+        fg = fg * keep.reshape(c, 1, 1)
+    fg = fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-8)
+    flat = inst.ravel()
+    sel = flat > 0
+    lab = flat[sel] - 1
+    vote = np.argmax(fg.reshape(c, -1)[:, sel], axis=0)
+    votes = np.zeros((n, c), np.int64)
+    np.add.at(votes, (lab, vote), 1)
+    counts = np.maximum(np.bincount(lab, minlength=n), 1)
+    probs = np.stack(
+        [np.bincount(lab, weights=fg[k].ravel()[sel], minlength=n) / counts for k in range(c)],
+        axis=1,
+    ).astype(np.float32)
+    winner = np.argmax(votes, axis=1)
+    return (winner + 1).astype(np.int8), probs[np.arange(n), winner].astype(np.float32), probs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_classify_instances_matches_the_whole_map_reference(seed: int) -> None:
+    """Working on the instances' pixels alone (and counting votes with bincount) gives the
+    reference's numbers bit for bit, ties, temperature, prior and excluded classes included."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        c = int(rng.integers(2, 7))
+        inst = rng.integers(0, int(rng.integers(1, 12)), (h, w)).astype(np.int32)
+        n = int(inst.max())
+        tp = rng.random((c, h, w)).astype(np.float32 if seed % 2 else np.float64)
+        tp[:, :, : w // 2] = tp[:, :1, :1]  # equal probabilities: ties in the vote
+        tp /= tp.sum(0, keepdims=True)
+        kw: dict = {}
+        if rng.random() < 0.5:
+            kw["temperature"] = float(rng.uniform(0.5, 2))
+        if rng.random() < 0.5:
+            kw["prior"] = tuple(float(v) for v in rng.uniform(0.2, 3, c - 1))
+        if c > 2 and rng.random() < 0.5:
+            kw["exclude"] = (int(rng.integers(1, c)),)
+        for got, ref in zip(
+            classify_instances(inst, tp, n, **kw), _classify_reference(inst, tp, n, **kw)
+        ):
+            assert got.dtype == ref.dtype
+            np.testing.assert_array_equal(got, ref)
+
+
 def test_hv_to_instances_noisy_class_map_majority_vote() -> None:
     inst, cls = _scene()
     np_prob, hv, tp = _perfect_maps(inst, cls)

@@ -120,6 +120,7 @@ def hv_to_instances(
         Horizontal and vertical distance maps (values in about [-1, 1]).
     tp_prob : ndarray of float, shape (C, H, W), optional
         Per-pixel class probabilities, channel 0 = background, 1..5 = PanNuke classes.
+        float16 maps (all three) are computed in float32.
     params : HVParams
         Thresholds and kernel sizes.
 
@@ -129,6 +130,9 @@ def hv_to_instances(
         Instances with consecutive labels 1..N, their class (majority vote, 0 without
         ``tp_prob``) and class probability.
     """
+    # float16 maps (the engine's blended windows) are computed in float32; the conversion is
+    # exact, and the class maps are converted only where there are instances
+    np_prob, hv = _float32_if_half(np_prob), _float32_if_half(hv)
     blb = np_prob >= params.np_threshold
     blb_lab, _ = ndi.label(blb)
     blb_lab = _remove_small(blb_lab, params.min_nucleus_px)
@@ -183,8 +187,14 @@ def hv_to_instances(
     return InstanceResult(inst, labels, class_id, class_prob, class_probs)
 
 
+def _float32_if_half(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
 def _relabel(inst: np.ndarray) -> np.ndarray:
-    present = np.unique(inst)
+    # the labels present, ascending, from a histogram (np.unique would sort every pixel)
+    present = np.flatnonzero(np.bincount(inst.ravel()))
     present = present[present > 0]
     if len(present) == 0 or present[-1] == len(present):
         return inst
@@ -216,7 +226,7 @@ def classify_instances(
     inst : ndarray of int, shape (H, W)
         Instance labels 1..n.
     tp_prob : ndarray of float, shape (C, H, W)
-        Class probabilities, channel 0 background.
+        Class probabilities, channel 0 background (float16 is computed in float32).
     n : int, optional
         Number of labels (``inst.max()`` by default).
     prior : tuple of float, optional
@@ -244,30 +254,31 @@ def classify_instances(
     c = tp_prob.shape[0] - 1
     if n == 0:
         return np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros((0, c), np.float32)
-    fg = tp_prob[1:]
+    # only the instances' pixels take part: every step below is per pixel (or a sum over the
+    # classes of one pixel), so working on them alone gives the same numbers
+    flat = inst.ravel()
+    sel = np.flatnonzero(flat > 0)
+    lab = flat[sel].astype(np.int64) - 1
+    fg = _float32_if_half(np.asarray(tp_prob).reshape(c + 1, -1)[1:, sel])
     if temperature != 1.0:
         fg = np.power(np.maximum(fg, 1e-12), 1.0 / float(temperature))
     if prior is not None:
         if len(prior) != c:
             raise ValueError(f"class prior has {len(prior)} values for {c} classes")
-        fg = fg * np.asarray(prior, fg.dtype).reshape(c, 1, 1)
+        fg = fg * np.asarray(prior, fg.dtype).reshape(c, 1)
     if exclude:
         keep = np.ones(c, fg.dtype)
         for k in exclude:
             if not 1 <= int(k) <= c:
                 raise ValueError(f"excluded class {k} is not among the classes 1..{c}")
             keep[int(k) - 1] = 0
-        fg = fg * keep.reshape(c, 1, 1)
+        fg = fg * keep.reshape(c, 1)
     fg = fg / np.maximum(fg.sum(axis=0, keepdims=True), 1e-8)
-    flat = inst.ravel()
-    sel = flat > 0
-    lab = flat[sel] - 1
-    vote = np.argmax(fg.reshape(c, -1)[:, sel], axis=0)
-    votes = np.zeros((n, c), np.int64)
-    np.add.at(votes, (lab, vote), 1)
+    vote = np.argmax(fg, axis=0)
+    votes = np.bincount(lab * c + vote, minlength=n * c).reshape(n, c)
     counts = np.maximum(np.bincount(lab, minlength=n), 1)
     probs = np.stack(
-        [np.bincount(lab, weights=fg[k].ravel()[sel], minlength=n) / counts for k in range(c)],
+        [np.bincount(lab, weights=fg[k], minlength=n) / counts for k in range(c)],
         axis=1,
     ).astype(np.float32)
     winner = np.argmax(votes, axis=1)

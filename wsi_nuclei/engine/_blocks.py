@@ -37,7 +37,8 @@ def process_block(
         "n_core_pieces": 0,
     }
     if window is not None:
-        res = model.postprocess(_split(window, layout), origin=(wx0, wy0))
+        raw = _split(window, layout, keep_float16=getattr(model, "accepts_float16_maps", False))
+        res = model.postprocess(raw, origin=(wx0, wy0))
     elif not getattr(model, "needs_maps", True):  # e.g. the null model: no maps at all
         res = model.postprocess({}, origin=(wx0, wy0), shape=(bg.window, bg.window))
     else:  # no patch ran near this block: nothing to find

@@ -147,10 +147,14 @@ def _layout(raw: dict) -> tuple[tuple[str, int, int], ...]:
     return tuple((k, (v.shape[0] if v.ndim == 3 else 1), v.ndim) for k, v in raw.items())
 
 
-def _split(window: np.ndarray, layout: tuple) -> dict[str, np.ndarray]:
+def _split(window: np.ndarray, layout: tuple, keep_float16: bool = False) -> dict[str, np.ndarray]:
+    """The model's map dict of a blended window: float32 copies, or (``keep_float16``, for models
+    whose post-processing converts what it reads) views of the float16 window."""
     out, j = {}, 0
     for name, k, kind in layout:
-        a = window[j : j + k].astype(np.float32)
+        a = window[j : j + k]
+        if not keep_float16:
+            a = a.astype(np.float32)
         out[name] = a if kind == 3 else a[0]
         j += k
     return out

@@ -80,6 +80,10 @@ class MapModel:
     window of the network (``spec.output_size`` for ``spec.input_size`` tiles).
     """
 
+    #: :meth:`postprocess` takes the engine's float16 windows as they are (both backends compute
+    #: in float32 and convert only what they read)
+    accepts_float16_maps = True
+
     def __init__(
         self,
         spec: Any,
