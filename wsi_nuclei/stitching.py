@@ -292,6 +292,12 @@ class _Index:
         return sorted(seen)
 
 
+def _boxes(cands: Candidates) -> list[list[int]]:
+    """The candidates' ``(y0, x0, y1, x1)`` boxes as Python ints: :func:`_taken` and
+    :class:`_Index` read them once per neighbour, where numpy scalars cost several times more."""
+    return np.asarray(cands.bbox, np.int64).reshape(-1, 4).tolist()
+
+
 def _taken(
     i: int,
     boxes: list[list[int]],
@@ -359,7 +365,7 @@ def resolve_seams(cands: Candidates, *, min_px: int = 10) -> Resolution:
     final: dict[int, np.ndarray] = {}
     index = _Index()
     piece = np.zeros(n, bool) if cands.core_piece is None else np.asarray(cands.core_piece, bool)
-    boxes = np.asarray(cands.bbox, np.int64).reshape(-1, 4).tolist()
+    boxes = _boxes(cands)
     for i in cands.order().tolist():
         mask = cands.masks[i]
         taken, hit = _taken(i, boxes, mask, index.near(boxes[i]), final)
@@ -408,7 +414,7 @@ def check_resolution(cands: Candidates, res: Resolution, *, min_px: int = 10) ->
             final[i] = np.logical_or.reduce(parts)
         else:
             final[i] = cands.masks[i]
-    boxes = np.asarray(cands.bbox, np.int64).reshape(-1, 4).tolist()
+    boxes = _boxes(cands)
     index = _Index()
     for i in sorted(final, key=lambda k: rank[k]):
         b = boxes[i]
