@@ -301,7 +301,9 @@ def run_cohort(
                     continue
                 if not base.quiet:
                     log(f"{head} -> {run_dir}/")
-                if client is None:
+                if client is None and (base.scheduler or base.workers > 1):
+                    # worker processes or a cluster serve every slide (models loaded once);
+                    # in-process threads need no client (the model cache is per process)
                     client = _client(base.scheduler, base.workers, base.threads)
                 result = run(replace(base, slide=str(slide), out=str(run_dir), client=client))
             except KeyboardInterrupt:

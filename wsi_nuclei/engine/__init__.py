@@ -1,6 +1,6 @@
 """The tiling engine: patches on a fixed grid -> blended maps -> post-processing per block.
 
-One code path for slides (:mod:`wsi_nuclei.pipeline`, Dask tasks, part files) and for images
+One code path for slides (:mod:`wsi_nuclei.pipeline`: tasks on threads or Dask workers, part files) and for images
 held in memory (:func:`wsi_nuclei.inference.segment_image`, used by ``evaluate`` and
 training validation), so that the figures measured on annotated images describe what
 ``run`` produces::
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from ._blocks import INTERNAL_COLUMNS, nucleus_columns, process_block
 from ._context import EngineContext, clear_model_cache, model_of, register_instance
-from ._executor import DaskExecutor, InlineExecutor, run_strip
+from ._executor import DaskExecutor, InlineExecutor, ThreadExecutor, run_strip
 from ._patches import fill_values, infer_patches, read_patches
 from ._seams import apply_resolution, collect_candidates, remeasure
 from .blend import MapBlender
@@ -50,6 +50,7 @@ __all__ = [
     "InlineExecutor",
     "MapBlender",
     "Strip",
+    "ThreadExecutor",
     "apply_resolution",
     "clear_model_cache",
     "collect_candidates",

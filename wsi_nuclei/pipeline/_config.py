@@ -63,7 +63,9 @@ class RunConfig:
     min_class_prob: float | None = None
     report: bool = True  # write report.html (visual QC) after the other outputs
     anndata: bool = False  # also write nuclei.h5ad (needs the optional 'anndata' package)
-    client: Any = None  # a dask.distributed client to use (and leave open); None: one per run
+    #: a dask.distributed client to use (and leave open); None: this process's threads, or a
+    #: client per run for --scheduler / --workers > 1
+    client: Any = None
 
 
 @dataclass

@@ -19,6 +19,12 @@ from ._parts import _part_path, load_part, load_part_stats, save_part
 from .plan import RunPlan, _Setup
 
 
+def _uses_dask(cfg: RunConfig) -> bool:
+    """Whether a run's tasks go to ``dask.distributed`` (a client handed in, an external
+    scheduler, local worker processes) rather than to threads of this process."""
+    return cfg.client is not None or bool(cfg.scheduler) or cfg.workers > 1
+
+
 def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
     """A dask.distributed client: an existing cluster, or a local one (in-process if 1 worker)."""
     import logging
@@ -75,7 +81,7 @@ def _execute(
     """Run the engine over the strips that hold unfinished blocks (``todo``), one part file per
     finished block; the engine's totals (seconds per task kind, patches, peak band memory, OOM
     splits, retries)."""
-    from ..engine import DaskExecutor, patches_for_window, run_strip
+    from ..engine import DaskExecutor, ThreadExecutor, patches_for_window, run_strip
 
     progress = progress if progress is not None else Progress(enabled=False)
     totals = {
@@ -107,6 +113,7 @@ def _execute(
     # the bar's ETA comes from completed batches after the first one, which carries the model's
     # warm-up (see wsi_nuclei._progress.EtaEstimator), not from tqdm's rate
     client = None
+    ex: Any = None
 
     def on_block(block: tuple[int, int], frame: pd.DataFrame, stats: dict) -> None:
         save_part(frame, stats, _part_path(parts, block))
@@ -114,12 +121,15 @@ def _execute(
 
     try:
         with progress.stage("patches", total=n_todo, unit="patch", eta=True) as stage:
-            client = (
-                cfg.client
-                if cfg.client is not None
-                else _client(cfg.scheduler, cfg.workers, cfg.threads)
-            )
-            ex = DaskExecutor(client)
+            if _uses_dask(cfg):
+                client = (
+                    cfg.client
+                    if cfg.client is not None
+                    else _client(cfg.scheduler, cfg.workers, cfg.threads)
+                )
+                ex = DaskExecutor(client)
+            else:  # one local worker: threads of this process, no scheduler in between
+                ex = ThreadExecutor(cfg.threads)
             for st in plan.strips:
                 s = run_strip(
                     ctx,
@@ -150,6 +160,8 @@ def _execute(
     finally:
         from ..engine._context import restore_torch_threads
 
+        if ex is not None and hasattr(ex, "close"):
+            ex.close()  # the thread pool: unstarted tasks dropped, running ones finish
         restore_torch_threads()  # the in-process tasks set one torch thread per network call
         try:
             if (

@@ -355,7 +355,12 @@ def _write_outputs(
             "tolerance_level0_px": setup.tolerance_px,
         },
         "device": plan.device,
-        "scheduler": cfg.scheduler or "local in-process (dask.distributed, threads)",
+        "scheduler": cfg.scheduler
+        or (
+            f"local dask.distributed, {cfg.workers} worker processes"
+            if cfg.workers > 1
+            else f"local in-process, {cfg.threads} threads"
+        ),
         "qc": qc,
         "warnings": warnings,
         "n_nuclei": n_total,
