@@ -89,7 +89,7 @@ class ThreadExecutor:
         # the function and its inputs, dropped when the task starts: an input future holds
         # this task's callback, so keeping them would make a cycle that holds the inputs'
         # results (patches, maps) until the garbage collector runs
-        task = [fn, args]
+        task: list[Any] = [fn, args]
         with self._lock:
             self._waiting.add(out)
 
