@@ -31,17 +31,24 @@ def read_patches(
     n = pg.input_size
     out = np.empty((len(patches), n, n, 3), np.uint8)
     W, H = pg.width, pg.height
+    s = ctx.scale
+    todo, boxes, sizes, pads = [], [], [], []
     for i, (r, c) in enumerate(patches):
         x0, y0, x1, y1 = pg.input_box(r, c)
         cx0, cy0, cx1, cy1 = max(0, x0), max(0, y0), min(W, x1), min(H, y1)
         if cx1 <= cx0 or cy1 <= cy0:  # entirely off the canvas (cannot happen for planned patches)
             out[i] = 255
             continue
-        s = ctx.scale
-        img = slide.read_scaled(
-            (cx0 / s, cy0 / s, cx1 / s, cy1 / s), (cx1 - cx0, cy1 - cy0), target_mpp=ctx.read_mpp
-        )
-        pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
+        todo.append(i)
+        boxes.append((cx0 / s, cy0 / s, cx1 / s, cy1 / s))
+        sizes.append((cx1 - cx0, cy1 - cy0))
+        pads.append(((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0)))
+    batch = getattr(slide, "read_scaled_batch", None)
+    if batch is not None:  # a patch row's overlapping boxes in one read, the same pixels
+        imgs = batch(boxes, sizes, target_mpp=ctx.read_mpp)
+    else:  # a slide-like object with read_scaled alone
+        imgs = [slide.read_scaled(b, z, target_mpp=ctx.read_mpp) for b, z in zip(boxes, sizes)]
+    for i, img, pad in zip(todo, imgs, pads):
         if any(p for p in pad[0] + pad[1]):
             img = np.pad(img, pad, mode="reflect" if min(img.shape[:2]) > 1 else "edge")
         out[i] = img
