@@ -119,3 +119,82 @@ def test_finished_results_are_freed_without_the_garbage_collector(ex: ThreadExec
         assert [r() for r in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------------------------
+# how many threads a run takes by default
+# --------------------------------------------------------------------------------------------
+def test_default_threads_follow_the_usable_cores() -> None:
+    from wsi_nuclei.pipeline import resolve_threads
+
+    assert resolve_threads(3, cores=16) == 3  # given: as given
+    assert resolve_threads(0, cores=2) == 2
+    assert resolve_threads(0, cores=1) == 1
+    assert resolve_threads(0, cores=64) == 8  # capped
+    assert resolve_threads(0, workers=4, cores=16) == 4  # shared out between worker processes
+    assert resolve_threads(0, workers=8, cores=4) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "want"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 cores: rounded up
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_container_cpu_quota(tmp_path, files: dict, want: int | None) -> None:
+    import os
+
+    from wsi_nuclei._cores import _cgroup_quota, usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_quota(tmp_path) == want
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (min(affinity, want) if want else affinity)
+
+
+def test_a_default_run_uses_the_resolved_threads_in_process(tmp_path) -> None:
+    from wsi_nuclei._cores import usable_cores
+    from wsi_nuclei.demo import SyntheticSlide
+    from wsi_nuclei.pipeline import RunConfig, resolve_threads, run
+
+    slide = SyntheticSlide(600, 600, mpp=0.25, tissue_fraction=1.0, seed=0)
+    res = run(
+        RunConfig(slide=slide, out=tmp_path / "out", model="classic", quiet=True, report=False)
+    )
+    n = resolve_threads(0, 1, usable_cores())
+    assert res.manifest["scheduler"] == f"local in-process, {n} threads"
+
+
+def test_the_outputs_do_not_depend_on_the_thread_count(tmp_path) -> None:
+    """The default model on a synthetic slide with 1 and 3 threads: the same bytes (each CPU
+    network call is single-threaded, blending is in patch order, blocks are saved by name)."""
+    import hashlib
+
+    from wsi_nuclei.demo import SyntheticSlide
+    from wsi_nuclei.pipeline import RunConfig, run
+
+    digests = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        slide = SyntheticSlide(900, 700, mpp=0.25, tissue_fraction=1.0, seed=2)
+        cfg = RunConfig(
+            slide=slide, out=out, quiet=True, report=False, threads=threads, block_size=256
+        )
+        res = run(cfg)
+        assert res.n_nuclei > 20
+        assert res.manifest["scheduler"] == f"local in-process, {threads} threads"
+        digests.append(
+            [
+                hashlib.sha256((out / name).read_bytes()).hexdigest()
+                for name in ("nuclei.parquet", "nuclei.geojson.gz")
+            ]
+        )
+    assert digests[0] == digests[1]

@@ -270,7 +270,7 @@ def run_cohort(
     OutputError
         ``cohort.csv`` cannot be written.
     """
-    from .pipeline import run
+    from .pipeline import resolve_threads, run
     from .pipeline._stages import _client
     from .summary import duplicate_slides, summarize_runs
 
@@ -304,7 +304,9 @@ def run_cohort(
                 if client is None and (base.scheduler or base.workers > 1):
                     # worker processes or a cluster serve every slide (models loaded once);
                     # in-process threads need no client (the model cache is per process)
-                    client = _client(base.scheduler, base.workers, base.threads)
+                    client = _client(
+                        base.scheduler, base.workers, resolve_threads(base.threads, base.workers)
+                    )
                 result = run(replace(base, slide=str(slide), out=str(run_dir), client=client))
             except KeyboardInterrupt:
                 raise

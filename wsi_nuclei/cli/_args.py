@@ -193,8 +193,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int_range(1, 256),
-        default=2,
-        help="threads per local worker, 1 to 256 (default: 2)",
+        default=0,
+        help="threads per local worker, 1 to 256 (default: the cores this process may use, from its "
+        "CPU affinity and any container CPU quota, shared out between the --workers, at most 8; "
+        "on the CPU each thread may run one single-threaded network call)",
     )
     p.add_argument(
         "--overwrite",

@@ -36,6 +36,7 @@ from ._config import (
     RunResult,
     default_out_dir,
     qupath_name,
+    resolve_threads,
 )
 from ._parts import load_part, save_part
 from ._run import run
@@ -58,6 +59,7 @@ __all__ = [
     "qupath_name",
     "reliability_note",
     "resolve_infer_chunk",
+    "resolve_threads",
     "run",
     "save_part",
     "unclassify_below",

@@ -52,7 +52,8 @@ class RunConfig:
     infer_chunk: int | None = None
     scheduler: str | None = None
     workers: int = 1  # local worker processes (1: in-process threads)
-    threads: int = 2  # threads per local worker
+    #: threads per local worker; 0: from the usable cores (:func:`resolve_threads`)
+    threads: int = 0
     overwrite: bool = False
     geojson_plain: bool = False
     qupath_hierarchy: bool = True  # write qupath.geojson(.gz): regions holding their nuclei
@@ -96,3 +97,20 @@ def default_out_dir(slide_path: str | Path) -> Path:
 def qupath_name(cfg: RunConfig) -> str:
     """File name of the QuPath hierarchy file (``--geojson-plain`` decides the ``.gz``)."""
     return "qupath.geojson" if cfg.geojson_plain else "qupath.geojson.gz"
+
+
+#: the most threads a run takes by default (each may run a network call with its activations,
+#: and post-processing shares one interpreter lock); --threads sets more
+MAX_DEFAULT_THREADS = 8
+
+
+def resolve_threads(threads: int, workers: int = 1, cores: int | None = None) -> int:
+    """Threads per local worker: ``threads`` when given (> 0), else the usable cores shared
+    out between the ``workers`` (at least 1, at most :data:`MAX_DEFAULT_THREADS`)."""
+    if threads > 0:
+        return int(threads)
+    if cores is None:
+        from .._cores import usable_cores
+
+        cores = usable_cores()
+    return max(1, min(MAX_DEFAULT_THREADS, cores // max(1, workers)))

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from .._io import atomic_path
 from .._progress import Progress
-from ._config import _WORK, OUTPUT_NAMES, RunConfig, RunResult, default_out_dir, qupath_name
+from ._config import (
+    _WORK,
+    OUTPUT_NAMES,
+    RunConfig,
+    RunResult,
+    default_out_dir,
+    qupath_name,
+    resolve_threads,
+)
 from ._outdir import _LOCK, _lock, _prepare_out, _remove_stale_temporaries
 from ._parts import _finished_parts
 from ._stages import _execute, _stitch
@@ -42,6 +50,7 @@ def run(cfg: RunConfig) -> RunResult:
     t0 = time.perf_counter()
     model_name = cfg.model or default_model_name()
     cfg.model = model_name
+    cfg.threads = resolve_threads(cfg.threads, cfg.workers)
     spec = get_spec(model_name)
     if cfg.tta:
         require_tta(spec)  # before the slide is opened or the output folder made

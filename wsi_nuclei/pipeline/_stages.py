@@ -139,7 +139,8 @@ def _execute(
                     on_block=on_block,
                     on_batch=lambda n, _: stage.update(n),
                     max_in_flight=cfg.max_in_flight,
-                    max_post=max(2, cfg.workers * 2),
+                    # blocks post-processed at once: one per thread in process (at least 2)
+                    max_post=max(2, cfg.workers * 2 if _uses_dask(cfg) else cfg.threads),
                 )
                 for k in (
                     "t_read",
