@@ -21,6 +21,8 @@ Usage::
     python benchmarks/bench_engine.py overhead memory cmu [--model NAME] [--sizes 25000 50000 100000]
     python benchmarks/bench_engine.py cmu [--infer-chunk 16]      # memory / kernel-time figures of the CMU run
     python benchmarks/bench_engine.py cmu --precision fp32 [--no-fuse]   # float32; without BN folding
+    python benchmarks/bench_engine.py overhead --repeat 5 --against /tmp/old   # medians, alternating
+                                           # with another commit's tree (git archive C | tar -x -C /tmp/old)
 """
 
 from __future__ import annotations
@@ -177,6 +179,19 @@ def main() -> int:
         help="cmu case: keep the batch normalisations as separate layers (the spec's "
         "fuse_batchnorm off), to measure what folding them gains end to end",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each case N times (fresh processes) and print the medians: on a shared host one "
+        "run's wall time can vary by 1.5x",
+    )
+    p.add_argument(
+        "--against",
+        metavar="DIR",
+        help="a source tree of another commit (e.g. from 'git archive COMMIT | tar -x -C DIR'): "
+        "each repeat runs it and this tree alternately, and the medians of both are printed",
+    )
     p.add_argument("--json", help="append results (JSON lines) to this file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -209,7 +224,12 @@ def main() -> int:
                 print(f"skipping cmu: {args.cmu} not found", file=sys.stderr)
                 continue
             jobs.append(("cmu", args.cmu))
+    trees = [("this", str(REPO))] + ([("against", args.against)] if args.against else [])
+    if args.against and not (Path(args.against) / "wsi_nuclei").is_dir():
+        print(f"--against {args.against}: no wsi_nuclei package there", file=sys.stderr)
+        return 2
     results = []
+    runs: dict[tuple[str, str, str], list[dict]] = {}
     for case, arg in jobs:
         cmd = [sys.executable, __file__, "--_child", case, arg, "--threads", str(args.threads)] + (
             ["--model", args.model] if args.model else []
@@ -217,30 +237,46 @@ def main() -> int:
         cmd += ["--infer-chunk", str(args.infer_chunk)] if args.infer_chunk else []
         cmd += ["--workers", str(args.workers), "--precision", args.precision]
         cmd += ["--no-fuse"] if args.no_fuse else []
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if out.returncode or line is None:
-            print(f"case {case} {arg} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        r = json.loads(line[7:])
-        results.append(r)
-        print(json.dumps(r), file=sys.stderr)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps({**r, "machine": _machine()}) + "\n")
+        for i in range(max(1, args.repeat)):
+            for tree, src in trees[:: 1 if i % 2 == 0 else -1]:  # ABBA: neither always first
+                env = {**os.environ, "PYTHONPATH": src}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next(
+                    (ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None
+                )
+                if out.returncode or line is None:
+                    print(
+                        f"case {case} {arg} ({tree}) failed:\n{out.stderr[-2000:]}", file=sys.stderr
+                    )
+                    return 1
+                r = {**json.loads(line[7:]), "tree": tree, "source": src}
+                runs.setdefault((case, arg, tree), []).append(r)
+                print(json.dumps(r), file=sys.stderr)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({**r, "machine": _machine()}) + "\n")
+        results += [_median_run(runs[(case, arg, tree)]) for tree, _ in trees]
     print(f"\nmachine: {_machine()}\n")
+    if args.repeat > 1 or args.against:
+        print(
+            f"medians of {max(1, args.repeat)} runs per tree"
+            + (f" (alternating; 'against' = {args.against})" if args.against else "")
+            + "\n"
+        )
     print(
-        "| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | read s* | infer s* "
+        "| case | slide px | model | patches run / total | passes/px | nuclei | wall s | patches/s | execute patches/s | read s* | infer s* "
         "| post s* | stitch s | write s | peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["seconds"]
         w = s.get("write_geojson", 0) + s.get("write_parquet", 0) + s.get("summaries", 0)
         q = r.get("qc_seconds", {})
+        label = r["case"] + ("" if not args.against else f" ({r['tree']})")
         print(
-            f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['patches_run']} / {r['patches_total']} | "
-            f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | {q.get('read', 0)} | "
+            f"| {label} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['model']} | {r['patches_run']} / {r['patches_total']} | "
+            f"{r['passes_per_pixel']} | {r['n_nuclei']} | {r['wall_s']} | {r['patches_per_s']} | "
+            f"{r['patches_per_s_execute']} | {q.get('read', 0)} | "
             f"{q.get('infer', 0)} | {q.get('post', 0)} | {s.get('stitch', 0)} | {round(w, 2)} | {r['peak_rss_mb']} |"
         )
     print("\n*: summed task time over the worker threads (they overlap), not wall time.")
@@ -249,11 +285,37 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        label = r["case"] + ("" if not args.against else f" ({r['tree']})")
         print(
-            f"| {r['case']} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['infer_chunk']} | {r['wall_s']} | {r['cpu_user_s']} | "
+            f"| {label} | {r['slide_px'][0]}x{r['slide_px'][1]} | {r['infer_chunk']} | {r['wall_s']} | {r['cpu_user_s']} | "
             f"{r['cpu_system_s']} | {100 * r['kernel_share']:.1f} % | {r['minor_faults'] / 1e6:.2f} M | {r['peak_rss_mb']} |"
         )
     return 0
+
+
+_MEDIAN_KEYS = (
+    "wall_s",
+    "patches_per_s",
+    "patches_per_s_execute",
+    "peak_rss_mb",
+    "cpu_user_s",
+    "cpu_system_s",
+    "kernel_share",
+    "minor_faults",
+)
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """One result whose figures are the medians over repeated runs (the rest from the first)."""
+    import statistics
+
+    out = dict(rs[0])
+    for k in _MEDIAN_KEYS:
+        out[k] = statistics.median(r[k] for r in rs)
+    for group in ("seconds", "qc_seconds"):
+        out[group] = {k: round(statistics.median(r[group][k] for r in rs), 2) for k in rs[0][group]}
+    out["n_runs"] = len(rs)
+    return out
 
 
 def _machine() -> str:
