@@ -198,3 +198,20 @@ def test_the_outputs_do_not_depend_on_the_thread_count(tmp_path) -> None:
             ]
         )
     assert digests[0] == digests[1]
+
+
+def test_run_json_names_a_dask_client_handed_in(tmp_path) -> None:
+    """A library user's client with one (default) worker: the tasks go to Dask, and run.json
+    says so instead of naming this process's threads."""
+    from distributed import Client
+
+    from wsi_nuclei.demo import SyntheticSlide
+    from wsi_nuclei.pipeline import RunConfig, run
+
+    slide = SyntheticSlide(600, 600, mpp=0.25, tissue_fraction=1.0, seed=0)
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as c:
+        cfg = RunConfig(
+            slide=slide, out=tmp_path / "out", model="classic", quiet=True, report=False, client=c
+        )
+        res = run(cfg)
+    assert res.manifest["scheduler"] == "dask.distributed client given by the caller"

@@ -94,6 +94,23 @@ def default_out_dir(slide_path: str | Path) -> Path:
     return Path("wsi-nuclei-out") / Path(name).stem
 
 
+def _uses_dask(cfg: RunConfig) -> bool:
+    """Whether a run's tasks go to ``dask.distributed`` (a client handed in, an external
+    scheduler, local worker processes) rather than to threads of this process."""
+    return cfg.client is not None or bool(cfg.scheduler) or cfg.workers > 1
+
+
+def _executor_description(cfg: RunConfig) -> str:
+    """Where a run's tasks ran, for ``run.json`` (the decision of :func:`_uses_dask`)."""
+    if cfg.scheduler:
+        return cfg.scheduler
+    if cfg.workers > 1:
+        return f"local dask.distributed, {cfg.workers} worker processes"
+    if cfg.client is not None:
+        return "dask.distributed client given by the caller"
+    return f"local in-process, {cfg.threads} threads"
+
+
 def qupath_name(cfg: RunConfig) -> str:
     """File name of the QuPath hierarchy file (``--geojson-plain`` decides the ``.gz``)."""
     return "qupath.geojson" if cfg.geojson_plain else "qupath.geojson.gz"

@@ -14,15 +14,9 @@ import pandas as pd
 from .._progress import Progress
 from ..engine import EngineContext
 from ..errors import WsiNucleiError
-from ._config import RunConfig
+from ._config import RunConfig, _uses_dask
 from ._parts import _part_path, load_part, load_part_stats, save_part
 from .plan import RunPlan, _Setup
-
-
-def _uses_dask(cfg: RunConfig) -> bool:
-    """Whether a run's tasks go to ``dask.distributed`` (a client handed in, an external
-    scheduler, local worker processes) rather than to threads of this process."""
-    return cfg.client is not None or bool(cfg.scheduler) or cfg.workers > 1
 
 
 def _client(scheduler: str | None, workers: int = 1, threads: int = 2) -> Any:
@@ -121,7 +115,8 @@ def _execute(
 
     try:
         with progress.stage("patches", total=n_todo, unit="patch", eta=True) as stage:
-            if _uses_dask(cfg):
+            use_dask = _uses_dask(cfg)
+            if use_dask:
                 client = (
                     cfg.client
                     if cfg.client is not None
@@ -140,7 +135,7 @@ def _execute(
                     on_batch=lambda n, _: stage.update(n),
                     max_in_flight=cfg.max_in_flight,
                     # blocks post-processed at once: one per thread in process (at least 2)
-                    max_post=max(2, cfg.workers * 2 if _uses_dask(cfg) else cfg.threads),
+                    max_post=max(2, cfg.workers * 2 if use_dask else cfg.threads),
                 )
                 for k in (
                     "t_read",

@@ -20,7 +20,7 @@ from .._io import atomic_path
 from .._progress import Progress
 from ..schema import CLASS_NAMES, UNCLASSIFIED
 from ..tiling import passes_per_pixel
-from ._config import RunConfig, RunResult, qupath_name
+from ._config import RunConfig, RunResult, _executor_description, qupath_name
 from ._parts import load_part
 from .plan import RunPlan, _Setup
 
@@ -355,12 +355,7 @@ def _write_outputs(
             "tolerance_level0_px": setup.tolerance_px,
         },
         "device": plan.device,
-        "scheduler": cfg.scheduler
-        or (
-            f"local dask.distributed, {cfg.workers} worker processes"
-            if cfg.workers > 1
-            else f"local in-process, {cfg.threads} threads"
-        ),
+        "scheduler": _executor_description(cfg),
         "qc": qc,
         "warnings": warnings,
         "n_nuclei": n_total,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,20 @@ __all__ = ["BaseSlide", "Reader", "scale_info"]
 
 #: Relative tolerance when comparing a level's downsample with a target downsample.
 _LEVEL_TOLERANCE = 0.01
+
+
+class _Window(NamedTuple):
+    """A level window that :meth:`BaseSlide.read_scaled` reads, and how it resamples it."""
+
+    level: int
+    x: int
+    y: int
+    w: int
+    h: int
+    #: the fractional source box within the window; None: the window is the result (scale 1)
+    resize_box: tuple[float, float, float, float] | None
+    out_w: int
+    out_h: int
 
 
 class BaseSlide(abc.ABC):
@@ -213,7 +227,7 @@ class BaseSlide(abc.ABC):
             ``(height, width, 3)`` uint8 RGB.
         """
         win = self._scaled_window(box, out_size, target_mpp)
-        return _resample(win, self._read_level(win[0], win[1], win[2], win[3], win[4]))
+        return _resample(win, self._read_level(win.level, win.x, win.y, win.w, win.h))
 
     def read_scaled_batch(
         self,
@@ -246,23 +260,26 @@ class BaseSlide(abc.ABC):
             raise ValueError(f"{len(boxes)} boxes but {len(out_sizes)} output sizes")
         wins = [self._scaled_window(b, o, target_mpp) for b, o in zip(boxes, out_sizes)]
         rows: dict[tuple[int, int, int], list[int]] = {}
-        for i, (level, _x, y, _w, h, *_) in enumerate(wins):
-            rows.setdefault((level, y, h), []).append(i)
+        for i, win in enumerate(wins):
+            rows.setdefault((win.level, win.y, win.h), []).append(i)
         out: list[np.ndarray | None] = [None] * len(wins)
+
+        def read_run(level: int, y: int, h: int, run: list[int], x1: int) -> None:
+            x0 = wins[run[0]].x
+            arr = self._read_level(level, x0, y, x1 - x0, h)
+            for j in run:
+                out[j] = _resample(wins[j], arr[:, wins[j].x - x0 : wins[j].x - x0 + wins[j].w])
+
         for (level, y, h), idx in rows.items():
-            idx.sort(key=lambda i: wins[i][1])
-            run: list[int] = []
-            for i in idx + [-1]:  # -1 ends the last run
-                if run and (i < 0 or wins[i][1] > max(wins[j][1] + wins[j][3] for j in run)):
-                    x0 = wins[run[0]][1]
-                    x1 = max(wins[j][1] + wins[j][3] for j in run)
-                    arr = self._read_level(level, x0, y, x1 - x0, h)
-                    for j in run:
-                        x, w = wins[j][1] - x0, wins[j][3]
-                        out[j] = _resample(wins[j], arr[:, x : x + w])
-                    run = []
-                if i >= 0:
-                    run.append(i)
+            idx.sort(key=lambda i: wins[i].x)
+            run, end = [idx[0]], wins[idx[0]].x + wins[idx[0]].w
+            for i in idx[1:]:
+                if wins[i].x > end:  # a gap: read what came before
+                    read_run(level, y, h, run, end)
+                    run, end = [], wins[i].x
+                run.append(i)
+                end = max(end, wins[i].x + wins[i].w)
+            read_run(level, y, h, run, end)
         return out  # type: ignore[return-value]
 
     def _scaled_window(
@@ -270,10 +287,9 @@ class BaseSlide(abc.ABC):
         box: tuple[float, float, float, float],
         out_size: tuple[int, int],
         target_mpp: float | None,
-    ) -> tuple[int, int, int, int, int, tuple[float, float, float, float] | None, int, int]:
-        """What :meth:`read_scaled` reads and how it resamples it: ``(level, x, y, w, h,
-        resize_box, out_w, out_h)``, the level window in level pixels and the fractional source
-        box within it (``None``: the window is the result, at scale 1)."""
+    ) -> _Window:
+        """What :meth:`read_scaled` reads (the level window, in level pixels) and how it
+        resamples it (the fractional source box within that window)."""
         x0, y0, x1, y1 = (float(v) for v in box)
         ow, oh = int(out_size[0]), int(out_size[1])
         if ow <= 0 or oh <= 0:
@@ -294,12 +310,12 @@ class BaseSlide(abc.ABC):
             and abs(bx0 - round(bx0)) < 1e-6
             and abs(by0 - round(by0)) < 1e-6
         ):
-            return level, int(round(bx0)), int(round(by0)), ow, oh, None, ow, oh
+            return _Window(level, int(round(bx0)), int(round(by0)), ow, oh, None, ow, oh)
         margin = int(math.ceil(max(sx, sy) / ds)) + 1
         ix0, iy0 = int(math.floor(bx0)) - margin, int(math.floor(by0)) - margin
         ix1, iy1 = int(math.ceil(bx1)) + margin, int(math.ceil(by1)) + margin
         rbox = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
-        return level, ix0, iy0, ix1 - ix0, iy1 - iy0, rbox, ow, oh
+        return _Window(level, ix0, iy0, ix1 - ix0, iy1 - iy0, rbox, ow, oh)
 
     @property
     def name(self) -> str:
@@ -424,10 +440,11 @@ class Reader(abc.ABC):
         self.read(level, (lw - w) // 2, (lh - h) // 2, w, h)
 
 
-def _resample(win: tuple, src: np.ndarray) -> np.ndarray:
+def _resample(win: _Window, src: np.ndarray) -> np.ndarray:
     """The result of a :meth:`BaseSlide._scaled_window` from the pixels of its level window."""
-    rbox, ow, oh = win[5], win[6], win[7]
-    if rbox is None:
+    if win.resize_box is None:
         return src
     img = Image.fromarray(np.ascontiguousarray(src))
-    return np.asarray(img.resize((ow, oh), Image.Resampling.BILINEAR, box=rbox))
+    return np.asarray(
+        img.resize((win.out_w, win.out_h), Image.Resampling.BILINEAR, box=win.resize_box)
+    )
