@@ -260,7 +260,10 @@ CASES = {
     "--precision fp16 on the CPU": (
         lambda tmp, good: ([str(good), "--device", "cpu", "--precision", "fp16"], 8)
     ),
-    "--precision of an unknown kind": (lambda tmp, good: ([str(good), "--precision", "int8"], 2)),
+    "--precision of an unknown kind": (lambda tmp, good: ([str(good), "--precision", "int4"], 2)),
+    "--precision int8 for a model without a calibration": (
+        lambda tmp, good: ([str(good), "--model", "hovernet-pannuke", "--precision", "int8"], 8)
+    ),
     "output path under a file": _out_is_file,
     "output folder not writable": _out_unwritable,
     "existing results without --overwrite": _existing,

@@ -215,6 +215,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(
                 f"    precision:  {', '.join(spec.precisions)} (auto: "
                 + (", ".join(auto) + ", else fp32)" if auto else "fp32)")
+                + ("; int8 on request (CPU)" if "int8" in spec.precisions else "")
             )
         print(f"    classes:    {classes}")
         if spec.class_support:

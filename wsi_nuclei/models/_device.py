@@ -50,7 +50,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 #: ``--precision`` values: ``auto`` resolves to one of the others (see :func:`resolve_precision`)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -108,4 +108,6 @@ def resolve_precision(precision: str, device: str, spec: ModelSpec) -> str:
         )
     if precision == "fp16" and not on_cuda:
         raise ModelError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    if precision == "int8" and on_cuda:
+        raise ModelError("--precision int8 runs on the CPU only; on CUDA use fp16 or fp32")
     return precision

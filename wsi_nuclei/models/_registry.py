@@ -96,6 +96,12 @@ class ModelSpec:
     #: engine's default, 2). The CPU runs as many calls at once as it has worker threads, so
     #: heavy networks take 1 (HoVer-Net fast: 67 MB of activations per patch)
     cpu_infer_chunk: int | None = None
+    #: map models: modules whose convolutions run in 8-bit integers under ``--precision int8``
+    #: (post-training quantisation, :mod:`wsi_nuclei.models._int8`); empty: no int8
+    int8_layers: tuple[str, ...] = ()
+    #: file name (beside the weights) of the int8 activation calibration, tied to the weights
+    #: by their sha256 (``scripts/calibrate_int8.py`` writes it)
+    int8_calibration: str | None = None
 
     @property
     def stride(self) -> int:

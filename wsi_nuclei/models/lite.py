@@ -53,7 +53,7 @@ def _build(spec: ModelSpec, weights: Path | None, device: str) -> Any:
     ) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ModelError(f"{weights}: not a {spec.name} weights file ({detail})") from None
-    return MapModel(spec, net, device)
+    return MapModel(spec, net, device, weights=weights)
 
 
 SPEC = register_model(
@@ -82,8 +82,12 @@ SPEC = register_model(
             "class_temperature": 1.0,
         },
         output_border=32,
-        precisions=("fp32", "bf16", "fp16"),
+        precisions=("fp32", "bf16", "fp16", "int8"),
         fuse_batchnorm=True,
+        # --precision int8: the full- and half-resolution decoder and the heads' bodies (most of
+        # the network's arithmetic) in 8-bit integers; ranges fitted by scripts/calibrate_int8.py
+        int8_layers=("up2", "up1", "np_head.body", "hv_head.body", "tp_head.body"),
+        int8_calibration="wsi-nuclei-lite0-v4.int8.json",
         bf16_cpu=True,  # validation split through the engine in bfloat16: docs/model-card.md
         class_support={
             "Neoplastic": "weak",

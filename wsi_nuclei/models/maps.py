@@ -65,6 +65,9 @@ class MapModel:
         Test-time augmentation: average the maps over the four flips of each tile (4x the
         network time). Flipping a tile mirrors its distance maps, so the horizontal map is
         negated after a left-right flip and the vertical map after an up-down flip.
+    weights : path, optional
+        The weights file ``net`` was loaded from: ``precision = "int8"`` finds the model's
+        calibration file beside it and checks it belongs to these weights.
     postprocess_backend : str, optional
         ``numpy``, ``torch`` or ``auto``; ``None`` reads ``WSI_NUCLEI_POSTPROCESS`` (default
         ``auto``: the torch implementation on CUDA, numpy on CPU; see
@@ -93,6 +96,7 @@ class MapModel:
         params: Any = None,
         tta: bool = False,
         postprocess_backend: str | None = None,
+        weights: Any = None,
     ) -> None:
         from ..postprocess_torch import postprocess_backend as _backend
 
@@ -105,13 +109,17 @@ class MapModel:
         self.postprocess_backend = _backend(device, postprocess_backend)
         net = net.eval().to(device)
         self.net = fuse_batchnorm(net) if getattr(spec, "fuse_batchnorm", False) else net
+        self.weights = weights
+        self._net_int8: torch.nn.Module | None = None
         self.channels_last = False
         self.precision = "fp16" if (bool(spec.fp16) and on_cuda) else "fp32"
 
     @property
     def precision(self) -> str:
         """``fp32``, ``bf16`` or ``fp16``: the autocast of the network (``load_model`` sets it
-        from ``--precision``; the default is float16 on CUDA where the spec allows it).
+        from ``--precision``; the default is float16 on CUDA where the spec allows it); or
+        ``int8``, the CPU network with the spec's ``int8_layers`` quantised to 8-bit integers
+        (built when first set, :mod:`wsi_nuclei.models._int8`).
 
         Setting it also chooses the memory format: channels-last on CUDA, on the CPU where the
         spec asks for it (``channels_last_cpu``) and always in bfloat16 on the CPU, whose fast
@@ -122,8 +130,10 @@ class MapModel:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {value!r}")
+        if value not in ("fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, bf16, fp16 or int8, got {value!r}")
+        if value == "int8" and self._net_int8 is None:
+            self._net_int8 = self._build_int8()
         self._precision = value
         on_cuda = str(self.device).startswith("cuda")
         channels_last = on_cuda or bool(self.spec.channels_last_cpu) or value == "bf16"
@@ -132,16 +142,35 @@ class MapModel:
             self.net = self.net.to(memory_format=fmt)  # type: ignore[call-overload]
             self.channels_last = channels_last
 
+    def _build_int8(self) -> torch.nn.Module:
+        from pathlib import Path
+
+        from ..errors import ModelError
+        from ._int8 import quantize_int8, read_calibration
+        from .fetch import sha256_file
+
+        spec = self.spec
+        if str(self.device) != "cpu":
+            raise ModelError("--precision int8 runs on the CPU only (use --device cpu)")
+        if not spec.int8_layers or not spec.int8_calibration or self.weights is None:
+            raise ModelError(f"model {spec.name!r} has no int8 calibration")
+        calib = Path(self.weights).parent / spec.int8_calibration
+        doc = read_calibration(calib, sha256_file(self.weights))
+        return quantize_int8(self.net, doc["layers"], doc["qparams"])
+
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        int8 = self.precision == "int8"
         x = x.contiguous(
-            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+            memory_format=torch.channels_last
+            if self.channels_last or int8
+            else torch.contiguous_format
         )
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
         dtype = _AUTOCAST.get(self.precision)
         with torch.autocast(
             device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
-            out = self.net(x)
+            out = (self._net_int8 if int8 and self._net_int8 is not None else self.net)(x)
         npp = torch.softmax(out["np"].float(), 1)[:, 1]
         hv = out["hv"].float()
         hv = torch.tanh(hv) if self.hv_tanh else hv

@@ -324,6 +324,11 @@ def _write_outputs(
             "input_size": spec.input_size,
             "output_size": spec.output_size,
             "precision": plan.precision,
+            **(
+                {"int8_calibration_sha256": plan.int8_calibration_sha}
+                if plan.int8_calibration_sha
+                else {}
+            ),
             "postprocess_backend": "torch"
             if plan.postprocess.endswith(" backend=torch")
             else "numpy",

@@ -62,6 +62,8 @@ class RunPlan:
     #: appended when the torch implementation runs (on CUDA, or forced by WSI_NUCLEI_POSTPROCESS)
     postprocess: str = ""
     infer_chunk: int = 0  # patches per network call (0: the whole batch)
+    #: ``--precision int8``: sha256 of the model's int8 calibration file (its activation ranges)
+    int8_calibration_sha: str = ""
 
     def key(self) -> str:
         """The resume key: a run resumes only parts made under the very same plan."""
@@ -231,6 +233,12 @@ def make_plan(
         else (sha256_file(weights_path) if weights_path else None)
     )
     regions_hash = hashlib.sha256(b"".join(r.geometry.wkb for r in regions)).hexdigest()[:16]
+    precision = resolve_precision(cfg.precision, device, spec)
+    calib = (
+        Path(weights_path).parent / spec.int8_calibration
+        if precision == "int8" and weights_path and spec.int8_calibration
+        else None
+    )
     plan = RunPlan(
         slide_name=slide_name,
         fingerprint=slide.fingerprint,
@@ -238,7 +246,8 @@ def make_plan(
         model_sha=model_sha,
         weights=str(weights_path) if weights_path else None,
         device=device,
-        precision=resolve_precision(cfg.precision, device, spec),
+        precision=precision,
+        int8_calibration_sha=sha256_file(calib) if calib is not None and calib.is_file() else "",
         tta=bool(cfg.tta),
         patches=pg,
         blocks=bg,
