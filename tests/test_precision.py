@@ -280,6 +280,17 @@ def test_calibrate_quantize_round_trip_and_checks(tmp_path) -> None:
         read_calibration(path, "cd" * 32)
     with pytest.raises(ModelError, match="another network"):
         quantize_int8(net, ["dec"], {"activation_post_process_99": [0.1, 3]})
+    # an engine whose kernels fail: one ModelError, not a traceback from inside torch
+    from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+
+    def broken(self, input):
+        raise RuntimeError("no such kernel\nmore")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QConv2d, "forward", broken)
+        mp.setattr(ConvReLU2d, "forward", broken)
+        with pytest.raises(ModelError, match="cannot run the network .no such kernel.; use"):
+            quantize_int8(net, doc["layers"], doc["qparams"])
     (tmp_path / "bad.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(ModelError, match="not a calibration file"):
         read_calibration(tmp_path / "bad.json", None)

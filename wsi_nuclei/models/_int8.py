@@ -129,8 +129,9 @@ def quantize_int8(
     Raises
     ------
     ModelError
-        No quantised kernels in this torch build, or ``qparams`` does not fit the network
-        (fitted for another network or another torch version's graph).
+        No quantised kernels in this torch build, kernels that cannot run the network, or
+        ``qparams`` that do not fit it (fitted for another network or another torch version's
+        graph).
     """
     import copy
 
@@ -148,10 +149,21 @@ def quantize_int8(
         # the range whose (scale, zero point) MinMaxObserver computes back
         obs.min_val = torch.tensor(-zero_point * scale)
         obs.max_val = torch.tensor((_QMAX - _QMIN - zero_point) * scale)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = convert_fx(prepared)
-    return quantized.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = convert_fx(prepared)
+        quantized = quantized.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        with torch.inference_mode():  # a kernel this engine lacks fails here, not mid-run
+            quantized(torch.zeros(1, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    except (RuntimeError, NotImplementedError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ModelError(
+            f"--precision int8: this torch build's quantised kernels "
+            f"({torch.backends.quantized.engine}) cannot run the network ({detail}); "
+            "use --precision fp32"
+        ) from None
+    return quantized
 
 
 def write_calibration(
