@@ -681,3 +681,34 @@ def test_shift_pairs_are_two_views_of_one_region(tmp_path: Path) -> None:
     assert float(shift_consistency_loss(out, b["pair_shift"])) > 1e-4
     total, parts = hovernet_loss({"np": out["np"], "hv": out["hv"], "tp": out["tp"]}, b, 1.0, 20.0)
     assert "shift_cons" in parts and np.isfinite(float(total))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_train_amp_on_the_cpu_is_bfloat16_where_native(
+    tmp_path: Path, monkeypatch, capsys, native: bool
+) -> None:
+    """--amp on the CPU: the network runs under bfloat16 autocast where the CPU has it (the
+    losses in float32), and plain float32 elsewhere (with one line saying so)."""
+    import wsi_nuclei.models as models
+    from wsi_nuclei.models.effunet import EffUNet
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    seen: list[torch.dtype] = []
+    orig = EffUNet.forward
+
+    def spy(self, x):
+        out = orig(self, x)
+        if self.training:
+            seen.append(out["np"].dtype)
+        return out
+
+    monkeypatch.setattr(EffUNet, "forward", spy)
+    d = _write_dataset(tmp_path / "data", 2)
+    out = tmp_path / "run"
+    common = [a for a in _COMMON if a != "--quiet"]
+    main(["--data", str(d), "--out", str(out), "--epochs", "1", "--amp", *common])
+    assert seen == [torch.bfloat16 if native else torch.float32] * 2
+    assert ("no native bfloat16" in capsys.readouterr().out) is not native
+    ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert all(v.dtype != torch.bfloat16 for v in ck["model"].values())  # float32 weights
+    assert all(math.isfinite(h["loss"]) for h in ck["history"])

@@ -246,7 +246,19 @@ def _train_stage(args: argparse.Namespace) -> Path:
         step, best, history = ck["step"], ck["best"], ck["history"]
         print(f"resumed from {last} at step {step}", flush=True)
     (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
-    use_amp = args.amp and device == "cuda"
+    use_amp, amp_dtype = False, torch.float16
+    if args.amp:
+        from ..models import cpu_has_native_bf16
+
+        if device == "cuda":
+            use_amp = True
+        elif cpu_has_native_bf16():
+            use_amp, amp_dtype = True, torch.bfloat16
+        else:
+            print(
+                "--amp: this CPU has no native bfloat16 (AVX512-BF16 / AMX); training in float32",
+                flush=True,
+            )
     t_epoch = time.time()
     while step < total_steps:
         model.train()
@@ -260,8 +272,12 @@ def _train_stage(args: argparse.Namespace) -> Path:
             shift_pairs=getattr(args, "shift_consistency", 0.0) > 0,
         )
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(
+            device_type="cuda" if device == "cuda" else "cpu", dtype=amp_dtype, enabled=use_amp
+        ):
             o = model(b["x"])
+        if use_amp:  # the losses in float32
+            o = {k: v.float() for k, v in o.items()}
         loss, parts = hovernet_loss(
             o,
             b,

@@ -76,7 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         help="training device (default: %(default)s)",
     )
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: float16 autocast on CUDA, bfloat16 on CPUs with native bfloat16 "
+        "(AVX512-BF16 / AMX; elsewhere the CPU trains in float32)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
     p.add_argument(
