@@ -301,7 +301,7 @@ def test_calibrate_quantize_round_trip_and_checks(tmp_path) -> None:
         read_calibration(tmp_path / "none.json", None)
 
 
-def test_int8_with_weights_that_have_no_calibration(tmp_path) -> None:
+def test_int8_with_weights_elsewhere_and_other_weights(tmp_path) -> None:
     import shutil
 
     from wsi_nuclei.models import find_weights, load_model
@@ -311,8 +311,8 @@ def test_int8_with_weights_that_have_no_calibration(tmp_path) -> None:
         pytest.skip("bundled weights absent")
     w = tmp_path / "mine.pt"
     shutil.copy(find_weights(spec), w)
-    with pytest.raises(ModelError, match="calibration file .* not found"):
-        load_model(spec.name, weights=w, device="cpu", precision="int8")
+    # the same weights elsewhere: the package's calibration file fits them (sha256)
+    assert load_model(spec.name, weights=w, device="cpu", precision="int8").precision == "int8"
     # the shipped file beside other weights is refused: its ranges were fitted for the bundled ones
     import torch
 
@@ -322,6 +322,9 @@ def test_int8_with_weights_that_have_no_calibration(tmp_path) -> None:
     sd["np_head.out.bias"] = sd["np_head.out.bias"] + 1
     torch.save(sd, w)
     assert load_model(spec.name, weights=w, device="cpu", precision="fp32").precision == "fp32"
+    with pytest.raises(ModelError, match="fitted for other weights.*calibrate_int8.py"):
+        load_model(spec.name, weights=w, device="cpu", precision="int8")
+    (tmp_path / spec.int8_calibration).unlink()  # nor is the package's
     with pytest.raises(ModelError, match="fitted for other weights"):
         load_model(spec.name, weights=w, device="cpu", precision="int8")
 

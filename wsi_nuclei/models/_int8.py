@@ -166,6 +166,19 @@ def quantize_int8(
     return quantized
 
 
+def calibration_path(spec: Any, weights: str | Path | None) -> Path | None:
+    """The int8 calibration file of ``spec`` for ``weights``: beside the weights, else the
+    package's own (it fits only the bundled weights: :func:`read_calibration` checks the sha256),
+    or None when the model has none."""
+    if not spec.int8_calibration:
+        return None
+    from ._registry import WEIGHTS_DIR
+
+    candidates = [Path(weights).parent / spec.int8_calibration] if weights else []
+    candidates.append(WEIGHTS_DIR / spec.int8_calibration)
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
 def write_calibration(
     path: str | Path,
     *,
@@ -208,6 +221,7 @@ def read_calibration(path: str | Path, weights_sha256: str | None) -> dict[str, 
     if weights_sha256 is not None and doc.get("weights_sha256") != weights_sha256:
         raise ModelError(
             f"--precision int8: {p} was fitted for other weights (sha256 "
-            f"{str(doc.get('weights_sha256'))[:12]}..., these are {weights_sha256[:12]}...)"
+            f"{str(doc.get('weights_sha256'))[:12]}..., these are {weights_sha256[:12]}...); "
+            "fit one for them with scripts/calibrate_int8.py --weights FILE"
         )
     return doc

@@ -67,7 +67,8 @@ class MapModel:
         negated after a left-right flip and the vertical map after an up-down flip.
     weights : path, optional
         The weights file ``net`` was loaded from: ``precision = "int8"`` finds the model's
-        calibration file beside it and checks it belongs to these weights.
+        calibration file beside it (else the package's own) and checks that it belongs to
+        these weights.
     postprocess_backend : str, optional
         ``numpy``, ``torch`` or ``auto``; ``None`` reads ``WSI_NUCLEI_POSTPROCESS`` (default
         ``auto``: the torch implementation on CUDA, numpy on CPU; see
@@ -143,18 +144,16 @@ class MapModel:
             self.channels_last = channels_last
 
     def _build_int8(self) -> torch.nn.Module:
-        from pathlib import Path
-
         from ..errors import ModelError
-        from ._int8 import quantize_int8, read_calibration
+        from ._int8 import calibration_path, quantize_int8, read_calibration
         from .fetch import sha256_file
 
         spec = self.spec
         if str(self.device) != "cpu":
             raise ModelError("--precision int8 runs on the CPU only (use --device cpu)")
-        if not spec.int8_layers or not spec.int8_calibration or self.weights is None:
+        calib = calibration_path(spec, self.weights)
+        if not spec.int8_layers or calib is None or self.weights is None:
             raise ModelError(f"model {spec.name!r} has no int8 calibration")
-        calib = Path(self.weights).parent / spec.int8_calibration
         doc = read_calibration(calib, sha256_file(self.weights))
         return quantize_int8(self.net, doc["layers"], doc["qparams"])
 

@@ -234,11 +234,11 @@ def make_plan(
     )
     regions_hash = hashlib.sha256(b"".join(r.geometry.wkb for r in regions)).hexdigest()[:16]
     precision = resolve_precision(cfg.precision, device, spec)
-    calib = (
-        Path(weights_path).parent / spec.int8_calibration
-        if precision == "int8" and weights_path and spec.int8_calibration
-        else None
-    )
+    calib = None
+    if precision == "int8":
+        from ..models._int8 import calibration_path
+
+        calib = calibration_path(spec, weights_path)
     plan = RunPlan(
         slide_name=slide_name,
         fingerprint=slide.fingerprint,
