@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_model.py [--model NAME] [--device cpu|cuda] [--batch 16] [--threads 2] [--n 128] [--tta] [--precision auto|fp32|bf16|fp16] [--no-fuse]
+    python benchmarks/bench_model.py [--model NAME] [--device cpu|cuda] [--batch 16] [--threads 2] [--n 128] [--tta] [--precision auto|fp32|bf16|fp16|int8] [--no-fuse]
 
 Reports network tiles/s (256x256 at 0.25 um/px, random-free real-looking input: a synthetic
 H&E-like tile), post-processing ms/tile (HV watershed + classes) and the combined rate.
