@@ -76,7 +76,10 @@ def cmu_crop() -> np.ndarray:
         return np.asarray(s.read_region((500, 1000), 0, (1024, 1024)))[..., :3].copy()
 
 
-def test_bf16_finds_the_fp32_nuclei_on_real_tissue(cmu_crop: np.ndarray) -> None:
+def _against_fp32(crop: np.ndarray, prec: str) -> dict:
+    """The bundled model in float32 and in ``prec`` on ``crop``: the maps of its first 256-px
+    patch, the one-to-one matching of their nuclei (IoU > 0.5) and the share of the pixels both
+    call nucleus that get the same class."""
     from wsi_nuclei.eval import instance_overlap, pq_from_overlap
     from wsi_nuclei.inference import predict_maps, segment_image
     from wsi_nuclei.models import find_weights, load_model
@@ -84,32 +87,42 @@ def test_bf16_finds_the_fp32_nuclei_on_real_tissue(cmu_crop: np.ndarray) -> None
     if find_weights(get_spec("wsi-nuclei-lite0")) is None:
         pytest.skip("bundled weights absent")
     got, maps = {}, {}
-    for prec in ("fp32", "bf16"):
-        model = load_model("wsi-nuclei-lite0", device="cpu", precision=prec)
-        assert model.precision == prec
-        maps[prec] = predict_maps(model, cmu_crop[:256, :256])
-        got[prec] = segment_image(model, cmu_crop)
-    # bfloat16 really ran (the maps are not float32's) and stays within its rounding
-    diff = np.abs(maps["fp32"]["np"] - maps["bf16"]["np"])
-    assert 0 < diff.max() < 0.25 and diff.mean() < 0.01
-    ov = instance_overlap(got["fp32"].inst, got["bf16"].inst)
-    pq = pq_from_overlap(ov, 0.5)
-    n_fp32, n_bf16 = len(ov.true_labels), len(ov.pred_labels)
-    assert n_fp32 > 200  # real nuclei in the crop (300 on this machine)
-    # the same nuclei: matched one to one at IoU > 0.5 (292 of 300 here: the rest are faint or
-    # touching nuclei split or merged the other way), outlines within a pixel or so (SQ 0.98)
-    assert pq["tp"] >= 0.95 * max(n_fp32, n_bf16)
-    assert pq["sq"] > 0.96
+    for p in ("fp32", prec):
+        model = load_model("wsi-nuclei-lite0", device="cpu", precision=p)
+        assert model.precision == p
+        maps[p] = predict_maps(model, crop[:256, :256])
+        got[p] = segment_image(model, crop)
+    ov = instance_overlap(got["fp32"].inst, got[prec].inst)
 
-    # and the same class calls on the pixels both call nucleus
     def class_map(res):
         lut = np.zeros(int(res.inst.max()) + 1, np.int16)
         lut[res.labels] = res.class_id
         return lut[res.inst]
 
-    a, b = class_map(got["fp32"]), class_map(got["bf16"])
+    a, b = class_map(got["fp32"]), class_map(got[prec])
     both = (a > 0) & (b > 0)
-    assert (a[both] == b[both]).mean() > 0.95
+    return {
+        "maps": maps,
+        "pq": pq_from_overlap(ov, 0.5),
+        "n_fp32": len(ov.true_labels),
+        "n_other": len(ov.pred_labels),
+        "same_class": (a[both] == b[both]).mean(),
+    }
+
+
+def test_bf16_finds_the_fp32_nuclei_on_real_tissue(cmu_crop: np.ndarray) -> None:
+    r = _against_fp32(cmu_crop, "bf16")
+    maps, pq = r["maps"], r["pq"]
+    # bfloat16 really ran (the maps are not float32's) and stays within its rounding
+    diff = np.abs(maps["fp32"]["np"] - maps["bf16"]["np"])
+    assert 0 < diff.max() < 0.25 and diff.mean() < 0.01
+    assert r["n_fp32"] > 200  # real nuclei in the crop (300 on this machine)
+    # the same nuclei: matched one to one at IoU > 0.5 (292 of 300 here: the rest are faint or
+    # touching nuclei split or merged the other way), outlines within a pixel or so (SQ 0.98)
+    assert pq["tp"] >= 0.95 * max(r["n_fp32"], r["n_other"])
+    assert pq["sq"] > 0.96
+    # and the same class calls on the pixels both call nucleus
+    assert r["same_class"] > 0.95
 
 
 def test_the_precision_is_part_of_the_resume_key() -> None:
@@ -165,38 +178,20 @@ def test_bf16_on_the_cpu_runs_channels_last_and_autocast() -> None:
 
 
 def test_int8_finds_the_fp32_nuclei_on_real_tissue(cmu_crop: np.ndarray) -> None:
-    from wsi_nuclei.eval import instance_overlap, pq_from_overlap
-    from wsi_nuclei.inference import predict_maps, segment_image
-    from wsi_nuclei.models import find_weights, load_model
+    from wsi_nuclei.inference import predict_maps
+    from wsi_nuclei.models import load_model
 
-    if find_weights(get_spec("wsi-nuclei-lite0")) is None:
-        pytest.skip("bundled weights absent")
-    got, maps = {}, {}
-    for prec in ("fp32", "int8"):
-        model = load_model("wsi-nuclei-lite0", device="cpu", precision=prec)
-        assert model.precision == prec
-        maps[prec] = predict_maps(model, cmu_crop[:256, :256])
-        got[prec] = segment_image(model, cmu_crop)
+    r = _against_fp32(cmu_crop, "int8")
+    maps, pq = r["maps"], r["pq"]
     # int8 really ran, within its rounding (here: max 0.10, mean 5e-4 of the probability)
     diff = np.abs(maps["fp32"]["np"] - maps["int8"]["np"])
     assert 0 < diff.max() < 0.3 and diff.mean() < 0.005
     assert np.abs(maps["fp32"]["hv"] - maps["int8"]["hv"]).mean() < 0.02
-    ov = instance_overlap(got["fp32"].inst, got["int8"].inst)
-    pq = pq_from_overlap(ov, 0.5)
-    n_fp32, n_int8 = len(ov.true_labels), len(ov.pred_labels)
-    assert n_fp32 > 200
+    assert r["n_fp32"] > 200
     # here 249 of 251 matched at IoU > 0.5, SQ 0.973, classes 99.4 % the same
-    assert pq["tp"] >= 0.95 * max(n_fp32, n_int8)
+    assert pq["tp"] >= 0.95 * max(r["n_fp32"], r["n_other"])
     assert pq["sq"] > 0.95
-
-    def class_map(res):
-        lut = np.zeros(int(res.inst.max()) + 1, np.int16)
-        lut[res.labels] = res.class_id
-        return lut[res.inst]
-
-    a, b = class_map(got["fp32"]), class_map(got["int8"])
-    both = (a > 0) & (b > 0)
-    assert (a[both] == b[both]).mean() > 0.97
+    assert r["same_class"] > 0.97
     # integer arithmetic: a second load gives the same maps to the bit
     again = load_model("wsi-nuclei-lite0", device="cpu", precision="int8")
     np.testing.assert_array_equal(

@@ -122,8 +122,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         help="network arithmetic: fp32, or bf16/fp16 autocast (about 2x faster where the "
         "hardware has it, maps within rounding of fp32), or int8 (CPU only, models that ship "
-        "an int8 calibration: the heaviest decoder layers in 8-bit integers, about 2x faster "
-        "network calls on any x86-64 or ARM CPU, validation figures within 0.008 of fp32). auto "
+        "an int8 calibration: the heaviest decoder layers in 8-bit integers, 1.7-1.8x the fp32 "
+        "network speed and validation figures within 0.007 of fp32 where measured, "
+        "docs/benchmarks.md; for CPUs without native bfloat16). auto "
         "(default): fp16 on CUDA, bf16 on CPUs with native bfloat16 (AVX512-BF16 or AMX) for "
         "models validated in it, fp32 otherwise; run.json records the choice",
     )
