@@ -683,6 +683,32 @@ def test_shift_pairs_are_two_views_of_one_region(tmp_path: Path) -> None:
     assert "shift_cons" in parts and np.isfinite(float(total))
 
 
+def test_shift_consistency_on_segmentation_maps_only_ignores_the_classes(tmp_path: Path) -> None:
+    """--shift-seg-only: class maps that disagree between the views cost nothing, segmentation
+    maps that disagree cost as much as with the classes included."""
+    from wsi_nuclei.train import shift_consistency_loss
+
+    d = _write_dataset(tmp_path, 1)
+    items, weights, _ = _load_entries([DatasetEntry(d, 1.0)], {}, 0.25)
+    b = make_batch(items, weights, 2, 48, np.random.default_rng(2), shift_pairs=True)
+    x = b["x"].mean(1, keepdim=True) / 255
+    ramp = torch.linspace(0, 3, 48).view(1, 1, 1, -1)  # depends on the position, not the tissue
+    out = {
+        "np": torch.cat([-x, x], 1),
+        "hv": torch.cat([x, x], 1),
+        "tp": torch.cat([x] * 5 + [ramp.expand_as(x)], 1),
+    }
+    assert float(shift_consistency_loss(out, b["pair_shift"])) > 1e-4  # the class maps disagree
+    assert float(shift_consistency_loss(out, b["pair_shift"], classes=False)) == pytest.approx(
+        0.0, abs=1e-7
+    )
+    _, with_cls = hovernet_loss(out, b, 1.0, 20.0)
+    _, seg_only = hovernet_loss(out, b, 1.0, 20.0, shift_classes=False)
+    assert with_cls["shift_cons"] > 1e-4 and seg_only["shift_cons"] == pytest.approx(0.0, abs=1e-7)
+    out["hv"] = out["hv"] + ramp  # now the distance maps disagree too
+    assert float(shift_consistency_loss(out, b["pair_shift"], classes=False)) > 1e-4
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_train_amp_on_the_cpu_is_bfloat16_where_native(
     tmp_path: Path, monkeypatch, capsys, native: bool

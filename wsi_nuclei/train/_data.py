@@ -32,6 +32,7 @@ _STAGE_KEYS = {
     "init",
     "datasets",
     "shift_consistency",
+    "shift_seg_only",
     "msge_weight",
     "encoder",
 }

@@ -284,6 +284,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
             args.class_weight,
             getattr(args, "shift_consistency", 0.0),
             getattr(args, "msge_weight", 1.0),
+            not getattr(args, "shift_seg_only", False),
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +292,8 @@ def _train_stage(args: argparse.Namespace) -> Path:
         sched.step()
         step += 1
         if step % 20 == 0 and not args.quiet:
-            rate = 20 * args.batch / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
+            per_step = args.batch * (2 if getattr(args, "shift_consistency", 0.0) > 0 else 1)
+            rate = 20 * per_step / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
             train._t = time.time()  # type: ignore[attr-defined]
             print(
                 f"step {step}/{total_steps} loss {loss.item():.3f} "

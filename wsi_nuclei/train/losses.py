@@ -54,11 +54,17 @@ def _labelled_px(allowed_px: torch.Tensor) -> torch.Tensor:
     return (a > 0) & (bits <= 2)
 
 
-def shift_consistency_loss(out: dict[str, torch.Tensor], shifts: torch.Tensor) -> torch.Tensor:
+def shift_consistency_loss(
+    out: dict[str, torch.Tensor], shifts: torch.Tensor, classes: bool = True
+) -> torch.Tensor:
     """Mean squared difference of the predicted maps (nucleus and class probabilities, tanh
-    distance maps) of each shifted pair of views, over the pixels both views see."""
+    distance maps) of each shifted pair of views, over the pixels both views see.
+
+    ``classes=False`` leaves the class probabilities out: only the segmentation maps (nucleus
+    probability, distance maps) are asked to agree, so the term cannot trade the class head's
+    calls for agreement."""
     parts = [torch.softmax(out["np"].float(), 1)[:, 1:2], torch.tanh(out["hv"].float())]
-    if "tp" in out:
+    if classes and "tp" in out:
         parts.append(torch.softmax(out["tp"].float(), 1))
     p = torch.cat(parts, 1)
     a, b = p[0::2], p[1::2]
@@ -76,6 +82,7 @@ def hovernet_loss(
     class_weight: float = 1.0,
     shift_consistency: float = 0.0,
     msge_weight: float = 1.0,
+    shift_classes: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (HoVer-Net weights: 1 each, MSGE 1, HV MSE 2 in the paper's code).
 
@@ -85,6 +92,8 @@ def hovernet_loss(
     ``class_weight`` multiplies, in the class loss, the weight of nucleus pixels whose class is
     known to within two classes, so that the few labelled nuclei are not drowned by background
     pixels and by nuclei labelled only "unknown" or "not neoplastic".
+
+    ``shift_classes=False`` applies the shift-consistency term to the segmentation maps only.
     """
     mask = b["mask"]
     np_logits = out["np"].float()
@@ -120,6 +129,6 @@ def hovernet_loss(
     if shift_consistency and "pair_shift" in b:
         # the network aliases (strided convolutions): the same tissue shifted by a pixel gave
         # other nuclei; this term asks for the same maps whatever the shift
-        parts["shift_cons"] = shift_consistency_loss(out, b["pair_shift"])
+        parts["shift_cons"] = shift_consistency_loss(out, b["pair_shift"], shift_classes)
         total = total + shift_consistency * parts["shift_cons"]
     return total, {k: float(v.detach()) for k, v in parts.items()}

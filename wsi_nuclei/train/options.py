@@ -116,6 +116,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shifted by 1-32 px whose maps should agree (the batch then holds 2 x --batch images; 0 = off, default)",
     )
     p.add_argument(
+        "--shift-seg-only",
+        action="store_true",
+        help="apply the shift-consistency loss to the nucleus and distance maps only, not to "
+        "the class probabilities (an earlier fine-tune with it on all maps traded the classes "
+        "away)",
+    )
+    p.add_argument(
         "--msge-weight",
         type=float,
         default=1.0,
