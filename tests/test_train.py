@@ -512,6 +512,35 @@ def test_train_config_unknown_key_is_refused(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("content", [None, "{not json", "[1, 2]"])
+def test_train_config_unreadable_val_split_is_one_clear_error(
+    tmp_path: Path, content: str | None
+) -> None:
+    """A config whose val_split file is missing or broken (e.g. a config copied to another
+    folder: the path is relative to the config's own folder) is refused with one DatasetError
+    that names the file, not an internal error."""
+    from wsi_nuclei.errors import DatasetError
+
+    _write_dataset(tmp_path / "data", 2)
+    cfg = tmp_path / "elsewhere" / "cfg.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"datasets": [{"name": "synth"}], "val_split": "split.json"}))
+    if content is not None:
+        (cfg.parent / "split.json").write_text(content)
+    with pytest.raises(DatasetError, match="split"):
+        main(
+            [
+                "--config",
+                str(cfg),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "r"),
+                *_COMMON,
+            ]
+        )
+
+
 def test_class_weight_scales_labelled_nucleus_pixels_only() -> None:
     # pixel 0: background; pixel 1: Inflammatory (2, labelled); pixel 2: unknown (31)
     logits = torch.zeros(1, 6, 1, 3)

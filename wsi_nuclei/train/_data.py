@@ -267,7 +267,16 @@ def load_train_config(
     split: dict[str, list[str]] = {}
     if cfg.get("val_split"):
         sp = path.parent / cfg["val_split"]
-        split = {k: v for k, v in json.loads(sp.read_text()).items() if not k.startswith("_")}
+        try:
+            raw = json.loads(sp.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DatasetError(
+                f"{path}: cannot read its val_split {cfg['val_split']!r} (looked for {sp}, "
+                f"relative to the config's folder: {exc})"
+            ) from None
+        if not isinstance(raw, dict):
+            raise DatasetError(f"{sp}: a validation split maps dataset names to image lists")
+        split = {k: v for k, v in raw.items() if not k.startswith("_")}
     return entries, split, float(cfg.get("target_mpp", 0.25))
 
 
