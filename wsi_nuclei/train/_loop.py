@@ -259,6 +259,8 @@ def _train_stage(args: argparse.Namespace) -> Path:
                 "--amp: this CPU has no native bfloat16 (AVX512-BF16 / AMX); training in float32",
                 flush=True,
             )
+    shift_weight = getattr(args, "shift_consistency", 0.0)
+    pairs = shift_weight > 0  # each sample then gives two shifted views
     t_epoch = time.time()
     while step < total_steps:
         model.train()
@@ -269,7 +271,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
             args.crop,
             rng,
             args.stain_jitter,
-            shift_pairs=getattr(args, "shift_consistency", 0.0) > 0,
+            shift_pairs=pairs,
         )
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(
@@ -282,7 +284,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
             o,
             b,
             args.class_weight,
-            getattr(args, "shift_consistency", 0.0),
+            shift_weight,
             getattr(args, "msge_weight", 1.0),
             not getattr(args, "shift_seg_only", False),
         )
@@ -292,8 +294,12 @@ def _train_stage(args: argparse.Namespace) -> Path:
         sched.step()
         step += 1
         if step % 20 == 0 and not args.quiet:
-            per_step = args.batch * (2 if getattr(args, "shift_consistency", 0.0) > 0 else 1)
-            rate = 20 * per_step / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
+            rate = (
+                20
+                * args.batch
+                * (2 if pairs else 1)
+                / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
+            )
             train._t = time.time()  # type: ignore[attr-defined]
             print(
                 f"step {step}/{total_steps} loss {loss.item():.3f} "
