@@ -261,6 +261,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
             )
     shift_weight = getattr(args, "shift_consistency", 0.0)
     pairs = shift_weight > 0  # each sample then gives two shifted views
+    images_per_step = args.batch * (2 if pairs else 1)
     t_epoch = time.time()
     while step < total_steps:
         model.train()
@@ -294,12 +295,7 @@ def _train_stage(args: argparse.Namespace) -> Path:
         sched.step()
         step += 1
         if step % 20 == 0 and not args.quiet:
-            rate = (
-                20
-                * args.batch
-                * (2 if pairs else 1)
-                / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
-            )
+            rate = 20 * images_per_step / max(1e-9, time.time() - getattr(train, "_t", t_epoch))
             train._t = time.time()  # type: ignore[attr-defined]
             print(
                 f"step {step}/{total_steps} loss {loss.item():.3f} "
